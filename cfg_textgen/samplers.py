@@ -4,20 +4,31 @@ Every sampler is a `transformers.LogitsProcessor`: `__call__(input_ids, scores) 
 shapes (batch, seq) and (batch, vocab). Removed tokens are set to -inf, the input is never
 mutated, and at least `min_tokens_to_keep` tokens survive. Each class declares its preset
 parameters as `Param`s; presets.py validates JSON against them and builds the JSON Schema.
+
+Rows may already hold -inf entries (an earlier sampler removed them); every sampler treats those
+as probability 0 and never turns them back into finite values. `pick_token` makes the final choice
+exactly as `model.generate` does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from transformers import LogitsProcessor
 
+NEG_INF = float("-inf")
+LN2 = math.log(2.0)
+
 
 @dataclass(frozen=True)
 class Param:
-    """One preset parameter of a sampler: its JSON type, default and allowed range."""
+    """One preset parameter of a sampler: its JSON type, default and allowed range.
+
+    For `kind=list`, `item_kind` is the element type and `min`/`max` bound every element.
+    """
 
     name: str
     kind: type  # float, int, bool, str or list
@@ -29,6 +40,63 @@ class Param:
     max_exclusive: bool = False
     choices: tuple | None = None
     item_kind: type | None = None  # element type when kind is list
+
+    def rule(self) -> str:
+        """The allowed values in words, e.g. 'a float in (0, 1]' or 'an integer >= 0'."""
+        noun = {float: "a float", int: "an integer", bool: "a boolean", str: "a string"}.get(self.kind)
+        if self.kind is list:
+            item = {int: "integers", str: "strings", float: "floats"}.get(self.item_kind, "values")
+            return f"a list of {item}{self._range_words()}"
+        if self.choices is not None:
+            return f"one of {', '.join(map(repr, self.choices))}"
+        if self.kind is float and self.min is None and self.max is None:
+            return "a finite float"
+        return f"{noun}{self._range_words()}"
+
+    def _range_words(self) -> str:
+        lo, hi = self.min, self.max
+        if lo is not None and hi is not None:
+            left = "(" if self.min_exclusive else "["
+            right = ")" if self.max_exclusive else "]"
+            return f" in {left}{_num(lo)}, {_num(hi)}{right}"
+        if lo is not None:
+            return f" {'>' if self.min_exclusive else '>='} {_num(lo)}"
+        if hi is not None:
+            return f" {'<' if self.max_exclusive else '<='} {_num(hi)}"
+        return ""
+
+    def check(self, value: Any) -> Any:
+        """Return `value` normalised (int -> float for floats, list -> tuple) or raise ValueError."""
+        bad = ValueError(f"`{self.name}` has to be {self.rule()}, but is {value!r}")
+        if self.kind is list:
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise bad
+            item = Param(self.name, self.item_kind, None, min=self.min, max=self.max,
+                         min_exclusive=self.min_exclusive, max_exclusive=self.max_exclusive)
+            try:
+                return tuple(item.check(v) for v in value)
+            except ValueError:
+                raise bad from None
+        if self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad
+            value = float(value)
+        elif self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad
+        elif not isinstance(value, self.kind):
+            raise bad
+        if self.choices is not None and value not in self.choices:
+            raise bad
+        if self.min is not None and (value < self.min or (self.min_exclusive and value == self.min)):
+            raise bad
+        if self.max is not None and (value > self.max or (self.max_exclusive and value == self.max)):
+            raise bad
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 class Sampler(LogitsProcessor):
@@ -46,6 +114,20 @@ class Sampler(LogitsProcessor):
             kwargs["tokenizer"] = tokenizer
         return cls(**kwargs)
 
+    def _init_params(self, values: dict[str, Any], min_tokens_to_keep: int) -> None:
+        """Check every declared parameter (ValueError naming it) and store it as an attribute."""
+        for p in self.params:
+            setattr(self, p.name, p.check(values[p.name]))
+        if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) \
+                or min_tokens_to_keep < 1:
+            raise ValueError(
+                f"`min_tokens_to_keep` has to be an integer >= 1, but is {min_tokens_to_keep!r}")
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{p.name}={getattr(self, p.name)!r}" for p in self.params)
+        return f"{type(self).__name__}({args})"
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         raise NotImplementedError
 
@@ -59,3 +141,835 @@ def register(cls: type[Sampler]) -> type[Sampler]:
         raise ValueError(f"sampler name {cls.name!r} registered twice")
     SAMPLERS[cls.name] = cls
     return cls
+
+
+def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None
+               ) -> torch.LongTensor:
+    """The final choice after the chain: (batch, vocab) scores -> (batch,) token ids.
+
+    Greedy is `argmax`; sampling is `torch.multinomial(softmax(scores), 1)`, the very call
+    `model.generate` makes, so a run seeded with `torch.manual_seed` picks the same tokens.
+    """
+    if not do_sample:
+        return torch.argmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+
+
+def _entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0."""
+    logp = torch.log_softmax(scores, dim=-1)
+    plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
+    return -plogp.sum(dim=-1, keepdim=True)
+
+
+def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k highest scores of every row (ties broken by torch.topk)."""
+    k = min(k, scores.shape[-1])
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter(-1, torch.topk(scores, k, dim=-1).indices, True)
+
+
+def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th highest score of every row, (batch, 1)."""
+    k = min(k, scores.shape[-1])
+    return torch.topk(scores, k, dim=-1).values[..., -1:]
+
+
+def _guard(scores: torch.Tensor, remove: torch.Tensor, min_keep: int) -> torch.Tensor:
+    """Un-remove the `min_keep` best tokens in rows where removal would leave fewer than that."""
+    finite = torch.isfinite(scores)
+    left = (finite & ~remove).sum(dim=-1, keepdim=True)
+    short = left < torch.clamp(finite.sum(dim=-1, keepdim=True), max=min_keep)
+    return remove & ~(short & _top_k_mask(scores, min_keep))
+
+
+def _keep_finite(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Penalties reshape, they never remove: clamp entries that were finite back into range."""
+    info = torch.finfo(out.dtype)
+    return torch.where(torch.isfinite(scores), out.clamp(min=info.min, max=info.max), out)
+
+
+def _divide(scores: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """scores / t; if a tiny t overflows a finite logit, divide max-shifted logits instead
+    (same distribution: the best token becomes 0, far-away ones the most negative float)."""
+    out = scores / t
+    overflow = (torch.isinf(out) & torch.isfinite(scores)).any(dim=-1, keepdim=True)
+    if overflow.any():
+        shifted = scores - scores.amax(dim=-1, keepdim=True)
+        safe = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / t)
+        out = _keep_finite(torch.where(overflow, safe, out), scores)
+    return out
+
+
+# ---- temperature -----------------------------------------------------------------------------
+
+
+@register
+class Temperature(Sampler):
+    r"""Temperature scaling: logits / T. T < 1 sharpens the distribution, T > 1 flattens it.
+
+    Formula: `scores / temperature` (as transformers' `TemperatureLogitsWarper`). Should the
+    division overflow a finite logit (a vanishing T), the max-shifted logits are divided instead,
+    which is the same distribution.
+
+    Reference: Ackley, Hinton & Sejnowski 1985; transformers `TemperatureLogitsWarper`.
+
+    Args:
+        temperature (`float`, > 0, defaults to 1.0): the divisor; 1 leaves the scores unchanged.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "temperature"
+    params = (Param("temperature", float, 1.0, "divide the logits by this", min=0, min_exclusive=True),)
+
+    def __init__(self, temperature: float = 1.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        return _divide(scores, self.temperature)
+
+
+@register
+class DynamicTemperature(Sampler):
+    r"""Entropy-scaled temperature ("DynaTemp"): confident rows get `low`, uncertain rows `high`.
+
+    Formula, per row: with `H` the entropy (nats) of softmax(scores) and `V` the number of finite
+    candidates, `T = low + (high - low) * (H / log V) ** exponent`, then `scores / T`. A row with a
+    single candidate has H / log V := 0 (T = low). `high < low` is allowed (T falls with entropy).
+    T is clamped to at least 1e-6, so `low = 0` acts as (near-)greedy instead of dividing by zero.
+
+    Reference: kalomaze's Dynamic Temperature, text-generation-webui `dynatemp_low/high/exponent`
+    (the same normalised entropy H / log(number of finite logits)).
+
+    Args:
+        low (`float`, >= 0, defaults to 1.0): temperature at entropy 0.
+        high (`float`, >= 0, defaults to 1.0): temperature at maximal entropy (uniform over V).
+        exponent (`float`, > 0, defaults to 1.0): shape of the curve between them.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "dynamic_temperature"
+    params = (
+        Param("low", float, 1.0, "temperature of a certain (zero-entropy) row", min=0),
+        Param("high", float, 1.0, "temperature of a uniform row", min=0),
+        Param("exponent", float, 1.0, "curve from low to high", min=0, min_exclusive=True),
+    )
+
+    def __init__(self, low: float = 1.0, high: float = 1.0, exponent: float = 1.0,
+                 min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def temperatures(self, scores: torch.Tensor) -> torch.Tensor:
+        """The per-row temperature T, shape (batch, 1)."""
+        h = _entropy(scores.double())
+        v = torch.isfinite(scores).sum(dim=-1, keepdim=True).double()
+        log_v = torch.log(v.clamp(min=1))
+        norm = torch.where(v > 1, h / log_v.clamp(min=1e-12), torch.zeros_like(h)).clamp(0, 1)
+        t = self.low + (self.high - self.low) * norm.pow(self.exponent)
+        return t.clamp(min=1e-6)
+
+    def __call__(self, input_ids, scores):
+        if self.low == self.high == 1.0:
+            return scores.clone()
+        return _divide(scores, self.temperatures(scores).to(scores.dtype))
+
+
+# ---- truncation ------------------------------------------------------------------------------
+
+
+@register
+class TopK(Sampler):
+    r"""Top-k: keep the `k` highest logits (and every logit tied with the k-th), remove the rest.
+
+    Formula: remove `scores < kth_largest(scores, max(k, min_tokens_to_keep))`; k = 0 is off.
+    Same semantics as transformers' `TopKLogitsWarper` (which rejects k = 0).
+
+    Reference: Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation".
+
+    Args:
+        k (`int`, >= 0, defaults to 0): how many tokens to keep; 0 keeps all.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): lower bound on k.
+    """
+
+    name = "top_k"
+    params = (Param("k", int, 0, "keep the k most likely tokens; 0 = off", min=0),)
+
+    def __init__(self, k: int = 0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        if self.k == 0:
+            return scores.clone()
+        kth = _kth_largest(scores, max(self.k, self.min_tokens_to_keep))
+        return scores.masked_fill(scores < kth, NEG_INF)
+
+
+@register
+class TopP(Sampler):
+    r"""Top-p (nucleus): keep the most likely tokens whose cumulative probability reaches `p`.
+
+    Formula: sort ascending, `c_i` = cumulative softmax; remove tokens with `c_i <= 1 - p`, never
+    the `min_tokens_to_keep` most likely. p = 1 is off. Same semantics as transformers'
+    `TopPLogitsWarper` (ascending cumulative sum, ties broken by the sort).
+
+    Reference: Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration".
+
+    Args:
+        p (`float`, in (0, 1], defaults to 1.0): probability mass to keep.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "top_p"
+    params = (Param("p", float, 1.0, "probability mass to keep", min=0, max=1, min_exclusive=True),)
+
+    def __init__(self, p: float = 1.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        if self.p == 1.0:
+            return scores.clone()
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= 1 - self.p
+        drop_sorted[..., -self.min_tokens_to_keep:] = False  # the most likely ones stay
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class Typical(Sampler):
+    r"""Locally typical sampling: keep tokens whose surprise is closest to the row's entropy.
+
+    Formula: with `l = log_softmax(scores)` and entropy `H`, sort tokens by `|-l - H|` ascending and
+    keep the shortest prefix whose probability mass reaches `p` (the first token past the mass and
+    every token tied with it included); the first `min_tokens_to_keep` in that order always stay.
+    p = 1 is off. Same semantics as transformers' `TypicalLogitsWarper`.
+
+    Reference: Meister, Pimentel, Wiher & Cotterell 2023, "Locally Typical Sampling" (TACL).
+
+    Args:
+        p (`float`, in (0, 1], defaults to 1.0): probability mass to keep.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "typical"
+    params = (Param("p", float, 1.0, "probability mass to keep", min=0, max=1, min_exclusive=True),)
+
+    def __init__(self, p: float = 1.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        if self.p == 1.0:
+            return scores.clone()
+        logp = torch.log_softmax(scores, dim=-1)
+        plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
+        h = -plogp.sum(dim=-1, keepdim=True)
+        distance = (-logp - h).abs()  # +inf for removed tokens: they sort last
+        sorted_dist, order = torch.sort(distance, descending=False)
+        cum = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (cum < self.p).sum(dim=-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        drop_sorted = sorted_dist > sorted_dist.gather(-1, last)
+        drop_sorted[..., : self.min_tokens_to_keep] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class MinP(Sampler):
+    r"""Min-p: remove tokens less likely than `p` times the most likely token.
+
+    Formula: remove `prob < p * max(prob)`; the `min_tokens_to_keep` most likely always stay.
+    Same semantics as transformers' `MinPLogitsWarper`.
+
+    Reference: Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent
+    LLM Outputs" (arXiv 2407.01082).
+
+    Args:
+        p (`float`, in [0, 1], defaults to 0.0): relative threshold; 0 is off.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "min_p"
+    params = (Param("p", float, 0.0, "relative probability threshold", min=0, max=1),)
+
+    def __init__(self, p: float = 0.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        probs = scores.softmax(dim=-1)
+        drop = probs < self.p * probs.amax(dim=-1, keepdim=True)
+        drop &= ~_top_k_mask(probs, self.min_tokens_to_keep)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class TopA(Sampler):
+    r"""Top-a: remove tokens less likely than `a` times the square of the top probability.
+
+    Formula: keep `prob >= a * max(prob)**2`; the `min_tokens_to_keep` most likely always stay.
+    A confident row (large max) cuts hard; a flat row keeps almost everything.
+
+    Reference: BlinkDL's top-a (RWKV-LM); KoboldAI `TopALogitsWarper`.
+
+    Args:
+        a (`float`, in [0, 1], defaults to 0.0): threshold factor; 0 is off.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "top_a"
+    params = (Param("a", float, 0.0, "keep p >= a * p_max^2", min=0, max=1),)
+
+    def __init__(self, a: float = 0.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        probs = scores.softmax(dim=-1)
+        drop = probs < self.a * probs.amax(dim=-1, keepdim=True) ** 2
+        drop &= ~_top_k_mask(scores, self.min_tokens_to_keep)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class TailFree(Sampler):
+    r"""Tail-free sampling: cut the flat tail of the sorted distribution, found by its curvature.
+
+    Formula, per row: sort probabilities descending, `p_0 >= p_1 >= ...` (removed tokens count as
+    0); `d_i = |p_i - 2 p_{i+1} + p_{i+2}|` (absolute second difference, i = 0..V-3); `c_i` = the
+    cumulative sum of `d` divided by its total; `i*` = the first index with `c_i > z`. We keep the
+    `i* + 1` most likely tokens (sorted positions 0..i*), plus every token tied with the last one.
+
+    Implementations disagree on the cut: llama.cpp keeps `i*` tokens, KoboldAI's and
+    text-generation-webui's torch versions keep `i* + 1`, Bricken's write-up (d_i is centred on
+    token i+1) suggests `i* + 2`. We follow KoboldAI / text-generation-webui, the versions most
+    story-writing presets were tuned on. Example: p = [.4,.2,.12,.08,.06,.05,.04,.03,.02], z = 0.9:
+    d = [.12,.04,.02,.01,0,0,0], c = [.63,.84,.95,1,...], i* = 2, so 3 tokens survive. A row whose
+    d is all 0 (uniform or linear) has no tail and keeps everything; z = 1 is off.
+
+    Reference: Trenton Bricken 2019, "Tail Free Sampling" (trentbrick.github.io);
+    KoboldAI `TailFreeLogitsWarper`.
+
+    Args:
+        z (`float`, in (0, 1], defaults to 1.0): share of the total curvature to keep.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "tfs"
+    params = (Param("z", float, 1.0, "curvature mass to keep", min=0, max=1, min_exclusive=True),)
+
+    def __init__(self, z: float = 1.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        vocab = scores.shape[-1]
+        if self.z == 1.0 or vocab < 3:
+            return scores.clone()
+        sorted_scores, _ = torch.sort(scores, descending=True)
+        probs = sorted_scores.double().softmax(dim=-1)
+        d = probs.diff(dim=-1).diff(dim=-1).abs()
+        total = d.sum(dim=-1, keepdim=True)
+        c = d.cumsum(dim=-1) / total.clamp(min=1e-300)
+        n_keep = (c <= self.z).sum(dim=-1, keepdim=True) + 1  # i* + 1
+        n_keep = torch.where(total > 0, n_keep, torch.full_like(n_keep, vocab))
+        n_keep = n_keep.clamp(min=self.min_tokens_to_keep, max=vocab)
+        cut = sorted_scores.gather(-1, n_keep - 1)
+        return scores.masked_fill(scores < cut, NEG_INF)
+
+
+@register
+class Epsilon(Sampler):
+    r"""Epsilon sampling: remove tokens whose probability is below a fixed `epsilon`.
+
+    Formula: remove `prob < epsilon`, except tokens scoring at least the `min_tokens_to_keep`-th
+    highest score. epsilon = 0 is off. Same semantics as transformers' `EpsilonLogitsWarper`.
+
+    Reference: Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model Desmoothing".
+
+    Args:
+        epsilon (`float`, in [0, 1), defaults to 0.0): absolute probability cutoff.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "epsilon"
+    params = (Param("epsilon", float, 0.0, "absolute probability cutoff", min=0, max=1,
+                    max_exclusive=True),)
+
+    def __init__(self, epsilon: float = 0.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        if self.epsilon == 0.0:
+            return scores.clone()
+        drop = scores.softmax(dim=-1) < self.epsilon
+        drop &= scores < _kth_largest(scores, self.min_tokens_to_keep)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class Eta(Sampler):
+    r"""Eta sampling: an epsilon cutoff that shrinks when the row is uncertain.
+
+    Formula: with `H` the entropy (nats) of softmax(scores), remove
+    `prob < min(eta, sqrt(eta) * exp(-H))`, except tokens scoring at least the
+    `min_tokens_to_keep`-th highest score. eta = 0 is off. Same semantics as transformers'
+    `EtaLogitsWarper` (whose `epsilon` argument is this `eta`).
+
+    Reference: Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model Desmoothing".
+
+    Args:
+        eta (`float`, in [0, 1), defaults to 0.0): the cutoff scale.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "eta"
+    params = (Param("eta", float, 0.0, "entropy-dependent cutoff", min=0, max=1, max_exclusive=True),)
+
+    def __init__(self, eta: float = 0.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        if self.eta == 0.0:
+            return scores.clone()
+        h = _entropy(scores)
+        eta = torch.tensor(self.eta, dtype=scores.dtype, device=scores.device)
+        cutoff = torch.minimum(eta, torch.sqrt(eta) * torch.exp(-h))
+        drop = scores.softmax(dim=-1) < cutoff
+        drop &= scores < _kth_largest(scores, self.min_tokens_to_keep)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class TopNSigma(Sampler):
+    r"""Top-nσ: keep the logits within `n` standard deviations of the maximum logit.
+
+    Formula: with `σ` the population standard deviation (divide by the count) of the row's finite
+    logits, keep `scores >= max(scores) - n * σ`. n = 0 is off (per the preset format; the limit
+    n -> 0 would be greedy). Works on logits, so it ignores temperature.
+
+    Reference: Tang et al. 2024, "Top-nσ: Not All Logits Are You Need" (arXiv 2411.07641);
+    llama.cpp `top_n_sigma` (population σ over the finite candidates).
+
+    Args:
+        n (`float`, >= 0, defaults to 0.0): width of the kept band in standard deviations.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
+    """
+
+    name = "top_n_sigma"
+    params = (Param("n", float, 0.0, "keep logits >= max - n * std", min=0),)
+
+    def __init__(self, n: float = 0.0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        if self.n == 0.0:
+            return scores.clone()
+        finite = torch.isfinite(scores)
+        x = torch.where(finite, scores, torch.zeros_like(scores)).double()
+        count = finite.sum(dim=-1, keepdim=True).clamp(min=1)
+        mean = x.sum(dim=-1, keepdim=True) / count
+        var = (torch.where(finite, x - mean, torch.zeros_like(x)) ** 2).sum(dim=-1, keepdim=True) / count
+        cut = scores.amax(dim=-1, keepdim=True).double() - self.n * var.sqrt()
+        drop = scores.double() < cut
+        drop &= ~_top_k_mask(scores, self.min_tokens_to_keep)
+        return scores.masked_fill(drop, NEG_INF)
+
+
+@register
+class XTC(Sampler):
+    r"""Exclude Top Choices: sometimes remove the most likely tokens to break clichés.
+
+    Formula, per row: draw `r = torch.rand(batch, generator=generator)`; if `r < probability`,
+    the candidates are the tokens with `prob >= threshold`; when at least two qualify, remove all
+    of them except the least likely (every candidate tied with it stays too). A row where that
+    would leave fewer than `min_tokens_to_keep` tokens is left alone. probability = 0 is off and
+    draws nothing. One random number per row is drawn on every call (when probability > 0), so a
+    seeded `generator` makes runs reproducible. (text-generation-webui also exempts newline and EOS
+    tokens; this version has no tokenizer and does not.)
+
+    Reference: p-e-w, text-generation-webui PR #6335 "XTC: Exclude Top Choices".
+
+    Args:
+        threshold (`float`, in [0, 1], defaults to 0.1): probability a token needs to be a candidate.
+        probability (`float`, in [0, 1], defaults to 0.0): chance per row and step to apply XTC.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): rows keeping fewer are left alone.
+        generator (`torch.Generator`, optional): source of the random draws; global RNG if None.
+    """
+
+    name = "xtc"
+    params = (
+        Param("threshold", float, 0.1, "probability a top choice needs", min=0, max=1),
+        Param("probability", float, 0.0, "chance to apply per step", min=0, max=1),
+    )
+
+    def __init__(self, threshold: float = 0.1, probability: float = 0.0, min_tokens_to_keep: int = 1,
+                 generator: torch.Generator | None = None):
+        self._init_params(locals(), min_tokens_to_keep)
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        if self.probability == 0.0:
+            return scores.clone()
+        r = torch.rand(scores.shape[0], generator=self.generator, device=scores.device)
+        probs = scores.softmax(dim=-1)
+        finite = torch.isfinite(scores)
+        cand = finite & (probs >= self.threshold)
+        least = torch.where(cand, probs, torch.full_like(probs, 2.0)).amin(dim=-1, keepdim=True)
+        drop = cand & (probs > least)
+        left = (finite & ~drop).sum(dim=-1, keepdim=True)
+        apply = (r[:, None] < self.probability) & (cand.sum(dim=-1, keepdim=True) >= 2) \
+            & (left >= torch.clamp(finite.sum(dim=-1, keepdim=True), max=self.min_tokens_to_keep))
+        return scores.masked_fill(drop & apply, NEG_INF)
+
+
+# ---- penalties -------------------------------------------------------------------------------
+
+
+@register
+class RepetitionPenalty(Sampler):
+    r"""Repetition penalty with range, slope, presence and frequency (KoboldAI / NovelAI style).
+
+    Over the window `w` = the last `range` tokens of input_ids (0 = all), of length R:
+
+    - multiplicative: a token present in `w` gets `score * pen` if score < 0, else `score / pen`
+      (transformers' rule). `pen` is the penalty of the token's most recent position in `w`.
+      Flat (slope 0): every position gets `penalty`. With slope s > 0, position j (0 = oldest)
+      gets `1 + ((f + 1) / 2) * (penalty - 1)` with `x = 2j / (R - 1) - 1` and
+      `f = s * x / (1 + |x| * (s - 1))`, so the newest token gets `penalty`, the oldest 1;
+      R = 1 uses x = 1 (the single token gets the full penalty).
+    - additive (after it): `presence` is subtracted once from every token present in `w`,
+      `frequency * count` where count is its number of occurrences in `w`.
+
+    Tokens in `whitelist` are exempt from all three. penalty 1, presence 0 and frequency 0 is off.
+    With slope 0 and range 0 this equals transformers' `RepetitionPenaltyLogitsProcessor`.
+
+    Reference: Keskar et al. 2019, "CTRL" (the penalty); KoboldAI `rep_pen_range`/`rep_pen_slope`;
+    OpenAI's presence and frequency penalties.
+
+    Args:
+        penalty (`float`, > 0, defaults to 1.0): multiplicative penalty; < 1 rewards repeats.
+        range (`int`, >= 0, defaults to 0): window length in tokens; 0 = whole context.
+        slope (`float`, >= 0, defaults to 0.0): how quickly the penalty fades for older tokens.
+        presence (`float`, defaults to 0.0): subtracted once per present token.
+        frequency (`float`, defaults to 0.0): subtracted per occurrence.
+        whitelist (`list[int]`, defaults to []): token ids that are never penalised.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "repetition_penalty"
+    params = (
+        Param("penalty", float, 1.0, "multiplicative penalty (1 = off)", min=0, min_exclusive=True),
+        Param("range", int, 0, "window of recent tokens; 0 = whole context", min=0),
+        Param("slope", float, 0.0, "fade towards older tokens; 0 = flat", min=0),
+        Param("presence", float, 0.0, "subtracted once per present token"),
+        Param("frequency", float, 0.0, "subtracted per occurrence"),
+        Param("whitelist", list, (), "token ids never penalised", min=0, item_kind=int),
+    )
+
+    def __init__(self, penalty: float = 1.0, range: int = 0, slope: float = 0.0,  # noqa: A002
+                 presence: float = 0.0, frequency: float = 0.0, whitelist=(), min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def position_penalties(self, window: int) -> torch.Tensor:
+        """The multiplicative penalty of every window position, oldest first, shape (window,)."""
+        if self.slope == 0.0:
+            return torch.full((window,), self.penalty, dtype=torch.float64)
+        if window == 1:
+            x = torch.ones(1, dtype=torch.float64)
+        else:
+            x = torch.arange(window, dtype=torch.float64) * 2 / (window - 1) - 1
+        f = self.slope * x / (1 + x.abs() * (self.slope - 1))
+        return 1 + (f + 1) / 2 * (self.penalty - 1)
+
+    def __call__(self, input_ids, scores):
+        ids = input_ids[:, -self.range:] if self.range > 0 else input_ids
+        batch, vocab = scores.shape
+        window = ids.shape[1]
+        if window == 0 or (self.penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0):
+            return scores.clone()
+        ids = ids.clamp(max=vocab)  # ids beyond the output vocab go to a spare column
+        pos = torch.arange(window, device=ids.device).expand(batch, window)
+        last = torch.full((batch, vocab + 1), -1, dtype=torch.long, device=ids.device)
+        last = last.scatter_reduce(1, ids, pos, reduce="amax")[:, :vocab]  # most recent position
+        count = torch.zeros((batch, vocab + 1), dtype=scores.dtype, device=ids.device)
+        count = count.scatter_add(1, ids, torch.ones_like(ids, dtype=scores.dtype))[:, :vocab]
+        present = last >= 0
+        if self.whitelist:
+            white = torch.tensor([t for t in self.whitelist if t < vocab], dtype=torch.long)
+            present[:, white] = False
+        pen = self.position_penalties(window).to(scores.dtype)[last.clamp(min=0)]
+        penalised = torch.where(scores < 0, scores * pen, scores / pen)
+        out = torch.where(present, penalised, scores)
+        if self.presence or self.frequency:
+            out = out - present * (self.presence + self.frequency * count)
+        return _keep_finite(out, scores)
+
+
+@register
+class NoRepeatNGram(Sampler):
+    r"""No-repeat n-gram: ban every token that would complete an n-gram already in input_ids.
+
+    Formula: with the last `size - 1` tokens as prefix, every earlier occurrence of that prefix
+    bans the token that followed it (size 1 bans every token seen). size = 0 is off. Same
+    semantics as transformers' `NoRepeatNGramLogitsProcessor`, except that a row never loses all
+    its tokens: if fewer than `min_tokens_to_keep` would survive, the best banned ones stay.
+
+    Reference: Paulus, Xiong & Socher 2018, "A Deep Reinforced Model for Abstractive
+    Summarization"; fairseq's `no_repeat_ngram_size`.
+
+    Args:
+        size (`int`, >= 0, defaults to 0): n-gram length; 0 is off.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that always survive.
+    """
+
+    name = "no_repeat_ngram"
+    params = (Param("size", int, 0, "n-gram length that may not repeat; 0 = off", min=0),)
+
+    def __init__(self, size: int = 0, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        n, length = self.size, input_ids.shape[1]
+        if n == 0 or length < n:
+            return scores.clone()
+        vocab = scores.shape[-1]
+        grams = input_ids.unfold(1, n, 1)  # (batch, length - n + 1, n)
+        prefix = input_ids[:, length - n + 1:]  # the n - 1 most recent tokens
+        hit = (grams[..., :-1] == prefix[:, None, :]).all(dim=-1)
+        target = torch.where(hit, grams[..., -1].clamp(max=vocab), vocab)  # misses -> spare column
+        banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+        banned = banned.scatter(1, target, True)[:, :vocab]
+        return scores.masked_fill(_guard(scores, banned, self.min_tokens_to_keep), NEG_INF)
+
+
+@register
+class DRY(Sampler):
+    r"""DRY ("Don't Repeat Yourself"): penalise the tokens that would extend a repeated sequence.
+
+    Formula, per row over the last `range` tokens (0 = all): for every earlier occurrence of the
+    last token, the token that followed it is a candidate; its match length is the number of
+    tokens, counted backwards from there, that equal the current suffix (stopping at a sequence
+    breaker, at the start of the window, and at `allowed_length + 50` tokens to bound the cost).
+    Each candidate with longest match length `m >= allowed_length` gets
+    `scores -= multiplier * base ** (m - allowed_length)`. Nothing happens when the last token is
+    a breaker, and a candidate that is itself a breaker is not penalised.
+
+    Sequence breakers are strings; each becomes the last token id of `tokenizer.encode("a" + s)`
+    (the 'a' prefix gives the id the string has in running text, as text-generation-webui does).
+
+    Reference: p-e-w, text-generation-webui PR #5677 "DRY: A modern repetition penalty".
+
+    Args:
+        multiplier (`float`, >= 0, defaults to 0.0): penalty scale; 0 is off.
+        base (`float`, >= 1, defaults to 1.75): growth of the penalty per extra matched token.
+        allowed_length (`int`, >= 1, defaults to 2): longest repeat that goes unpenalised.
+        range (`int`, >= 0, defaults to 0): window of recent tokens; 0 = whole context.
+        sequence_breakers (`list[str]`): strings across which a repeat is not extended.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+        tokenizer: turns the breakers into token ids; needed when multiplier > 0.
+    """
+
+    name = "dry"
+    needs_tokenizer = True
+    params = (
+        Param("multiplier", float, 0.0, "penalty scale; 0 = off", min=0),
+        Param("base", float, 1.75, "growth per extra repeated token", min=1),
+        Param("allowed_length", int, 2, "longest repeat without penalty", min=1),
+        Param("range", int, 0, "window of recent tokens; 0 = whole context", min=0),
+        Param("sequence_breakers", list, ("\n", ":", '"', "*"), "strings that end a repeat",
+              item_kind=str),
+    )
+
+    def __init__(self, multiplier: float = 0.0, base: float = 1.75, allowed_length: int = 2,
+                 range: int = 0, sequence_breakers=("\n", ":", '"', "*"),  # noqa: A002
+                 min_tokens_to_keep: int = 1, tokenizer=None):
+        self._init_params(locals(), min_tokens_to_keep)
+        self.breaker_ids: frozenset[int] = frozenset()
+        if self.multiplier > 0 and self.sequence_breakers:
+            if tokenizer is None:
+                raise ValueError("`tokenizer` is required to turn `sequence_breakers` into token ids")
+            self.breaker_ids = frozenset(
+                tokenizer.encode("a" + s, add_special_tokens=False)[-1] for s in self.sequence_breakers)
+
+    def match_lengths(self, ids: list[int]) -> dict[int, int]:
+        """Candidate next token -> longest repeated suffix it would extend."""
+        if not ids or ids[-1] in self.breaker_ids:
+            return {}
+        last, breakers, cap = ids[-1], self.breaker_ids, self.allowed_length + 50
+        found: dict[int, int] = {}
+        for i in range(len(ids) - 1):
+            if ids[i] != last or ids[i + 1] in breakers:
+                continue
+            m = 1
+            while m < cap and i - m >= 0:
+                prev = ids[-(m + 1)]
+                if ids[i - m] != prev or prev in breakers:
+                    break
+                m += 1
+            nxt = ids[i + 1]
+            found[nxt] = max(m, found.get(nxt, 0))
+        return found
+
+    def __call__(self, input_ids, scores):
+        if self.multiplier == 0.0:
+            return scores.clone()
+        ids = input_ids[:, -self.range:] if self.range > 0 else input_ids
+        out = scores.clone()
+        for row, seq in enumerate(ids.tolist()):
+            for token, m in self.match_lengths(seq).items():
+                if m >= self.allowed_length and token < scores.shape[-1]:
+                    out[row, token] -= self.penalty(m)
+        return _keep_finite(out, scores)
+
+    def penalty(self, match_length: int) -> float:
+        """multiplier * base ** (match_length - allowed_length), capped at 1e30 (no overflow)."""
+        try:
+            return min(self.multiplier * self.base ** (match_length - self.allowed_length), 1e30)
+        except OverflowError:
+            return 1e30
+
+
+# ---- whole-distribution transforms and adaptive samplers -------------------------------------
+
+
+@register
+class Unified(Sampler):
+    r"""NovelAI's unified sampler ("math1"): one curve that mixes temperature-like and
+    entropy-dependent reshaping of the log-probabilities.
+
+    Formula: `l = log_softmax(scores)`, `H` its entropy (nats);
+    `raw = l * (linear + H * conf) - quad * l**2`, returned as logits. Removed (-inf) tokens stay
+    -inf whatever the signs. linear 1, quad 0, conf 0 gives back log_softmax(scores), the same
+    distribution (it is "off").
+
+    Reference: NovelAI "Unified Sampling" (linear / quad / conf), docs.novelai.net.
+
+    Args:
+        linear (`float`, defaults to 1.0): inverse temperature.
+        quad (`float`, defaults to 0.0): quadratic term; > 0 pushes unlikely tokens down harder.
+        conf (`float`, defaults to 0.0): entropy-dependent part of the inverse temperature.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "unified"
+    params = (
+        Param("linear", float, 1.0, "inverse temperature"),
+        Param("quad", float, 0.0, "quadratic term"),
+        Param("conf", float, 0.0, "entropy-dependent inverse temperature"),
+    )
+
+    def __init__(self, linear: float = 1.0, quad: float = 0.0, conf: float = 0.0,
+                 min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        logp = torch.log_softmax(scores, dim=-1)
+        finite = torch.isfinite(logp)
+        l = torch.where(finite, logp, torch.zeros_like(logp))  # noqa: E741
+        h = -(l.exp() * l * finite).sum(dim=-1, keepdim=True)
+        raw = l * (self.linear + h * self.conf) - self.quad * l**2
+        return _keep_finite(torch.where(finite, raw, torch.full_like(raw, NEG_INF)), scores)
+
+
+@register
+class Mirostat(Sampler):
+    r"""Mirostat: steer the observed surprise (-log2 p of the picked token) towards `tau`.
+
+    State: `mu` per batch row, `2 * tau` at first. A LogitsProcessor only sees the token it picked
+    on its next call, so each call first updates `mu -= eta * (s - tau)`, with `s` = -log2 of the
+    picked token (`input_ids[:, -1]`) under the distribution this sampler returned on the previous
+    call (renormalised after its truncation); a token that distribution gave probability 0 leaves
+    `mu` unchanged. If `input_ids` does not continue the sequence of the previous call (a new
+    `generate` call, other rows), the state is reset. Then it truncates:
+
+    - version 2: remove tokens with `-log2 p > mu` (the most likely token always stays).
+    - version 1: estimate the Zipf exponent `s_hat` from the top m = 100 candidates,
+      `s_hat = sum(t_i b_i) / sum(t_i^2)` with `t_i = log((i+2)/(i+1))`, `b_i = log(p_i/p_{i+1})`;
+      `eps = s_hat - 1`; keep the top `k = floor((eps * 2^mu / (1 - N^-eps)) ** (1 / s_hat))`
+      tokens, N = the vocabulary size (the limit `2^mu / ln N` at eps = 0), k clamped to
+      [max(1, min_tokens_to_keep), finite candidates] (llama.cpp would keep all for k < 1).
+
+    Create one object per generation; it is not meant to be shared between runs in parallel.
+
+    Reference: Basu et al. 2021, "Mirostat: A Neural Text Decoding Algorithm that Directly Controls
+    Perplexity" (ICLR); llama.cpp `llama_sample_mirostat` / `_v2`.
+
+    Args:
+        version (`int`, 1 or 2, defaults to 2): the algorithm.
+        tau (`float`, > 0, defaults to 5.0): target surprise in bits.
+        eta (`float`, > 0, defaults to 0.1): learning rate of mu.
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that always survive.
+    """
+
+    name = "mirostat"
+    params = (
+        Param("version", int, 2, "1 or 2", choices=(1, 2)),
+        Param("tau", float, 5.0, "target surprise (bits)", min=0, min_exclusive=True),
+        Param("eta", float, 0.1, "learning rate", min=0, min_exclusive=True),
+    )
+
+    def __init__(self, version: int = 2, tau: float = 5.0, eta: float = 0.1, min_tokens_to_keep: int = 1):
+        self._init_params(locals(), min_tokens_to_keep)
+        self.mu: torch.Tensor | None = None  # (batch,) float64
+        self._prev_ids: torch.Tensor | None = None
+        self._prev_logp: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the state (the next call starts at mu = 2 * tau)."""
+        self.mu = self._prev_ids = self._prev_logp = None
+
+    def _update(self, input_ids: torch.Tensor) -> None:
+        batch = input_ids.shape[0]
+        fresh = torch.full((batch,), 2.0 * self.tau, dtype=torch.float64)
+        prev = self._prev_ids
+        if self.mu is None or prev is None or prev.shape[0] != batch \
+                or input_ids.shape[1] != prev.shape[1] + 1:
+            self.mu = fresh
+            return
+        continues = (input_ids[:, :-1] == prev).all(dim=-1)
+        picked = input_ids[:, -1:].clamp(max=self._prev_logp.shape[-1] - 1)
+        surprise = -self._prev_logp.gather(-1, picked).squeeze(-1) / LN2
+        step = torch.where(torch.isfinite(surprise), self.eta * (surprise - self.tau),
+                           torch.zeros_like(surprise))
+        self.mu = torch.where(continues, self.mu - step, fresh)
+
+    def __call__(self, input_ids, scores):
+        self._update(input_ids)
+        logp = torch.log_softmax(scores.double(), dim=-1)
+        if self.version == 2:
+            drop = -logp / LN2 > self.mu[:, None]
+            drop &= ~_top_k_mask(scores, self.min_tokens_to_keep)
+            out = scores.masked_fill(drop, NEG_INF)
+        else:
+            out = scores.masked_fill(scores < self._v1_cut(scores, logp), NEG_INF)
+        self._prev_ids = input_ids.clone()
+        self._prev_logp = torch.log_softmax(out.double(), dim=-1)
+        return out
+
+    def _v1_cut(self, scores: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """The k-th highest score of every row, k from the Zipf estimate (version 1)."""
+        vocab = scores.shape[-1]
+        m = min(100, vocab)
+        top = torch.topk(logp, m, dim=-1).values  # (batch, m), descending log-probs
+        n_finite = torch.isfinite(scores).sum(dim=-1)
+        i = torch.arange(m - 1, dtype=torch.float64)
+        t = torch.log((i + 2) / (i + 1))
+        b = top[:, :-1] - top[:, 1:]
+        valid = (i[None, :] + 1) < n_finite[:, None]  # both p_i and p_{i+1} are candidates
+        b = torch.where(valid, b, torch.zeros_like(b))
+        t_sq = (t**2 * valid).sum(dim=-1)
+        s_hat = (t * b).sum(dim=-1) / t_sq.clamp(min=1e-300)
+        eps = s_hat - 1
+        log_n = math.log(vocab)
+        ratio = torch.where(eps.abs() > 1e-9, -torch.expm1(-eps * log_n) / eps.where(eps != 0, 1.0),
+                            torch.full_like(eps, log_n))
+        log_k = (self.mu * LN2 - torch.log(ratio)) / s_hat  # s_hat = 0 -> +inf -> keep all
+        k = torch.floor(torch.exp(torch.clamp(log_k, max=60.0)))
+        k = torch.where(s_hat > 0, k, n_finite.double())  # flat top: no Zipf tail, keep all
+        k = torch.where(t_sq > 0, k, torch.ones_like(k))  # fewer than 2 candidates
+        k = torch.maximum(k, torch.full_like(k, self.min_tokens_to_keep))
+        k = torch.minimum(k, n_finite.clamp(min=1).double()).long()
+        sorted_scores = torch.sort(scores, dim=-1, descending=True).values
+        return sorted_scores.gather(-1, (k - 1)[:, None])
