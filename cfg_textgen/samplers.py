@@ -447,7 +447,8 @@ class TailFree(Sampler):
     token i+1) suggests `i* + 2`. We follow KoboldAI / text-generation-webui, the versions most
     story-writing presets were tuned on. Example: p = [.4,.2,.12,.08,.06,.05,.04,.03,.02], z = 0.9:
     d = [.12,.04,.02,.01,0,0,0], c = [.63,.84,.95,1,...], i* = 2, so 3 tokens survive. A row whose
-    d is all 0 (uniform or linear) has no tail and keeps everything; z = 1 is off.
+    d is all 0 (uniform or linear; in practice: sum(d) <= 1e-6, float32 noise) has no tail and
+    keeps everything; z = 1 is off.
 
     Reference: Trenton Bricken 2019, "Tail Free Sampling" (trentbrick.github.io);
     KoboldAI `TailFreeLogitsWarper`.
@@ -473,7 +474,7 @@ class TailFree(Sampler):
         total = d.sum(dim=-1, keepdim=True)
         c = d.cumsum(dim=-1) / total.clamp(min=1e-300)
         n_keep = (c <= self.z).sum(dim=-1, keepdim=True) + 1  # i* + 1
-        n_keep = torch.where(total > 0, n_keep, torch.full_like(n_keep, vocab))
+        n_keep = torch.where(total > 1e-6, n_keep, torch.full_like(n_keep, vocab))  # else float noise
         n_keep = n_keep.clamp(min=self.min_tokens_to_keep, max=vocab)
         cut = sorted_scores.gather(-1, n_keep - 1)
         return scores.masked_fill(scores < cut, NEG_INF)

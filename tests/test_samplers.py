@@ -1,0 +1,478 @@
+"""Samplers against hand-computed values from their formulas, the preset contract, constructor
+validation and the final pick. Differential tests against transformers live in
+test_samplers_reference.py, property tests over every sampler in test_samplers_properties.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cfg_textgen.samplers import SAMPLERS, Param, Sampler, pick_token
+
+INF = float("inf")
+
+
+def logits(*probs):
+    """A (1, V) row of logits whose softmax is `probs` (0 -> -inf)."""
+    return torch.tensor([[math.log(p) if p > 0 else -INF for p in probs]])
+
+
+def kept(out):
+    """Indices of the finite entries of a (1, V) row."""
+    return torch.isfinite(out[0]).nonzero().flatten().tolist()
+
+
+class CharTokenizer:
+    """Just enough of a tokenizer for DRY: one id per character, ':' -> 5, '\\n' -> 6."""
+
+    table = {"a": 0, ":": 5, "\n": 6}
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.table.get(c, 9) for c in text]
+
+
+# ---- the preset contract (docs/preset-format.md, transcribed by hand) -------------------------
+
+CONTRACT = {
+    "temperature": {"temperature": (1.0, "a float > 0")},
+    "dynamic_temperature": {"low": (1.0, "a float >= 0"), "high": (1.0, "a float >= 0"),
+                            "exponent": (1.0, "a float > 0")},
+    "top_k": {"k": (0, "an integer >= 0")},
+    "top_p": {"p": (1.0, "a float in (0, 1]")},
+    "typical": {"p": (1.0, "a float in (0, 1]")},
+    "min_p": {"p": (0.0, "a float in [0, 1]")},
+    "top_a": {"a": (0.0, "a float in [0, 1]")},
+    "tfs": {"z": (1.0, "a float in (0, 1]")},
+    "epsilon": {"epsilon": (0.0, "a float in [0, 1)")},
+    "eta": {"eta": (0.0, "a float in [0, 1)")},
+    "repetition_penalty": {"penalty": (1.0, "a float > 0"), "range": (0, "an integer >= 0"),
+                           "slope": (0.0, "a float >= 0"), "presence": (0.0, "a finite float"),
+                           "frequency": (0.0, "a finite float"),
+                           "whitelist": ((), "a list of integers >= 0")},
+    "no_repeat_ngram": {"size": (0, "an integer >= 0")},
+    "mirostat": {"version": (2, "one of 1, 2"), "tau": (5.0, "a float > 0"), "eta": (0.1, "a float > 0")},
+    "unified": {"linear": (1.0, "a finite float"), "quad": (0.0, "a finite float"),
+                "conf": (0.0, "a finite float")},
+    "xtc": {"threshold": (0.1, "a float in [0, 1]"), "probability": (0.0, "a float in [0, 1]")},
+    "dry": {"multiplier": (0.0, "a float >= 0"), "base": (1.75, "a float >= 1"),
+            "allowed_length": (2, "an integer >= 1"), "range": (0, "an integer >= 0"),
+            "sequence_breakers": (("\n", ":", '"', "*"), "a list of strings")},
+    "top_n_sigma": {"n": (0.0, "a float >= 0")},
+}
+
+
+def test_registry_matches_the_preset_format():
+    assert set(SAMPLERS) == set(CONTRACT)
+    for name, cls in SAMPLERS.items():
+        assert cls.name == name and issubclass(cls, Sampler)
+        declared = {p.name: (p.default, p.rule()) for p in cls.params}
+        assert declared == CONTRACT[name], name
+        assert cls.__doc__ and "Args:" in cls.__doc__ and "Reference" in cls.__doc__, name
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_sampler_defaults_are_off(name):
+    """Built from defaults (`off` in the preset table) every sampler but mirostat changes nothing."""
+    if name == "mirostat":
+        pytest.skip("mirostat has no neutral setting (the table says: remove it)")
+    torch.manual_seed(0)
+    scores = torch.randn(2, 30)
+    ids = torch.randint(0, 30, (2, 12))
+    out = SAMPLERS[name].from_params({}, tokenizer=CharTokenizer())(ids, scores)
+    assert out is not scores
+    torch.testing.assert_close(out.log_softmax(-1), scores.log_softmax(-1), atol=1e-6, rtol=0)
+
+
+# ---- constructor validation -------------------------------------------------------------------
+
+BAD = [
+    ("temperature", {"temperature": 0.0}, "temperature"),
+    ("temperature", {"temperature": -1}, "temperature"),
+    ("temperature", {"temperature": "hot"}, "temperature"),
+    ("temperature", {"temperature": float("nan")}, "temperature"),
+    ("dynamic_temperature", {"low": -0.1}, "low"),
+    ("dynamic_temperature", {"high": -1.0}, "high"),
+    ("dynamic_temperature", {"exponent": 0.0}, "exponent"),
+    ("top_k", {"k": -1}, "k"),
+    ("top_k", {"k": 2.5}, "k"),
+    ("top_k", {"k": True}, "k"),
+    ("top_p", {"p": 0.0}, "p"),
+    ("top_p", {"p": 1.5}, "p"),
+    ("typical", {"p": 0.0}, "p"),
+    ("typical", {"p": 1.01}, "p"),
+    ("min_p", {"p": -0.01}, "p"),
+    ("min_p", {"p": 1.01}, "p"),
+    ("top_a", {"a": 1.5}, "a"),
+    ("top_a", {"a": -0.5}, "a"),
+    ("tfs", {"z": 0.0}, "z"),
+    ("tfs", {"z": 2.0}, "z"),
+    ("epsilon", {"epsilon": 1.0}, "epsilon"),
+    ("epsilon", {"epsilon": -0.1}, "epsilon"),
+    ("eta", {"eta": 1.0}, "eta"),
+    ("eta", {"eta": -1e-3}, "eta"),
+    ("repetition_penalty", {"penalty": 0.0}, "penalty"),
+    ("repetition_penalty", {"range": -5}, "range"),
+    ("repetition_penalty", {"range": 1.5}, "range"),
+    ("repetition_penalty", {"slope": -0.5}, "slope"),
+    ("repetition_penalty", {"presence": float("inf")}, "presence"),
+    ("repetition_penalty", {"frequency": None}, "frequency"),
+    ("repetition_penalty", {"whitelist": [1, -2]}, "whitelist"),
+    ("repetition_penalty", {"whitelist": "12"}, "whitelist"),
+    ("no_repeat_ngram", {"size": -1}, "size"),
+    ("mirostat", {"version": 3}, "version"),
+    ("mirostat", {"version": 2.0}, "version"),
+    ("mirostat", {"tau": 0.0}, "tau"),
+    ("mirostat", {"eta": -0.1}, "eta"),
+    ("unified", {"linear": float("nan")}, "linear"),
+    ("unified", {"quad": "x"}, "quad"),
+    ("unified", {"conf": float("-inf")}, "conf"),
+    ("xtc", {"threshold": 1.5}, "threshold"),
+    ("xtc", {"probability": -0.1}, "probability"),
+    ("dry", {"multiplier": -1.0}, "multiplier"),
+    ("dry", {"base": 0.5}, "base"),
+    ("dry", {"allowed_length": 0}, "allowed_length"),
+    ("dry", {"range": -1}, "range"),
+    ("dry", {"sequence_breakers": [1, 2]}, "sequence_breakers"),
+    ("dry", {"sequence_breakers": "\n"}, "sequence_breakers"),
+    ("top_n_sigma", {"n": -1.0}, "n"),
+    ("top_k", {"min_tokens_to_keep": 0}, "min_tokens_to_keep"),
+    ("top_p", {"min_tokens_to_keep": 1.0}, "min_tokens_to_keep"),
+    ("dry", {"multiplier": 1.0, "tokenizer": None}, "tokenizer"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,param", BAD, ids=[f"{n}-{p}-{i}" for i, (n, _, p) in enumerate(BAD)])
+def test_sampler_rejects_bad_values_naming_the_parameter(name, kwargs, param):
+    kwargs = dict(kwargs)
+    if SAMPLERS[name].needs_tokenizer and "tokenizer" not in kwargs:
+        kwargs["tokenizer"] = CharTokenizer()
+    with pytest.raises(ValueError, match=f"`{param}`"):
+        SAMPLERS[name](**kwargs)
+
+
+def test_param_error_message_states_rule_and_value():
+    with pytest.raises(ValueError, match=r"^`p` has to be a float in \(0, 1\], but is 1\.5$"):
+        SAMPLERS["top_p"](p=1.5)
+
+
+def test_param_check_accepts_integers_for_floats():
+    assert SAMPLERS["temperature"](temperature=2).temperature == 2.0
+    assert isinstance(SAMPLERS["temperature"](temperature=2).temperature, float)
+    assert Param("x", float, 0.0, min=0, max=1).check(1) == 1.0
+
+
+# ---- tail-free sampling -----------------------------------------------------------------------
+
+TFS_P = (.4, .2, .12, .08, .06, .05, .04, .03, .02)
+
+
+def test_tfs_keeps_i_star_plus_one_tokens():
+    # first differences: -.2 -.08 -.04 -.02 -.01 -.01 -.01 -.01
+    # |second differences|: .12 .04 .02 .01 0 0 0  (sum .19)
+    # normalised cumulative: .632 .842 .947 1 1 1 1 -> first index > 0.9 is i* = 2 -> keep 3
+    out = SAMPLERS["tfs"](z=0.9)(None, logits(*TFS_P))
+    assert kept(out) == [0, 1, 2]
+    torch.testing.assert_close(out[0, :3], logits(*TFS_P)[0, :3])
+
+
+def test_tfs_larger_z_keeps_more():
+    # .947 <= 0.95 < 1 -> i* = 3 -> keep 4
+    assert kept(SAMPLERS["tfs"](z=0.95)(None, logits(*TFS_P))) == [0, 1, 2, 3]
+    # .632 > 0.5 -> i* = 0 -> keep 1
+    assert kept(SAMPLERS["tfs"](z=0.5)(None, logits(*TFS_P))) == [0]
+
+
+def test_tfs_order_of_vocab_does_not_matter():
+    perm = torch.tensor([4, 0, 8, 2, 6, 1, 3, 7, 5])
+    out = SAMPLERS["tfs"](z=0.9)(None, logits(*TFS_P)[:, perm])
+    assert sorted(perm[kept(out)].tolist()) == [0, 1, 2]
+
+
+def test_tfs_without_curvature_keeps_everything():
+    # a linear ramp has zero second differences: no tail to cut
+    out = SAMPLERS["tfs"](z=0.5)(None, logits(.4, .3, .2, .1))
+    assert kept(out) == [0, 1, 2, 3]
+
+
+# ---- top-a, top-n-sigma -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a,expected", [(0.5, [0, 1, 2]), (1.0, [0, 1]), (0.19, [0, 1, 2, 3])])
+def test_top_a_keeps_probabilities_above_a_times_pmax_squared(a, expected):
+    # p_max^2 = .25: a=.5 -> .125 (drops .05); a=1 -> .25 (drops .15 and .05); a=.19 -> .0475
+    assert kept(SAMPLERS["top_a"](a=a)(None, logits(.5, .3, .15, .05))) == expected
+
+
+def test_top_n_sigma_keeps_logits_within_n_std_of_max():
+    scores = torch.tensor([[3.0, 2.0, 0.0, -1.0, -INF]])
+    # finite logits 3, 2, 0, -1: mean 1, population variance (4+1+1+4)/4 = 2.5, sigma 1.5811
+    # n=1: cut 1.419 -> {3, 2}; n=2: cut -0.162 -> {3, 2, 0}; n=3: cut -1.74 -> all four
+    assert kept(SAMPLERS["top_n_sigma"](n=1.0)(None, scores)) == [0, 1]
+    assert kept(SAMPLERS["top_n_sigma"](n=2.0)(None, scores)) == [0, 1, 2]
+    assert kept(SAMPLERS["top_n_sigma"](n=3.0)(None, scores)) == [0, 1, 2, 3]
+
+
+# ---- repetition penalty: range, slope, presence, frequency, whitelist -------------------------
+
+
+def test_repetition_penalty_linear_slope_by_window_position():
+    # window of R=5 distinct tokens 0..4, oldest first; slope 1: f = x = [-1, -.5, 0, .5, 1]
+    # penalty 1 + (x+1)/2 * (2-1) = [1, 1.25, 1.5, 1.75, 2]
+    ids = torch.tensor([[0, 1, 2, 3, 4]])
+    scores = torch.tensor([[2.0, 2.0, -2.0, 2.0, -2.0, 2.0]])
+    out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0)(ids, scores)
+    expected = torch.tensor([[2 / 1, 2 / 1.25, -2 * 1.5, 2 / 1.75, -2 * 2, 2.0]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_repetition_penalty_steep_slope():
+    # slope s=2: f = 2x / (1 + |x|); x=-.5 -> -2/3, x=.5 -> 2/3
+    # penalty 3: 1 + (f+1)/2 * 2 = f + 2 -> [1, 4/3, 2, 8/3, 3]
+    ids = torch.tensor([[0, 1, 2, 3, 4]])
+    scores = torch.full((1, 5), 4.0)
+    out = SAMPLERS["repetition_penalty"](penalty=3.0, slope=2.0)(ids, scores)
+    torch.testing.assert_close(out, 4.0 / torch.tensor([[1, 4 / 3, 2, 8 / 3, 3]]))
+
+
+def test_repetition_penalty_uses_most_recent_position_and_range():
+    # range 4 -> window [3, 1, 3, 2] (token 4 is outside); slope 1, R=4: x = -1, -1/3, 1/3, 1
+    # penalties 1, 4/3, 5/3, 2 (theta 2); token 3 last at j=2 -> 5/3, token 1 at j=1 -> 4/3
+    ids = torch.tensor([[4, 3, 1, 3, 2]])
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]])
+    out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0, range=4)(ids, scores)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 3 / 4, 1 / 2, 3 / 5, 1.0]]))
+
+
+def test_repetition_penalty_flat_range():
+    ids = torch.tensor([[0, 1, 2], [2, 2, 2]])
+    scores = torch.tensor([[3.0, -3.0, 3.0], [3.0, -3.0, 3.0]])
+    out = SAMPLERS["repetition_penalty"](penalty=1.5, range=2)(ids, scores)
+    torch.testing.assert_close(out, torch.tensor([[3.0, -4.5, 2.0], [3.0, -3.0, 2.0]]))
+
+
+def test_repetition_penalty_presence_frequency_and_whitelist():
+    ids = torch.tensor([[1, 1, 2, 3]])
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    # token 1: -(0.5 + 2*0.25) = -1; token 2: -(0.5 + 0.25) = -0.75; token 3 whitelisted
+    out = SAMPLERS["repetition_penalty"](presence=0.5, frequency=0.25, whitelist=[3])(ids, scores)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.25, 1.0]]))
+    # with penalty 2 as well: multiplicative first, then additive
+    out = SAMPLERS["repetition_penalty"](penalty=2.0, presence=0.5, frequency=0.25, whitelist=[3])(ids, scores)
+    torch.testing.assert_close(out, torch.tensor([[1.0, -0.5, -0.25, 1.0]]))
+
+
+# ---- unified, dynamic temperature -------------------------------------------------------------
+
+
+def test_unified_formula():
+    # l = log [.5, .25, .25]; H = .5 ln2 + 2 * .25 * 2 ln2 = 1.5 ln2
+    l1, l2, h = -math.log(2), -2 * math.log(2), 1.5 * math.log(2)
+    linear, quad, conf = 0.8, 0.1, 0.5
+    raw = [li * (linear + h * conf) - quad * li * li for li in (l1, l2, l2)]
+    scores = logits(.5, .25, .25) + 7.0  # a shift changes nothing: it works on log_softmax
+    out = SAMPLERS["unified"](linear=linear, quad=quad, conf=conf)(None, scores)
+    torch.testing.assert_close(out, torch.tensor([raw]))
+
+
+def test_unified_keeps_removed_tokens_removed_whatever_the_signs():
+    scores = logits(.5, .5, 0)
+    out = SAMPLERS["unified"](linear=-1.0, quad=-2.0, conf=0.0)(None, scores)
+    # l = -ln2 for both: raw = -ln2 * -1 + 2 ln2^2
+    r = math.log(2) + 2 * math.log(2) ** 2
+    torch.testing.assert_close(out, torch.tensor([[r, r, -INF]]))
+
+
+def test_dynamic_temperature_formula():
+    # row 0: p = [.5, .25, .25], H = 1.5 ln2, V = 3: T = .5 + (1.5 - .5) * (1.5 ln2 / ln3)^2
+    # row 1: p = [.5, .5, 0], H = ln2, V = 2 finite candidates: H / log V = 1 -> T = high
+    scores = torch.cat([logits(.5, .25, .25), logits(.5, .5, 0)])
+    t0 = 0.5 + 1.0 * (1.5 * math.log(2) / math.log(3)) ** 2
+    out = SAMPLERS["dynamic_temperature"](low=0.5, high=1.5, exponent=2.0)(None, scores)
+    torch.testing.assert_close(out[0], scores[0] / t0)
+    torch.testing.assert_close(out[1], scores[1] / 1.5)
+
+
+def test_dynamic_temperature_single_candidate_gets_low():
+    scores = torch.tensor([[2.0, -INF, -INF]])
+    out = SAMPLERS["dynamic_temperature"](low=0.5, high=2.0)(None, scores)
+    torch.testing.assert_close(out, torch.tensor([[4.0, -INF, -INF]]))
+
+
+def test_temperature_divides():
+    out = SAMPLERS["temperature"](temperature=0.5)(None, torch.tensor([[1.0, -2.0, -INF]]))
+    torch.testing.assert_close(out, torch.tensor([[2.0, -4.0, -INF]]))
+
+
+def test_temperature_tiny_value_is_greedy_without_nan():
+    out = SAMPLERS["temperature"](temperature=1e-40)(None, torch.tensor([[1.0, 3.0, -2.0]]))
+    assert not out.isnan().any()
+    assert out.softmax(-1).tolist() == [[0.0, 1.0, 0.0]]
+
+
+# ---- XTC ----------------------------------------------------------------------------------------
+
+
+def test_xtc_removes_all_top_choices_but_the_least_likely():
+    # threshold .1: candidates .5, .3, .15 -> remove .5 and .3, keep .15 and the non-candidate .05
+    out = SAMPLERS["xtc"](threshold=0.1, probability=1.0)(None, logits(.5, .3, .15, .05))
+    assert kept(out) == [2, 3]
+
+
+def test_xtc_needs_two_candidates():
+    scores = logits(.5, .3, .15, .05)
+    out = SAMPLERS["xtc"](threshold=0.4, probability=1.0)(None, scores)
+    assert torch.equal(out, scores)
+
+
+def test_xtc_draws_one_number_per_row_from_the_generator():
+    scores = logits(.5, .3, .15, .05).repeat(8, 1)
+    r = torch.rand(8, generator=torch.Generator().manual_seed(7))
+    expect_applied = (r < 0.5).tolist()
+    assert any(expect_applied) and not all(expect_applied)
+    xtc = SAMPLERS["xtc"](threshold=0.1, probability=0.5, generator=torch.Generator().manual_seed(7))
+    out = xtc(None, scores)
+    applied = torch.isinf(out[:, 0]).tolist()
+    assert applied == expect_applied
+
+
+def test_xtc_seeded_runs_repeat():
+    torch.manual_seed(1)
+    scores = torch.randn(4, 20) * 2
+    a = SAMPLERS["xtc"](threshold=0.05, probability=0.5, generator=torch.Generator().manual_seed(3))
+    b = SAMPLERS["xtc"](threshold=0.05, probability=0.5, generator=torch.Generator().manual_seed(3))
+    outs_a = [a(None, scores) for _ in range(5)]
+    outs_b = [b(None, scores) for _ in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
+    assert not all(torch.equal(outs_a[0], x) for x in outs_a[1:])  # the draws do differ per step
+
+
+# ---- DRY -------------------------------------------------------------------------------------------
+
+
+def test_dry_penalises_token_that_extends_repeat():
+    # ... 1 2 3 4 ... 1 2 3: token 4 would extend "1 2 3" (match length 3);
+    # allowed_length 2 -> penalty 0.8 * 2^(3-2) = 1.6
+    ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3]])
+    scores = torch.zeros(1, 10)
+    dry = SAMPLERS["dry"](multiplier=0.8, base=2.0, allowed_length=2, tokenizer=CharTokenizer())
+    expected = torch.zeros(1, 10)
+    expected[0, 4] = -1.6
+    torch.testing.assert_close(dry(ids, scores), expected)
+
+
+def test_dry_uses_each_candidates_longest_match():
+    # last token 3; after earlier 3s come 7 (match "2 3", length 2) and 8 (match "1 2 3", length 3)
+    ids = torch.tensor([[2, 3, 7, 1, 2, 3, 8, 0, 1, 2, 3]])
+    dry = SAMPLERS["dry"](multiplier=1.0, base=3.0, allowed_length=2, tokenizer=CharTokenizer())
+    out = dry(ids, torch.zeros(1, 10))
+    expected = torch.zeros(1, 10)
+    expected[0, 7] = -1.0  # 1 * 3^0
+    expected[0, 8] = -3.0  # 1 * 3^1
+    torch.testing.assert_close(out, expected)
+
+
+def test_dry_stops_at_sequence_breakers_and_range():
+    dry = SAMPLERS["dry"](multiplier=1.0, base=2.0, allowed_length=2, sequence_breakers=[":"],
+                          tokenizer=CharTokenizer())
+    assert dry.breaker_ids == {5}
+    # the match "5 3" cannot extend across the breaker 5: length 1 < 2, no penalty
+    ids = torch.tensor([[1, 5, 3, 4, 1, 5, 3]])
+    assert torch.equal(dry(ids, torch.zeros(1, 10)), torch.zeros(1, 10))
+    # without breakers the same ids give length 3
+    plain = SAMPLERS["dry"](multiplier=1.0, base=2.0, allowed_length=2, sequence_breakers=[],
+                            tokenizer=None)
+    assert plain(ids, torch.zeros(1, 10))[0, 4] == -2.0
+    # range 4 keeps only [4, 1, 5, 3]: no earlier 3 in the window
+    ranged = SAMPLERS["dry"](multiplier=1.0, base=2.0, allowed_length=2, range=4, sequence_breakers=[])
+    assert torch.equal(ranged(ids, torch.zeros(1, 10)), torch.zeros(1, 10))
+
+
+# ---- mirostat -------------------------------------------------------------------------------------
+
+
+def test_mirostat_v2_two_steps():
+    # surprises -log2 p = [1, 2, 3, 3]; tau 1.1 -> mu 2.2 keeps tokens 0, 1 (renormalised 2/3, 1/3)
+    scores = logits(.5, .25, .125, .125)
+    m = SAMPLERS["mirostat"](version=2, tau=1.1, eta=1.0)
+    assert kept(m(torch.tensor([[0, 3]]), scores)) == [0, 1]
+    # token 1 was picked: s = log2 3; mu = 2.2 - 1.0 * (log2 3 - 1.1) = 1.715 -> keep token 0 only
+    out = m(torch.tensor([[0, 3, 1]]), scores)
+    assert m.mu.item() == pytest.approx(2.2 - (math.log2(3) - 1.1))
+    assert kept(out) == [0]
+
+
+def test_mirostat_v1_two_steps():
+    # Zipf with exponent 2: p ~ [1, 1/4, 1/9, 1/16] -> s_hat = 2, eps = 1, N = 4
+    z = 1 + 1 / 4 + 1 / 9 + 1 / 16
+    scores = logits(1 / z, 1 / 4 / z, 1 / 9 / z, 1 / 16 / z)
+    # tau 1 -> mu 2: k = (1 * 2^2 / (1 - 4^-1)) ^ (1/2) = sqrt(16/3) = 2.31 -> 2 tokens
+    m = SAMPLERS["mirostat"](version=1, tau=1.0, eta=1.0)
+    assert kept(m(torch.tensor([[5, 0]]), scores)) == [0, 1]
+    # picked token 1, kept distribution [.8, .2]: s = log2 5; mu = 2 - (log2 5 - 1) = 0.678
+    # k = (2^0.678 / .75) ^ .5 = 1.46 -> 1 token
+    out = m(torch.tensor([[5, 0, 1]]), scores)
+    mu = 2 - (math.log2(5) - 1)
+    assert m.mu.item() == pytest.approx(mu)
+    assert math.floor((2**mu / 0.75) ** 0.5) == 1
+    assert kept(out) == [0]
+
+
+def test_mirostat_state_is_per_row_and_resets_on_a_new_sequence():
+    scores = logits(.5, .25, .125, .125).repeat(2, 1)
+    m = SAMPLERS["mirostat"](version=2, tau=1.1, eta=1.0)
+    m(torch.tensor([[0, 3], [0, 4]]), scores)
+    m(torch.tensor([[0, 3, 0], [0, 4, 1]]), scores)
+    # row 0 picked token 0 (s = log2 1.5), row 1 token 1 (s = log2 3)
+    expected = [2.2 - (math.log2(1.5) - 1.1), 2.2 - (math.log2(3) - 1.1)]
+    assert m.mu.tolist() == pytest.approx(expected)
+    # row 1 no longer continues its previous sequence: reset to 2 tau; row 0 updates again
+    m(torch.tensor([[0, 3, 0, 0], [9, 9, 9, 9]]), scores)
+    assert m.mu.tolist() == pytest.approx([expected[0] - (math.log2(1.5) - 1.1), 2.2])
+    # a new generate call (shorter input) resets every row
+    m(torch.tensor([[0, 1], [0, 1]]), scores)
+    assert m.mu.tolist() == pytest.approx([2.2, 2.2])
+
+
+# ---- no-repeat n-gram fallback, pick_token -----------------------------------------------------------
+
+
+def test_no_repeat_ngram_keeps_best_token_when_everything_is_banned():
+    ids = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    scores = torch.tensor([[0.5, 2.0, 1.0]])
+    out = SAMPLERS["no_repeat_ngram"](size=1)(ids, scores)
+    assert kept(out) == [1]
+    out = SAMPLERS["no_repeat_ngram"](size=1, min_tokens_to_keep=2)(ids, scores)
+    assert kept(out) == [1, 2]
+
+
+def test_pick_token_greedy_is_argmax():
+    scores = torch.tensor([[0.1, 3.0, -INF], [5.0, 1.0, 2.0]])
+    assert pick_token(scores, do_sample=False).tolist() == [1, 0]
+
+
+def test_pick_token_samples_like_multinomial_with_generator():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50)
+    got = pick_token(scores, True, generator=torch.Generator().manual_seed(11))
+    ref = torch.multinomial(scores.softmax(-1), 1, generator=torch.Generator().manual_seed(11)).squeeze(1)
+    assert got.shape == (3,) and torch.equal(got, ref)
+    assert set(pick_token(logits(0, .5, 0, .5).repeat(50, 1), True).tolist()) <= {1, 3}
+
+
+def test_pick_token_matches_model_generate_after_manual_seed():
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")
+    prompt = torch.tensor([[1, 17, 42, 99]])
+    torch.manual_seed(1234)
+    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=6,
+                         top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+    ids = prompt
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        for _ in range(6):
+            scores = model(ids).logits[:, -1, :].float()
+            ids = torch.cat([ids, pick_token(scores, do_sample=True)[:, None]], dim=1)
+    assert torch.equal(ids, ref)
