@@ -1,0 +1,626 @@
+"""The preset model: strict validation, loading, the JSON Schema, and building the chain so that
+`model.generate` applies each sampler exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfg_textgen.errors import PresetError
+from cfg_textgen.presets import (
+    FORMAT, MAX_PRESET_BYTES, Preset, SamplerSpec, build_chain, build_processors, builtin_names,
+    generate_kwargs, list_presets, load_preset, parse_preset, preset_schema,
+)
+from cfg_textgen.samplers import SAMPLERS
+
+from conftest import make_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET_FILES = sorted((REPO / "presets").glob("*.json"))
+
+
+def needs(*names):
+    """Skip while a sampler of the doc's table is not in the registry yet."""
+    missing = [n for n in names if n not in SAMPLERS]
+    return pytest.mark.skipif(bool(missing), reason=f"samplers not registered yet: {missing}")
+
+
+def error_lines(data, source="t.json"):
+    with pytest.raises(PresetError) as info:
+        parse_preset(data, source)
+    return list(info.value.errors)
+
+
+# ---- parse_preset ---------------------------------------------------------------------------
+
+
+def test_parse_preset_minimal_takes_documented_defaults():
+    p = parse_preset({"name": "x"}, "t.json")
+    assert (p.name, p.description, p.samplers, p.max_new_tokens, p.stop, p.do_sample) == \
+        ("x", "", (), 200, (), True)
+    assert (p.cfg.scale, p.cfg.opposing_prompt, p.cfg.opposing_mode) == (1.0, "", "text")
+    assert not p.cfg.active
+
+
+@needs("temperature", "top_k")
+def test_parse_preset_int_is_fine_where_a_number_is_expected():
+    p = parse_preset({"name": "x", "cfg": {"scale": 2},
+                      "samplers": [{"sampler": "temperature", "temperature": 2}]}, "t.json")
+    assert p.cfg.scale == 2.0 and p.samplers[0].params["temperature"] == 2
+
+
+@needs("top_k")
+def test_parse_preset_integral_float_is_accepted_for_an_integer_param():
+    p = parse_preset({"name": "x", "samplers": [{"sampler": "top_k", "k": 40.0}]}, "t.json")
+    assert p.samplers[0].params["k"] == 40 and type(p.samplers[0].params["k"]) is int
+    [line] = error_lines({"name": "x", "samplers": [{"sampler": "top_k", "k": 40.5}]})
+    assert line == "t.json: $.samplers[0].k: must be an integer >= 0, got 40.5"
+
+
+@needs("temperature")
+def test_parse_preset_bool_is_not_a_number():
+    [line] = error_lines({"name": "x", "samplers": [{"sampler": "temperature", "temperature": True}]})
+    assert line == "t.json: $.samplers[0].temperature: must be a number > 0, got boolean true"
+    [line] = error_lines({"name": "x", "max_new_tokens": False})
+    assert line.startswith("t.json: $.max_new_tokens: must be an integer >= 1, got boolean false")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_parse_preset_non_finite_scale_is_refused(value):
+    [line] = error_lines({"name": "x", "cfg": {"scale": value}})
+    assert line.startswith("t.json: $.cfg.scale: must be a number (finite), got ")
+
+
+@needs("temperature", "top_p")
+def test_parse_preset_collects_every_error_with_its_path():
+    lines = error_lines({"name": "", "bogus": 1, "cfg": {"scale": "2"},
+                         "samplers": [{"sampler": "temperature", "temperature": 0},
+                                      {"sampler": "top_p", "p": 1.5}],
+                         "stop": [""]}, "presets/x.json")
+    paths = [re.match(r"presets/x\.json: (\S+):", line).group(1) for line in lines]
+    assert sorted(paths) == sorted(["$.bogus", "$.name", "$.cfg.scale", "$.samplers[0].temperature",
+                                    "$.samplers[1].p", "$.stop[0]"])
+    assert "presets/x.json: $.samplers[1].p: must be a number in (0, 1], got 1.5" in lines
+
+
+def test_parse_preset_error_is_one_preset_error_with_one_line_per_problem():
+    with pytest.raises(PresetError) as info:
+        parse_preset({"nme": "x", "do_sample": "yes"}, "a.json")
+    assert str(info.value).splitlines() == list(info.value.errors)
+    assert len(info.value.errors) == 3  # unknown key, missing name, do_sample type
+
+
+def test_parse_preset_unknown_key_lists_valid_keys_and_a_suggestion():
+    [line] = error_lines({"name": "x", "max_new_token": 5})
+    assert "$.max_new_token: unknown key (did you mean 'max_new_tokens'?)" in line
+    assert "format, name, description, cfg, samplers, max_new_tokens, stop, do_sample" in line
+
+
+def test_parse_preset_last_token_mode_refuses_an_opposing_prompt():
+    [line] = error_lines({"name": "x", "cfg": {"opposing_mode": "last-token", "opposing_prompt": "a"}})
+    assert line.startswith("t.json: $.cfg.opposing_prompt: must be \"\" when opposing_mode is")
+    p = parse_preset({"name": "x", "cfg": {"opposing_mode": "last-token", "scale": 1.5}}, "t.json")
+    assert p.cfg.opposing_mode == "last-token"
+
+
+def test_parse_preset_unknown_sampler_lists_the_registered_ones():
+    [line] = error_lines({"name": "x", "samplers": [{"sampler": "nucleus"}]})
+    assert line.startswith('t.json: $.samplers[0].sampler: unknown sampler "nucleus"')
+    assert line.endswith("valid samplers: " + ", ".join(sorted(SAMPLERS)))
+
+
+def test_parse_preset_cfg_in_the_chain_points_to_the_cfg_key():
+    [line] = error_lines({"name": "x", "samplers": [{"sampler": "cfg", "scale": 1.5}]})
+    assert "$.samplers[0].sampler: CFG is not a chain sampler: set it under $.cfg" in line
+
+
+@needs("repetition_penalty")
+def test_parse_preset_list_param_checks_each_item():
+    [line] = error_lines({"name": "x", "samplers": [{"sampler": "repetition_penalty",
+                                                     "whitelist": [3, "a"]}]})
+    assert line.startswith("t.json: $.samplers[0].whitelist[1]: must be an integer")
+
+
+def test_parse_preset_rejects_every_value_out_of_its_declared_range():
+    # brute force over the registry: for each bounded numeric parameter, a value just outside
+    # each bound is refused and the bound itself follows the inclusive/exclusive declaration
+    checked = 0
+    for name, cls in SAMPLERS.items():
+        for p in cls.params:
+            if p.kind not in (int, float) or p.choices is not None:
+                continue
+            for bound, excl, outside in ((p.min, p.min_exclusive, -1), (p.max, p.max_exclusive, +1)):
+                if bound is None:
+                    continue
+                step = 1 if p.kind is int else 1e-3
+                bad = bound + outside * step
+                data = {"name": "x", "samplers": [{"sampler": name, p.name: bad}]}
+                assert error_lines(data), (name, p.name, bad)
+                at = {"name": "x", "samplers": [{"sampler": name, p.name: bound}]}
+                if excl:
+                    assert error_lines(at), (name, p.name, bound)
+                checked += 1
+    if SAMPLERS:
+        assert checked > 0
+
+
+# ---- immutability and the JSON form ---------------------------------------------------------
+
+
+@needs("repetition_penalty")
+def test_preset_is_immutable():
+    p = parse_preset({"name": "x", "samplers": [{"sampler": "repetition_penalty",
+                                                 "whitelist": [1, 2]}]}, "t.json")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.name = "y"
+    with pytest.raises(TypeError):
+        p.samplers[0].params["penalty"] = 2.0
+    assert p.samplers[0].params["whitelist"] == (1, 2)
+    assert isinstance(p.samplers, tuple) and isinstance(p.stop, tuple)
+
+
+@needs("top_p", "temperature")
+def test_preset_to_dict_keeps_only_given_params_in_declaration_order():
+    data = {"name": "x", "samplers": [{"p": 0.9, "sampler": "top_p"},
+                                      {"sampler": "temperature"}]}
+    d = parse_preset(data, "t.json").to_dict()
+    assert list(d) == ["format", "name", "description", "cfg", "samplers", "max_new_tokens",
+                       "stop", "do_sample"]
+    assert d["samplers"] == [{"sampler": "top_p", "p": 0.9}, {"sampler": "temperature"}]
+    assert list(d["samplers"][0]) == ["sampler", "p"]
+    assert d["format"] == FORMAT and d["cfg"] == {"scale": 1.0, "opposing_prompt": "",
+                                                  "opposing_mode": "text"}
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
+def test_preset_to_dict_round_trips_every_builtin(path):
+    p = load_preset(path)
+    again = parse_preset(json.loads(json.dumps(p.to_dict())), "again")
+    assert again == p
+    # the JSON form is the file's content with the defaults made explicit
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert [dict(s) for s in raw.get("samplers", [])] == p.to_dict()["samplers"]
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def test_builtin_presets_are_at_least_eight_valid_one_line_described_files():
+    names = builtin_names()
+    assert len(names) >= 8
+    assert names == [p.stem for p in PRESET_FILES]
+    for preset in list_presets():
+        assert preset.name in names
+        assert preset.description and "\n" not in preset.description
+    assert [p.name for p in list_presets()] == names  # the file stem is the preset's name
+
+
+def test_builtin_presets_cover_the_promised_settings():
+    by_name = {p.name: p for p in list_presets()}
+    assert by_name["plain"].cfg.scale == 1 and by_name["plain"].samplers == ()
+    assert by_name["greedy"].do_sample is False
+    assert by_name["strong-cfg"].cfg.scale == 3
+    assert by_name["negative-prompt"].cfg.opposing_prompt
+    lam = by_name["paper-lambada"]
+    assert (lam.cfg.opposing_mode, lam.cfg.scale, lam.do_sample) == ("last-token", 1.5, False)
+    assert any(s.name == "mirostat" for s in by_name["mirostat"].samplers)
+    assert {"dry", "xtc"} <= {s.name for s in by_name["dry-xtc-creative"].samplers}
+
+
+def test_load_preset_unknown_name_lists_the_builtins():
+    with pytest.raises(PresetError) as info:
+        load_preset("balanced-stroy")
+    msg = str(info.value)
+    assert "unknown preset 'balanced-stroy' (did you mean 'balanced-story'?)" in msg
+    assert "built-in presets: " + ", ".join(builtin_names()) in msg
+
+
+def test_load_preset_invalid_json_says_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "name": "x",\n  "stop": [,]\n}\n', encoding="utf-8")
+    with pytest.raises(PresetError) as info:
+        load_preset(path)
+    assert str(info.value) == f"{path}: not valid JSON: Expecting value at line 3, column 12"
+
+
+def test_load_preset_refuses_a_file_above_one_mebibyte(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text('{"name": "x", "description": "' + "a" * MAX_PRESET_BYTES + '"}')
+    with pytest.raises(PresetError, match=r"big\.json: file is \d+ bytes; a preset may be at most"):
+        load_preset(path)
+    small = tmp_path / "ok.json"
+    small.write_text('{"name": "x", "description": "' + "a" * (MAX_PRESET_BYTES - 100) + '"}')
+    assert load_preset(small).name == "x"
+
+
+def test_load_preset_reports_a_duplicate_key_by_path(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text('{"name": "x", "cfg": {"scale": 1.5, "scale": 3}}')
+    with pytest.raises(PresetError) as info:
+        load_preset(path)
+    assert str(info.value) == f"{path}: $.cfg.scale: duplicate key (the second value would silently win)"
+
+
+def test_load_preset_missing_file_and_non_utf8(tmp_path):
+    with pytest.raises(PresetError, match="no such preset file"):
+        load_preset(tmp_path / "nope.json")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"name": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(PresetError, match="not UTF-8"):
+        load_preset(latin)
+
+
+def test_load_preset_nan_literal_in_the_file_is_refused(tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text('{"name": "x", "cfg": {"scale": NaN}}')
+    with pytest.raises(PresetError, match=r"\$\.cfg\.scale: must be a number \(finite\), got NaN"):
+        load_preset(path)
+
+
+# ---- JSON Schema ----------------------------------------------------------------------------
+
+# A small validator for exactly the keywords preset_schema() emits (checked below), so that the
+# schema is tested even where the `jsonschema` package is not installed.
+_KEYWORDS = {"$schema", "$id", "$defs", "$ref", "title", "description", "default", "type",
+             "properties", "required", "additionalProperties", "items", "oneOf", "const", "enum",
+             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "pattern",
+             "if", "then"}
+
+
+def _is_type(value, t):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"object": isinstance(value, dict), "array": isinstance(value, list),
+            "string": isinstance(value, str), "boolean": isinstance(value, bool),
+            "number": number, "integer": number and float(value).is_integer()}[t]
+
+
+def _same(a, b):  # JSON equality: true is not 1
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+def schema_errors(value, schema, root=None) -> list[str]:
+    root = root if root is not None else schema
+    if schema is True:
+        return []
+    if schema is False:
+        return ["false schema"]
+    errs = []
+    if "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        errs += schema_errors(value, node, root)
+    if "type" in schema and not _is_type(value, schema["type"]):
+        return errs + [f"not {schema['type']}"]
+    if "const" in schema and not _same(value, schema["const"]):
+        errs.append("const")
+    if "enum" in schema and not any(_same(value, c) for c in schema["enum"]):
+        errs.append("enum")
+    if _is_type(value, "number"):
+        for key, bad in (("minimum", lambda lim: value < lim), ("maximum", lambda lim: value > lim),
+                         ("exclusiveMinimum", lambda lim: value <= lim),
+                         ("exclusiveMaximum", lambda lim: value >= lim)):
+            if key in schema and bad(schema[key]):
+                errs.append(key)
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            errs.append("minLength")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errs.append("pattern")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        errs += [f"required {k}" for k in schema.get("required", []) if k not in value]
+        for k, v in value.items():
+            if k in props:
+                errs += schema_errors(v, props[k], root)
+            elif schema.get("additionalProperties", True) is False:
+                errs.append(f"additional {k}")
+        if "if" in schema and not schema_errors(value, schema["if"], root):
+            errs += schema_errors(value, schema.get("then", True), root)
+    if isinstance(value, list) and "items" in schema:
+        for item in value:
+            errs += schema_errors(item, schema["items"], root)
+    if "oneOf" in schema:
+        if sum(not schema_errors(value, s, root) for s in schema["oneOf"]) != 1:
+            errs.append("oneOf")
+    return errs
+
+
+def _keywords(node, found):
+    if isinstance(node, dict):
+        for key, sub in node.items():
+            found.add(key)
+            if key in ("properties", "$defs"):
+                for s in sub.values():
+                    _keywords(s, found)
+            elif key in ("items", "if", "then"):
+                _keywords(sub, found)
+            elif key == "oneOf":
+                for s in sub:
+                    _keywords(s, found)
+    return found
+
+
+def _all_validators():
+    checks = [lambda data: schema_errors(data, preset_schema())]
+    try:
+        import jsonschema
+    except ImportError:
+        return checks
+    jsonschema.Draft202012Validator.check_schema(preset_schema())
+    validator = jsonschema.Draft202012Validator(preset_schema())
+    return checks + [lambda data: [e.message for e in validator.iter_errors(data)]]
+
+
+def test_preset_schema_uses_only_keywords_the_test_validator_knows():
+    assert _keywords(preset_schema(), set()) <= _KEYWORDS
+    assert preset_schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_preset_schema_is_generated_from_the_param_declarations():
+    defs = preset_schema()["$defs"]
+    assert set(defs) == {f"sampler.{n}" for n in SAMPLERS}
+    for name, cls in SAMPLERS.items():
+        d = defs[f"sampler.{name}"]
+        assert d["additionalProperties"] is False and d["properties"]["sampler"] == {"const": name}
+        assert list(d["properties"]) == ["sampler"] + [p.name for p in cls.params]
+        for p in cls.params:
+            default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
+            assert d["properties"][p.name]["default"] == default
+
+
+@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
+def test_preset_schema_accepts_every_builtin(path):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for check in _all_validators():
+        assert check(data) == []
+
+
+SCHEMA_INVALID = [
+    {"samplers": []},                                          # no name
+    {"name": ""},
+    {"name": "x", "format": "cfg-textgen-preset/2"},
+    {"name": "x", "extra": 1},
+    {"name": "x", "cfg": {"scale": "1.5"}},
+    {"name": "x", "cfg": {"negative": ""}},
+    {"name": "x", "cfg": {"opposing_mode": "first"}},
+    {"name": "x", "cfg": {"opposing_mode": "last-token", "opposing_prompt": "a"}},
+    {"name": "x", "samplers": [{"sampler": "nucleus"}]},
+    {"name": "x", "samplers": [{"p": 0.5}]},
+    {"name": "x", "max_new_tokens": 0},
+    {"name": "x", "max_new_tokens": 2.5},
+    {"name": "x", "stop": "\n"},
+    {"name": "x", "stop": [""]},
+    {"name": "x", "do_sample": 1},
+]
+SCHEMA_INVALID_SAMPLERS = [
+    ("top_p", {"p": 1.5}), ("top_p", {"p": 0}), ("temperature", {"temperature": True}),
+    ("temperature", {"t": 1.0}), ("top_k", {"k": -1}), ("top_k", {"k": 2.5}),
+    ("mirostat", {"version": 3}), ("repetition_penalty", {"whitelist": ["a"]}),
+    ("dry", {"sequence_breakers": [1]}), ("epsilon", {"epsilon": 1}),
+]
+
+
+@pytest.mark.parametrize("data", SCHEMA_INVALID + [
+    {"name": "x", "samplers": [{"sampler": s, **params}]} for s, params in SCHEMA_INVALID_SAMPLERS])
+def test_preset_schema_and_parse_preset_both_reject_invalid_presets(data):
+    names = [e["sampler"] for e in data.get("samplers", []) if "sampler" in e]
+    if any(n not in SAMPLERS and n != "nucleus" for n in names):
+        pytest.skip(f"samplers not registered yet: {names}")
+    with pytest.raises(PresetError):
+        parse_preset(data, "t.json")
+    for check in _all_validators():
+        assert check(data) != []
+
+
+# ---- building the chain ---------------------------------------------------------------------
+
+
+@needs("temperature", "top_k")
+def test_build_chain_applies_samplers_in_the_preset_order():
+    # hand-computed: temperature 2 halves the logits, then top-k 2 keeps the two largest
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
+    ids = torch.tensor([[0]])
+    inf = float("-inf")
+    preset = parse_preset({"name": "x", "samplers": [{"sampler": "temperature", "temperature": 2},
+                                                     {"sampler": "top_k", "k": 2}]}, "t.json")
+    assert torch.equal(build_chain(preset)(ids, logits), torch.tensor([[inf, 2.0, inf, 1.5]]))
+    # the other order keeps the same tokens, but top_k first must not see halved logits
+    other = parse_preset({"name": "x", "samplers": [{"sampler": "top_k", "k": 2},
+                                                    {"sampler": "temperature", "temperature": 2}]},
+                         "t.json")
+    assert torch.equal(build_chain(other)(ids, logits), torch.tensor([[inf, 2.0, inf, 1.5]]))
+    assert torch.equal(logits, torch.tensor([[1.0, 4.0, 2.0, 3.0]]))  # input untouched
+
+
+@needs("temperature", "mirostat")
+def test_build_chain_gives_fresh_objects_per_generation():
+    preset = parse_preset({"name": "x", "samplers": [{"sampler": "mirostat"},
+                                                     {"sampler": "temperature"}]}, "t.json")
+    a, b = build_chain(preset), build_chain(preset)
+    assert [type(s).name for s in a] == ["mirostat", "temperature"]
+    assert all(x is not y for x, y in zip(a, b))
+
+
+def test_build_chain_unknown_sampler_in_a_hand_built_preset_is_a_preset_error():
+    preset = Preset(name="x", samplers=(SamplerSpec("nucleus", {}),))
+    with pytest.raises(PresetError, match="unknown sampler 'nucleus'"):
+        build_chain(preset)
+
+
+def test_build_processors_puts_cfg_first_only_when_scale_is_not_one(tiny_tokenizer):
+    guidance = pytest.importorskip("cfg_textgen.guidance")
+    model = make_tiny_model("llama")
+    plain = parse_preset({"name": "x"}, "t.json")
+    assert len(build_processors(plain, model, tiny_tokenizer)) == 0
+    with_cfg = parse_preset({"name": "x", "cfg": {"scale": 1.5}}, "t.json")
+    procs = build_processors(with_cfg, model, tiny_tokenizer)
+    assert len(procs) == 1 and isinstance(procs[0], guidance.CFGLogitsProcessor)
+    assert procs[0].scale == 1.5
+
+
+def test_generate_kwargs_with_cfg_needs_the_model():
+    with pytest.raises(Exception, match="needs the model"):
+        generate_kwargs(parse_preset({"name": "x", "cfg": {"scale": 2}}, "t.json"))
+
+
+# ---- generate == the chain by hand ----------------------------------------------------------
+
+
+def _pick(scores, do_sample):
+    try:
+        from cfg_textgen.samplers import pick_token
+    except ImportError:
+        pick_token = None
+    if pick_token is not None:
+        return pick_token(scores, do_sample=do_sample)
+    if do_sample:  # what transformers' _sample does
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return torch.argmax(scores, dim=-1)
+
+
+def manual_decode(model, input_ids, processors, steps, do_sample, eos_token_id):
+    """A plain KV-cached decode loop: forward, our processors, pick; stops at EOS like generate."""
+    ids, past, scores_seen = input_ids, None, []
+    step_input = input_ids
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            scores = processors(ids, out.logits[:, -1, :].float())
+            scores_seen.append(scores)
+            token = _pick(scores, do_sample)
+            ids = torch.cat([ids, token[:, None]], dim=-1)
+            step_input = token[:, None]
+            if int(token[0]) == eos_token_id:
+                break
+    return ids, scores_seen
+
+
+def _model_with_meddling_generation_config():
+    model = make_tiny_model("llama")
+    gc = model.generation_config
+    gc.temperature, gc.top_k, gc.top_p, gc.do_sample = 0.5, 5, 0.5, True
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 1.3, 2, 5
+    return model
+
+
+def _generate(model, input_ids, kwargs):
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             return_dict_in_generate=True, output_scores=True, **kwargs)
+    return out.sequences, list(out.scores)
+
+
+@needs("temperature")
+def test_generate_kwargs_neutralise_the_models_generation_config():
+    model = _model_with_meddling_generation_config()
+    # no truncation in the preset: every token the model's config would remove (top-k 5, top-p,
+    # EOS before min_new_tokens) shows up as a -inf that the chain by hand does not have
+    preset = parse_preset({"name": "x", "max_new_tokens": 12, "samplers": [
+        {"sampler": "temperature", "temperature": 1.5}]}, "t.json")
+    input_ids = torch.tensor([[1, 20, 31, 47, 5]])
+
+    torch.manual_seed(3)
+    seq, scores = _generate(model, input_ids, generate_kwargs(preset))
+    torch.manual_seed(3)
+    ref_seq, ref_scores = manual_decode(model, input_ids, build_chain(preset), 12, True,
+                                        model.config.eos_token_id)
+    assert seq.tolist() == ref_seq.tolist()
+    for got, want in zip(scores, ref_scores):
+        torch.testing.assert_close(got, want)
+
+    # control: the same chain without our neutral kwargs is changed by the model's config
+    torch.manual_seed(3)
+    _, naive_scores = _generate(model, input_ids, {"logits_processor": build_chain(preset),
+                                                   "do_sample": True, "max_new_tokens": 12})
+    assert not torch.isinf(ref_scores[0]).any() and torch.isinf(naive_scores[0]).any()
+
+
+ACCEPTANCE = {"name": "acceptance", "max_new_tokens": 16, "samplers": [
+    {"sampler": "repetition_penalty", "penalty": 1.2},
+    {"sampler": "temperature", "temperature": 0.9},
+    {"sampler": "top_k", "k": 50},
+    {"sampler": "top_p", "p": 0.9},
+    {"sampler": "min_p", "p": 0.02},
+]}
+
+
+def _acceptance(preset, seed, tokenizer=None):
+    model = _model_with_meddling_generation_config()
+    input_ids = torch.tensor([[1, 60, 61, 62, 63, 64]])
+    for s in (seed, seed + 1, seed + 2):
+        torch.manual_seed(s)
+        seq, _ = _generate(model, input_ids, generate_kwargs(preset, model, tokenizer))
+        torch.manual_seed(s)
+        ref, _ = manual_decode(model, input_ids, build_processors(preset, model, tokenizer),
+                               preset.max_new_tokens, preset.do_sample, model.config.eos_token_id)
+        assert seq.tolist() == ref.tolist(), s
+
+
+@needs("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+def test_generate_with_preset_kwargs_equals_the_chain_by_hand_without_cfg():
+    _acceptance(parse_preset(ACCEPTANCE, "t.json"), seed=0)
+
+
+@needs("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+@pytest.mark.parametrize("cfg", [{"scale": 1.5}, {"scale": 1.5, "opposing_mode": "last-token"},
+                                 {"scale": 3.0, "opposing_prompt": "the cold wind"}])
+def test_generate_with_preset_kwargs_equals_the_chain_by_hand_with_cfg(cfg, tiny_tokenizer):
+    pytest.importorskip("cfg_textgen.guidance")
+    _acceptance(parse_preset({**ACCEPTANCE, "cfg": cfg}, "t.json"), seed=10, tokenizer=tiny_tokenizer)
+
+
+def test_generate_with_a_greedy_preset_equals_argmax_by_hand():
+    model = _model_with_meddling_generation_config()
+    preset = parse_preset({"name": "g", "do_sample": False, "max_new_tokens": 10}, "t.json")
+    input_ids = torch.tensor([[1, 7, 8, 9]])
+    seq, _ = _generate(model, input_ids, generate_kwargs(preset))
+    ref, _ = manual_decode(model, input_ids, build_chain(preset), 10, False, model.config.eos_token_id)
+    assert seq.tolist() == ref.tolist()
+
+
+# ---- the installed package ------------------------------------------------------------------
+
+
+def test_builtin_presets_load_by_name_from_a_built_wheel(tmp_path):
+    """Build a wheel from a copy of the sources (no build isolation: no network), unpack it, and
+    load every built-in preset by name in a fresh interpreter that cannot see the checkout.
+    Takes a few seconds."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "cfg_textgen", src / "cfg_textgen", ignore=ignore)
+    shutil.copytree(REPO / "presets", src / "presets", ignore=ignore)
+    shutil.copy(REPO / "pyproject.toml", src)
+    readme = REPO / "README.md"
+    (src / "README.md").write_text(readme.read_text(encoding="utf-8") if readme.exists() else "x\n")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(src)], check=True, cwd=tmp_path)
+    [wheel] = (tmp_path / "dist").glob("cfg_textgen-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    assert sorted(p.name for p in (site / "cfg_textgen" / "presets_data").glob("*.json")) == \
+        sorted(p.name for p in PRESET_FILES)
+
+    code = ("import json, cfg_textgen.presets as P\n"
+            "print(json.dumps({'file': P.__file__, 'dir': str(P._builtin_dir()),\n"
+            "                  'names': [p.name for p in P.list_presets()],\n"
+            "                  'story': P.load_preset('balanced-story').to_dict()}))\n")
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True)
+    got = json.loads(out.stdout)
+    assert got["file"].startswith(str(site)) and got["dir"].startswith(str(site))
+    assert got["names"] == [p.stem for p in PRESET_FILES]
+    assert got["story"] == load_preset("balanced-story").to_dict()
