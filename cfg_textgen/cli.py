@@ -39,6 +39,70 @@ def presets():
 # ---- presets: list / show / validate / schema (presets.py) -------------------------------
 
 
+@presets.command("list")
+def presets_list():
+    """List the built-in presets: name and what each is for."""
+    from .presets import list_presets
+
+    rows = [(p.name, p.description.splitlines()[0] if p.description else "") for p in list_presets()]
+    width = max([len("NAME")] + [len(name) for name, _ in rows])
+    click.echo(f"{'NAME':<{width}}  DESCRIPTION")
+    for name, description in rows:
+        click.echo(f"{name:<{width}}  {description}")
+
+
+@presets.command("show")
+@click.argument("preset")
+def presets_show(preset):
+    """Print a preset (a built-in NAME or a FILE) as pretty JSON.
+
+    \b
+    Examples:
+      cfg-textgen presets show balanced-story
+      cfg-textgen presets show my-preset.json
+    """
+    import json
+
+    from .presets import load_preset
+
+    click.echo(json.dumps(load_preset(preset).to_dict(), indent=2, ensure_ascii=False))
+
+
+@presets.command("validate")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.pass_context
+def presets_validate(ctx, files):
+    """Check preset files: an OK line per valid file on stdout, every problem on stderr
+    (file and JSON path). Exit code 1 if any file is invalid."""
+    from .errors import PresetError
+    from .presets import load_preset_file
+
+    bad = 0
+    for path in files:
+        try:
+            preset = load_preset_file(path)
+        except PresetError as err:
+            bad += 1
+            click.echo(str(err), err=True)
+            continue
+        click.echo(f"OK {path} ({preset.name}: {len(preset.samplers)} samplers, "
+                   f"CFG scale {preset.cfg.scale:g})")
+    if bad:
+        click.echo(f"{bad} of {len(files)} preset files invalid", err=True)
+        ctx.exit(1)
+
+
+@presets.command("schema")
+def presets_schema():
+    """Print the JSON Schema (draft 2020-12) of the preset format."""
+    import json
+
+    from .presets import preset_schema
+
+    click.echo(json.dumps(preset_schema(), indent=2, ensure_ascii=False))
+
+
+
 # ---- presets: import / export (importers/) ------------------------------------------------
 
 
