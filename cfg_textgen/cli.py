@@ -106,6 +106,73 @@ def presets_schema():
 # ---- presets: import / export (importers/) ------------------------------------------------
 
 
+def _write_json_atomically(data, out: str | None) -> None:
+    """stdout, or OUT via a temp file in the same folder renamed over it: never a partial file."""
+    import json
+    import tempfile
+
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if out is None or out == "-":
+        click.echo(text, nl=False)
+        return
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=".cfg-textgen-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@presets.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Write the preset JSON here "
+              "(default: stdout).")
+@click.option("--name", help="Name of the imported preset; for a KoboldAI bundle, the entry to import.")
+def presets_import(file, out, name):
+    """Translate a NovelAI, SillyTavern, KoboldAI/KoboldCpp or text-generation-webui preset.
+
+    The format is recognised from the content. The preset JSON goes to OUT (or stdout); the
+    report of what was mapped, what means "off" and what was not carried over goes to stderr.
+
+    \b
+    Examples:
+      cfg-textgen presets import "Golden Arrow.preset" -o golden-arrow.json
+      cfg-textgen presets import Titanic.yaml --name titanic
+    """
+    from .importers import import_preset
+    from .presets import parse_preset
+
+    preset, report = import_preset(file, name=name)
+    data = parse_preset(preset, file).to_dict()  # validated before anything is written
+    _write_json_atomically(data, out)
+    click.echo(report.render(), err=True)
+
+
+@presets.command("export")
+@click.argument("preset")
+@click.option("--format", "fmt", required=True, type=click.Choice(["sillytavern-textgen", "novelai"]),
+              help="The foreign format to write.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Write here (default: stdout).")
+def presets_export(preset, fmt, out):
+    """Write PRESET (a built-in name or a JSON file) as a SillyTavern or NovelAI preset.
+
+    \b
+    Examples:
+      cfg-textgen presets export balanced-story --format novelai -o balanced-story.preset
+      cfg-textgen presets export my-preset.json --format sillytavern-textgen
+    """
+    from .importers import export_preset
+    from .presets import load_preset
+
+    data, report = export_preset(load_preset(preset), fmt)
+    _write_json_atomically(data, out)
+    click.echo(report.render(), err=True)
+
+
 # ---- write / generate (engine.py, story.py) -----------------------------------------------
 
 

@@ -1,0 +1,252 @@
+"""KoboldAI-family presets: KoboldAI presets as SillyTavern stores them (`temp`, `typical`,
+`sampler_order`), KoboldAI United `.presets` bundles (a JSON array; each entry names itself with
+`preset`) and KoboldCpp generation settings (its API's `temperature`, `max_length`, ...).
+
+Semantics (KoboldAI United / KoboldCpp sampler order): `sampler_order` ids 0 top_k, 1 top_a,
+2 top_p, 3 tfs, 4 typical, 5 temperature, 6 repetition penalty; samplers run in that order.
+- An order without id 6 (older KoboldAI): the repetition penalty runs first (decision: KoboldAI
+  applied it as a logits processor before the warpers, and id 6 was added at the front).
+- KoboldCpp applies min_p together with top_p (id 2), right after it.
+- Mirostat on: KoboldCpp ignores the order and runs repetition penalty, temperature, Mirostat.
+- `rep_pen_range` 0 means the whole context (KoboldAI's reading).
+"""
+
+from __future__ import annotations
+
+from ..errors import PresetError
+from ._common import Builder, fmt_num, simple_sampler, temperature_sampler, top_p_sampler
+from .textgen_webui import _breakers
+
+IDS = ["top_k", "top_a", "top_p", "tfs", "typical", "temperature", "repetition_penalty"]
+DEFAULT_ORDER = [6, 0, 1, 3, 4, 2, 5]
+VALUE_KEYS = {"top_k": ["top_k"], "top_a": ["top_a"], "top_p": ["top_p", "min_p"], "tfs": ["tfs"],
+              "typical": ["typical"], "temperature": ["temp", "temperature", "dynatemp_range", "dynatemp_exponent"],
+              "repetition_penalty": ["rep_pen", "rep_pen_range", "rep_pen_slope", "presence_penalty"]}
+OFF = {"top_k": 0, "top_a": 0, "top_p": 1, "min_p": 0, "tfs": 1, "typical": 1, "temp": 1, "temperature": 1,
+       "dynatemp_range": 0, "rep_pen": 1, "presence_penalty": 0}
+METADATA = {"uid", "Model Type", "Model Size", "Model Category", "Preset Category"}
+UI_KEYS = {"streaming_kobold": "SillyTavern streaming toggle", "can_use_streaming": "SillyTavern streaming toggle",
+           "trim_stop": "KoboldCpp output trimming", "sampler_seed": "seeds are given when generating",
+           "max_context_length": "the context size is the loaded model's", "n": "one continuation at a time",
+           "banned_tokens": "token bans are not supported", "logit_bias": "logit biases are not supported",
+           "render_special": "detokenizer option", "bypass_eos": "ending at end-of-text is not a preset setting",
+           "memory": "story memory is not part of a preset", "quiet": "KoboldCpp logging option"}
+
+
+def looks_like(data: dict) -> bool:
+    return ("sampler_order" in data and ("temp" in data or "temperature" in data or "rep_pen" in data)
+            and "typical_p" not in data and "sampler_priority" not in data) or (
+        "preset" in data and ("temp" in data or "rep_pen" in data))
+
+
+def looks_like_bundle(data) -> bool:
+    return isinstance(data, list) and bool(data) and all(isinstance(x, dict) for x in data)
+
+
+def bundle_names(data: list) -> list[str]:
+    return [str(e.get("preset", f"#{i}")) for i, e in enumerate(data)]
+
+
+def pick(data: list, name: str, source: str) -> tuple[int, dict]:
+    names = bundle_names(data)
+    for exact in (True, False):
+        for i, n in enumerate(names):
+            if (n == name) if exact else (n.casefold() == name.casefold()):
+                return i, data[i]
+    raise PresetError(f"{source}: no preset named {name!r} in this bundle; it holds: {', '.join(names)}")
+
+
+def import_preset(data: dict, source: str, name: str | None, stem: str | None, prefix: str = "",
+                  fmt: str | None = None):
+    if fmt is None:
+        fmt = "KoboldAI United preset" if "preset" in data else (
+            "KoboldCpp settings" if "temperature" in data else "KoboldAI preset (SillyTavern)")
+    b = Builder(source, fmt, data, prefix=prefix)
+    temp_key = "temp" if "temp" in data else "temperature"
+    if "temp" in data and "temperature" in data:
+        b.dropped("temperature", "`temp` is present and takes precedence")
+    order = _order(b)
+    mirostat = b.num("mirostat", 0, integer=True)
+    if mirostat not in (0, 1, 2):
+        raise b.error("mirostat", f"must be 0, 1 or 2, got {mirostat!r}")
+    if mirostat:
+        applied = ["repetition_penalty", "temperature"]
+        b.note("Mirostat is on: as in KoboldCpp, sampler_order is ignored and the chain is repetition "
+               "penalty, temperature, Mirostat.")
+    else:
+        applied = [IDS[i] for i in order]
+        if 6 not in order:
+            applied.insert(0, "repetition_penalty")
+            b.note("sampler_order has no repetition penalty (id 6): it runs first, as older KoboldAI did.")
+    for sid in applied:
+        _apply(b, sid, temp_key)
+    _dry_xtc(b)
+    if mirostat:
+        tau, eta = b.num("mirostat_tau", 5.0), b.num("mirostat_eta", 0.1)
+        b.add({"sampler": "mirostat", "version": mirostat, "tau": tau, "eta": eta})
+        b.mapped("mirostat", "mirostat.version")
+        b.mapped("mirostat_tau", "mirostat.tau")
+        b.mapped("mirostat_eta", "mirostat.eta")
+    else:
+        b.neutral("mirostat", "0 is off")
+        b.neutral("mirostat_tau", "unused while mirostat is off")
+        b.neutral("mirostat_eta", "unused while mirostat is off")
+    for sid, keys in VALUE_KEYS.items():
+        for key in keys:
+            if key in data and not b.reported(key):
+                if key in OFF and data[key] == OFF[key]:
+                    b.neutral(key, f"{fmt_num(OFF[key])} is off")
+                else:
+                    why = "Mirostat replaces the sampler order" if mirostat else "not in sampler_order"
+                    b.dropped(key, f"{sid} is not applied ({why})")
+    b.mapped("sampler_order", "sampler order")
+    _other(b)
+    preset_name = b.string("preset") or b.string("name")
+    for key in ("preset", "name"):
+        if key in data:
+            b.mapped(key, "name") if not name else b.dropped(key, f"replaced by the name given: {name!r}")
+    described = b.string("description")
+    if described:
+        b.mapped("description", "description")
+    elif "description" in data:
+        b.neutral("description", "empty")
+    desc = described or f"Imported from the {fmt} {source.rsplit('/', 1)[-1]}" + (
+        f" (entry {preset_name!r})." if prefix else ".")
+    preset = b.finish(name, preset_name or stem, desc)
+    return preset, b.report
+
+
+def _order(b: Builder) -> list[int]:
+    raw = b.list_("sampler_order")
+    if raw is None:
+        b.note("No sampler_order: KoboldCpp's default [6, 0, 1, 3, 4, 2, 5] applies.")
+        return list(DEFAULT_ORDER)
+    out = []
+    for i, x in enumerate(raw):
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < len(IDS):
+            raise b.error(f"sampler_order[{i}]", f"unknown sampler id {x!r}; known: 0-6 ({', '.join(IDS)})")
+        if x in out:
+            raise b.error(f"sampler_order[{i}]", f"sampler id {x} is listed twice")
+        out.append(x)
+    return out
+
+
+def _apply(b: Builder, sid: str, temp_key: str) -> None:
+    if sid == "top_k":
+        simple_sampler(b, "top_k", "top_k", "k", 0, integer=True)
+    elif sid == "top_a":
+        simple_sampler(b, "top_a", "top_a", "a", 0)
+    elif sid == "top_p":
+        top_p_sampler(b, "top_p")
+        simple_sampler(b, "min_p", "min_p", "p", 0)
+    elif sid == "tfs":
+        value = b.num("tfs")
+        if value is not None:
+            if value >= 1:
+                b.neutral("tfs", "tfs 1 is off")
+            else:
+                b.add({"sampler": "tfs", "z": value})
+                b.mapped("tfs", "tfs.z")
+    elif sid == "typical":
+        top_p_sampler(b, "typical", "typical")
+    elif sid == "temperature":
+        spread = b.num("dynatemp_range", 0)
+        if spread and spread > 0:
+            t = b.num(temp_key, 1)
+            exp = b.num("dynatemp_exponent", 1)
+            b.add({"sampler": "dynamic_temperature", "low": max(0.0, t - spread), "high": t + spread,
+                   "exponent": exp})
+            b.mapped(temp_key, "dynamic_temperature.low/high (temperature -/+ dynatemp_range)")
+            b.mapped("dynatemp_range", "dynamic_temperature.low/high")
+            b.mapped("dynatemp_exponent", "dynamic_temperature.exponent")
+        else:
+            temperature_sampler(b, temp_key)
+            b.neutral("dynatemp_range", "0 is off")
+            b.neutral("dynatemp_exponent", "unused while dynatemp_range is 0")
+    elif sid == "repetition_penalty":
+        penalty = b.num("rep_pen", 1)
+        rng = b.num("rep_pen_range", 0, integer=True)
+        slope = b.num("rep_pen_slope", 0)
+        pres = b.num("presence_penalty", 0)
+        if penalty == 1 and not pres:
+            b.neutral("rep_pen", "1 is off")
+            for key in ("rep_pen_range", "rep_pen_slope", "presence_penalty"):
+                b.neutral(key, "no effect while the repetition penalty is off")
+            return
+        sampler = {"sampler": "repetition_penalty", "penalty": penalty}
+        if rng:
+            sampler["range"] = rng
+        if slope:
+            sampler["slope"] = slope
+        if pres:
+            sampler["presence"] = pres
+        b.add(sampler)
+        b.mapped("rep_pen", "repetition_penalty.penalty")
+        b.mapped("rep_pen_range", "repetition_penalty.range") if rng else b.neutral(
+            "rep_pen_range", "0 means the whole context (our default)")
+        b.mapped("rep_pen_slope", "repetition_penalty.slope") if slope else b.neutral(
+            "rep_pen_slope", "0 is a flat penalty")
+        b.mapped("presence_penalty", "repetition_penalty.presence") if pres else b.neutral(
+            "presence_penalty", "0 is off")
+
+
+def _dry_xtc(b: Builder) -> None:
+    mult = b.num("dry_multiplier", 0)
+    dry_keys = ("dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers")
+    if mult:
+        sampler = {"sampler": "dry", "multiplier": mult, "base": b.num("dry_base", 1.75),
+                   "allowed_length": b.num("dry_allowed_length", 2, integer=True),
+                   "range": b.num("dry_penalty_last_n", 0, integer=True)}
+        if b.has("dry_sequence_breakers"):
+            sampler["sequence_breakers"] = _breakers(b, "dry_sequence_breakers")
+        # DRY is a penalty: it runs with the repetition penalty, before the truncation samplers
+        at = next((i + 1 for i, s in enumerate(b.samplers) if s["sampler"] == "repetition_penalty"), 0)
+        b.samplers.insert(at, sampler)
+        b.mapped("dry_multiplier", "dry.multiplier")
+        for key in dry_keys:
+            b.mapped(key, f"dry.{key.removeprefix('dry_').replace('penalty_last_n', 'range')}")
+        b.note("DRY runs with the penalties, before the samplers in sampler_order (decision).")
+    else:
+        b.neutral("dry_multiplier", "0 is off")
+        for key in dry_keys:
+            b.neutral(key, "unused while dry_multiplier is 0")
+    prob = b.num("xtc_probability", 0)
+    if prob:
+        b.add({"sampler": "xtc", "threshold": b.num("xtc_threshold", 0.1), "probability": prob})
+        b.mapped("xtc_probability", "xtc.probability (after the sampler order)")
+        b.mapped("xtc_threshold", "xtc.threshold")
+    else:
+        b.neutral("xtc_probability", "0 is off")
+        b.neutral("xtc_threshold", "unused while xtc_probability is 0")
+
+
+def _other(b: Builder) -> None:
+    genamt = b.num("genamt", integer=True)
+    if genamt is not None:
+        b.extra["max_new_tokens"] = genamt
+        b.mapped("genamt", "max_new_tokens")
+        b.dropped("max_length", "KoboldAI's max tokens of context; the context size is the loaded model's")
+    else:
+        length = b.num("max_length", integer=True)
+        if length is not None:
+            b.extra["max_new_tokens"] = length
+            b.mapped("max_length", "max_new_tokens")
+    stop = b.list_("stop_sequence")
+    if stop is not None:
+        if not all(isinstance(x, str) for x in stop):
+            raise b.error("stop_sequence", f"must be a list of strings, got {stop!r}")
+        if stop:
+            b.extra["stop"] = stop
+            b.mapped("stop_sequence", "stop")
+        else:
+            b.neutral("stop_sequence", "empty")
+    for key, off, why in (("grammar", "", "grammars are not supported"),
+                          ("use_default_badwordsids", False, "KoboldAI's default bad-words list is tokenizer-specific"),
+                          ("smoothing_factor", 0, "quadratic sampling has no cfg-textgen equivalent"),
+                          ("nsigma", 0, "KoboldCpp's top-n-sigma placement is not documented; not guessed")):
+        if key in b.data:
+            (b.neutral if b.data[key] == off else b.dropped)(key, "off" if b.data[key] == off else why)
+    for key, why in UI_KEYS.items():
+        b.dropped(key, why)
+    for key in METADATA:
+        b.dropped(key, "KoboldAI preset metadata")
