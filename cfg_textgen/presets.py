@@ -150,7 +150,9 @@ def _choices(names) -> str:
 
 
 def _did_you_mean(word: str, names) -> str:
-    close = difflib.get_close_matches(word, list(names), n=1)
+    names = list(names)
+    close = (difflib.get_close_matches(word, names, n=1)
+             or [n for n in names if word and n.startswith(word)][:1])
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -249,7 +251,8 @@ class _Checker:
             # `true == 1` in Python: a boolean only matches the choices of a boolean parameter
             same_kind = isinstance(value, bool) == (kind is bool) and not isinstance(value, (list, dict))
             if not same_kind or value not in p.choices:
-                self.add(path, f"must be one of {_choices(_show(c) for c in p.choices)}, got {_show(value)}")
+                choices = _choices(_show(c) for c in p.choices)
+                self.add(path, f"must be one of {choices}, got {_show(value)}")
                 return None
             return int(value) if kind is int else value
         if kind in (int, float):
@@ -347,7 +350,8 @@ def parse_preset(data: Any, source: str = "<preset>") -> Preset:
         if ckw.get("opposing_mode") == "last-token" and ckw.get("opposing_prompt"):
             check.add("$.cfg.opposing_prompt",
                       "must be \"\" when opposing_mode is \"last-token\" (that mode takes the "
-                      f"opposing branch from the last prompt token), got {_show(ckw['opposing_prompt'])}")
+                      "opposing branch from the last prompt token), "
+                      f"got {_show(ckw['opposing_prompt'])}")
         if None not in ckw.values():
             kw["cfg"] = CFGSettings(**ckw)
 
@@ -368,7 +372,8 @@ def parse_preset(data: Any, source: str = "<preset>") -> Preset:
         if not isinstance(stop, list):
             check.add("$.stop", f"must be an array of strings, got {_json_type(stop)} {_show(stop)}")
         else:
-            kw["stop"] = tuple(check.string(s, f"$.stop[{i}]", non_empty=True) for i, s in enumerate(stop))
+            kw["stop"] = tuple(check.string(s, f"$.stop[{i}]", non_empty=True)
+                               for i, s in enumerate(stop))
     if "do_sample" in data:
         value = data["do_sample"]
         if not isinstance(value, bool):

@@ -452,6 +452,22 @@ def test_build_chain_gives_fresh_objects_per_generation():
     assert all(x is not y for x, y in zip(a, b))
 
 
+@needs("xtc")
+def test_build_chain_gives_the_generator_to_random_samplers():
+    preset = parse_preset({"name": "x", "samplers": [{"sampler": "xtc", "threshold": 0.05,
+                                                      "probability": 0.5}]}, "t.json")
+    logits = torch.tensor([[3.0, 2.9, 2.8, 0.0, -1.0]])
+    ids = torch.tensor([[0]])
+
+    def run(global_seed):
+        torch.manual_seed(global_seed)  # must not matter: the draws come from the generator
+        chain = build_chain(preset, generator=torch.Generator().manual_seed(7))
+        return [torch.isinf(chain(ids, logits)).any().item() for _ in range(24)]
+
+    first = run(1)
+    assert run(2) == first and 0 < sum(first) < 24
+
+
 def test_build_chain_unknown_sampler_in_a_hand_built_preset_is_a_preset_error():
     preset = Preset(name="x", samplers=(SamplerSpec("nucleus", {}),))
     with pytest.raises(PresetError, match="unknown sampler 'nucleus'"):
@@ -588,6 +604,17 @@ def test_generate_with_a_greedy_preset_equals_argmax_by_hand():
     seq, _ = _generate(model, input_ids, generate_kwargs(preset))
     ref, _ = manual_decode(model, input_ids, build_chain(preset), 10, False, model.config.eos_token_id)
     assert seq.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_generate_kwargs_every_builtin_runs_on_a_tiny_model(name, tiny_tokenizer):
+    model = make_tiny_model("llama")
+    preset = dataclasses.replace(load_preset(name), max_new_tokens=6)
+    input_ids = tiny_tokenizer("The knight rode", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    seq, scores = _generate(model, input_ids, generate_kwargs(preset, model, tiny_tokenizer))
+    assert 1 <= seq.shape[1] - input_ids.shape[1] <= 6
+    assert all(not torch.isnan(s).any() and torch.isfinite(s).any() for s in scores)
 
 
 # ---- the installed package ------------------------------------------------------------------
