@@ -268,8 +268,10 @@ def top_p_sampler(b: Builder, key: str, sampler: str = "top_p") -> None:
     value = b.num(key)
     if value is None:
         return
-    if value >= 1:
-        b.neutral(key, f"{key} {fmt_num(value)} keeps every token (off)")
+    if value > 1:
+        raise b.error(key, f"must be in the [0, 1] interval, but is {value!r}")
+    if value == 1:
+        b.neutral(key, f"{key} 1 keeps every token (off)")
     elif value <= 0:
         if {"sampler": "top_k", "k": 1} not in b.samplers:
             b.add({"sampler": "top_k", "k": 1})

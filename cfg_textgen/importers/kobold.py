@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..errors import PresetError
 from ._common import Builder, fmt_num, simple_sampler, temperature_sampler, top_p_sampler
-from .textgen_webui import _breakers
+from .textgen_webui import DRY_BREAKERS, _breakers
 
 IDS = ["top_k", "top_a", "top_p", "tfs", "typical", "temperature", "repetition_penalty"]
 DEFAULT_ORDER = [6, 0, 1, 3, 4, 2, 5]
@@ -195,9 +195,10 @@ def _dry_xtc(b: Builder) -> None:
     dry_keys = ("dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers")
     if mult:
         sampler = {"sampler": "dry", "multiplier": mult, "base": b.num("dry_base", 1.75),
-                   "allowed_length": b.num("dry_allowed_length", 2, integer=True),
-                   "range": b.num("dry_penalty_last_n", 0, integer=True)}
-        if b.has("dry_sequence_breakers"):
+                   "allowed_length": b.num("dry_allowed_length", 2, integer=True)}
+        if b.num("dry_penalty_last_n", 0, integer=True):
+            sampler["range"] = b.num("dry_penalty_last_n", integer=True)
+        if b.has("dry_sequence_breakers") and _breakers(b, "dry_sequence_breakers") != DRY_BREAKERS:
             sampler["sequence_breakers"] = _breakers(b, "dry_sequence_breakers")
         # DRY is a penalty: it runs with the repetition penalty, before the truncation samplers
         at = next((i + 1 for i, s in enumerate(b.samplers) if s["sampler"] == "repetition_penalty"), 0)

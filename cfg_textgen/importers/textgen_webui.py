@@ -266,7 +266,8 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
         order = [s for s in order if s != "mirostat"] + ["mirostat"]
         b.note("Mirostat is on: as in text-generation-webui, only the penalties and temperature run before it.")
     samplers = [s for slot in order for s in slots.get(slot, [])]
-    b.samplers[:] = samplers
+    # top_p 0 becomes top_k 1; with a top_k 1 already in the chain it adds nothing
+    b.samplers[:] = [s for i, s in enumerate(samplers) if s["sampler"] != "top_k" or s not in samplers[:i]]
 
 
 def _slot_keys(slot: str) -> list[str]:
@@ -326,9 +327,9 @@ def _dry(b: Builder, get, rep, src) -> None:
         return
     sampler = {"sampler": "dry", "multiplier": mult, "base": get("dry_base"),
                "allowed_length": get("dry_allowed_length", integer=True)}
-    if "dry_penalty_last_n" in src:
+    if get("dry_penalty_last_n", integer=True):  # 0 = the whole context, our default
         sampler["range"] = get("dry_penalty_last_n", integer=True)
-    if "dry_sequence_breakers" in src:
+    if "dry_sequence_breakers" in src and _breakers(b, src["dry_sequence_breakers"]) != DRY_BREAKERS:
         sampler["sequence_breakers"] = _breakers(b, src["dry_sequence_breakers"])
     b.add(sampler)
     rep("dry_multiplier", "mapped", "dry.multiplier")
@@ -336,6 +337,9 @@ def _dry(b: Builder, get, rep, src) -> None:
     rep("dry_allowed_length", "mapped", "dry.allowed_length")
     rep("dry_penalty_last_n", "mapped", "dry.range")
     rep("dry_sequence_breakers", "mapped", "dry.sequence_breakers")
+
+
+DRY_BREAKERS = ["\n", ":", "\"", "*"]
 
 
 def _breakers(b: Builder, key: str) -> list[str]:
