@@ -476,7 +476,7 @@ def _looks_like_path(name_or_path) -> bool:
     if isinstance(name_or_path, os.PathLike):
         return True
     text = str(name_or_path)
-    return text.endswith(".json") or "/" in text or os.sep in text or os.path.isfile(text)
+    return text.endswith(".json") or "/" in text or os.sep in text
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
@@ -488,6 +488,8 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
         return load_preset_file(name_or_path)
     files = _builtin_files()
     name = str(name_or_path)
+    if name not in files and os.path.isfile(name):  # a file without .json; built-in names win
+        return load_preset_file(name)
     if name not in files:
         raise PresetError(f"unknown preset {name!r}{_did_you_mean(name, files)}; built-in presets: "
                           f"{_choices(sorted(files))} (or give a path to a .json file)")

@@ -225,6 +225,15 @@ def test_load_preset_unknown_name_lists_the_builtins():
     assert "built-in presets: " + ", ".join(builtin_names()) in msg
 
 
+def test_load_preset_builtin_name_wins_over_a_bare_file_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "greedy").write_text('{"name": "impostor"}')
+    (tmp_path / "mine").write_text('{"name": "mine"}')
+    assert load_preset("greedy").name == "greedy"
+    assert load_preset("./greedy").name == "impostor"
+    assert load_preset("mine").name == "mine"
+
+
 def test_load_preset_invalid_json_says_line_and_column(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('{\n  "name": "x",\n  "stop": [,]\n}\n', encoding="utf-8")
