@@ -179,5 +179,174 @@ def presets_export(preset, fmt, out):
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------
 
 
+def _analysis_model_options(default_tokens: int):
+    """--model / --seed / --preset / --opposing / --tokens for sweep and explain."""
+    def decorate(f):
+        for opt in reversed([
+            click.option("--model", "model_spec", metavar="PATH", default=None,
+                         help="A Hugging Face model folder or a .gguf file (default: the embedded "
+                              "SmolLM2-135M)."),
+            click.option("--seed", type=int, default=None,
+                         help="Random seed, the same for every scale (default: a random one, printed "
+                              "on stderr)."),
+            click.option("--preset", "preset_name", metavar="NAME|FILE", default=None,
+                         help="Sampler preset after CFG (default: plain: temperature 1, no filters). "
+                              "Its CFG scale is replaced; its stop sequences are not used."),
+            click.option("--opposing", metavar="TEXT", default=None,
+                         help="Opposing prompt (default: the preset's; empty = a blank story)."),
+            click.option("--tokens", type=click.IntRange(min=1), default=None,
+                         help=f"Tokens per continuation (default: {default_tokens}; the preset's "
+                              "max_new_tokens is not used)."),
+        ]):
+            f = opt(f)
+        return f
+    return decorate
+
+
+def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tokens, prompt):
+    """Load the preset and the model, pick the seed, encode the prompt: everything sweep and
+    explain share."""
+    import secrets
+
+    from .analysis import Opposing, encode_prompt, make_generate_fn
+    from .models import load_model
+    from .presets import load_preset
+
+    preset = load_preset(preset_name or "plain")
+    tokens = tokens or default_tokens
+    opp = (Opposing(opposing, "text") if opposing is not None
+           else Opposing(preset.cfg.opposing_prompt, preset.cfg.opposing_mode))
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+        click.echo(f"seed {seed} (repeat with --seed {seed})", err=True)
+    model, tokenizer = load_model(model_spec)
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    prompt_ids = encode_prompt(tokenizer, prompt, model, reserve=tokens, log=log)
+    generate_fn = make_generate_fn(model, tokenizer, preset, seed=seed, max_new_tokens=tokens, opposing=opp)
+    return preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens
+
+
+@main.command("sweep")
+@click.argument("prompt")
+@click.option("--scales", default="0,1,1.5,3,6,12", show_default=True, metavar="LIST",
+              help="Comma-separated CFG scales; one continuation each (scale 1 is always generated "
+                   "as the reference of diff-vs-1).")
+@_analysis_model_options(default_tokens=60)
+@click.option("--report", "report_path", metavar="FILE.html", default=None,
+              help="Also write a self-contained HTML report with a plot (needs matplotlib).")
+def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, tokens, report_path):
+    """Continue PROMPT once per CFG scale with the same seed, show the texts side by side, and
+    measure each: fluency under the plain model, entropy of the guided distribution, distinct-2,
+    repeated 3-grams, and how far it is from the scale-1 text.
+
+    \b
+    Examples:
+      cfg-textgen sweep "The dragon circled the tower" --scales 0,1,1.5,3,6,12 --seed 7
+      cfg-textgen sweep "Chapter one." --preset balanced-story --report sweep.html
+    """
+    from . import report
+    from .analysis import parse_scales, sweep
+
+    scale_list = parse_scales(scales)
+    if report_path:
+        report.require_matplotlib()  # fail before minutes of generation, not after
+    preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
+        model_spec, seed, preset_name, opposing, tokens, 60, prompt)
+    rows = sweep(model, tokenizer, prompt_ids, scale_list, generate_fn, opp,
+                 progress=report.ProgressBar("sweep"))
+    click.echo(report.format_texts(rows))
+    click.echo()
+    click.echo(report.format_metrics(rows))
+    click.echo(report.METRIC_HELP)
+    if report_path:
+        settings = {"model": model_spec or "default (SmolLM2-135M-Instruct)", "preset": preset.name,
+                    "seed": seed, "tokens": tokens,
+                    "opposing": "last prompt token" if opp.mode == "last-token" else (opp.prompt or "(blank story)")}
+        png = report.sweep_plot_png(rows, title=f"CFG sweep, seed {seed}")
+        report.write_atomic(report_path, report.sweep_html(rows, prompt, settings, png))
+        click.echo(f"wrote {report_path}", err=True)
+
+
+@main.command("explain")
+@click.argument("prompt")
+@click.option("--scale", type=float, default=None,
+              help="CFG scale (default: the preset's when it has one, else 1.5).")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Candidates shown before and after guidance.")
+@_analysis_model_options(default_tokens=20)
+def explain_command(prompt, scale, top, model_spec, seed, preset_name, opposing, tokens):
+    """Continue PROMPT with CFG and show, for every generated token, the top candidates before
+    guidance (the plain model) and after it, marking the candidate CFG promoted most (+) and the one
+    it demoted most (-). "After" is the guided distribution before the preset's samplers.
+
+    \b
+    Example:
+      cfg-textgen explain "The dragon circled the tower" --scale 3 --tokens 10 --seed 7
+    """
+    from .analysis import explain
+    from .guidance import check_scale
+    from .report import format_explain, printable
+
+    preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
+        model_spec, seed, preset_name, opposing, tokens, 20, prompt)
+    if scale is None:
+        scale = preset.cfg.scale if preset_name and preset.cfg.active else 1.5
+    try:
+        scale = check_scale(scale)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--scale") from None
+    text, steps = explain(model, tokenizer, prompt_ids, scale, generate_fn, opp, top=top)
+    click.echo(f"text: {printable(text)}")
+    click.echo()
+    click.echo(format_explain(steps, tokenizer, scale))
+
+
+@main.group("eval", cls=_Group)
+def eval_group():
+    """Benchmarks of guidance."""
+
+
+@eval_group.command("lambada")
+@click.argument("file", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
+@click.option("--scales", default="1,1.5", show_default=True, metavar="LIST",
+              help="Comma-separated CFG scales to evaluate.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples.")
+@click.option("--opposing", type=click.Choice(["last-token", "empty"]), default="last-token",
+              show_default=True,
+              help="Opposing branch: the last context token (the CFG paper's and transformers' "
+                   "default) or a blank story (BOS alone).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=10, show_default=True,
+              help="At most this many tokens are generated for the word.")
+@click.option("--model", "model_spec", metavar="PATH", default=None,
+              help="A Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M).")
+def eval_lambada_command(file, scales, limit, opposing, max_tokens, model_spec):
+    """LAMBADA last-word accuracy per CFG scale (zero-shot, greedy), as in Table 1 of Sanchez et al.
+    2023. FILE has one JSON object per line with a "text" field; the target is its last
+    whitespace-separated word.
+
+    \b
+    The rule: greedy decoding with CFG until the first generated word is followed by whitespace
+    (or EOS, or --max-tokens); the prediction is the first whitespace-separated word; it is correct
+    when it equals the target after stripping leading and trailing punctuation from both
+    (case-sensitive).
+
+    \b
+    Example:
+      cfg-textgen eval lambada lambada_test.jsonl --scales 1,1.25,1.5 --limit 500
+    """
+    from .analysis import eval_lambada, lambada_opposing, parse_scales, read_lambada
+    from .models import load_model
+    from .report import ProgressBar, format_lambada
+
+    scale_list = parse_scales(scales)
+    examples = read_lambada(file, limit)
+    model, tokenizer = load_model(model_spec)
+    results = eval_lambada(model, tokenizer, examples, scale_list, lambada_opposing(opposing), max_tokens,
+                           progress=ProgressBar("lambada"))
+    click.echo(f"LAMBADA last-word accuracy: {file}, {len(examples)} examples, greedy, "
+               f"opposing: {opposing}")
+    click.echo(format_lambada(results))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
