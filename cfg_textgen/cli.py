@@ -176,6 +176,210 @@ def presets_export(preset, fmt, out):
 # ---- write / generate (engine.py, story.py) -----------------------------------------------
 
 
+DEFAULT_PRESET = "balanced-story"
+
+
+def _load_preset_or_bad(value, param_hint):
+    from .errors import PresetError
+    from .presets import load_preset
+
+    try:
+        return load_preset(value)
+    except PresetError as err:
+        raise click.BadParameter(str(err), param_hint=param_hint) from None
+
+
+def _check_preset(ctx, param, value):
+    return _load_preset_or_bad(value if value is not None else DEFAULT_PRESET, "'--preset'")
+
+
+def _check_scale(ctx, param, value):
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, but is {value}")
+    return value
+
+
+def _check_model(ctx, param, value):
+    from .models import DEFAULT_NAME
+
+    if value is not None and value not in ("default", DEFAULT_NAME) and not os.path.exists(value):
+        raise click.BadParameter(f"{value}: no such file or folder (give a local model folder or "
+                                 f".gguf file; leave --model out for the embedded default)")
+    return value
+
+
+def _read_opposing_file(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise click.BadParameter(f"{value}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise click.BadParameter(f"{value}: {err.strerror or err}") from None
+    return text[:-1] if text.endswith("\n") else text  # an editor's final newline is not the prompt
+
+
+def _generation_options(f):
+    """Options shared by `write` and `generate`: flags override the preset, which overrides defaults."""
+    options = [
+        click.option("--preset", "preset", metavar="NAME|FILE", callback=_check_preset,
+                     help=f"Sampler preset: a built-in name or a .json file (default: {DEFAULT_PRESET})."),
+        click.option("--cfg-scale", type=float, callback=_check_scale, metavar="X",
+                     help="CFG scale: 1 = off, 1.5 = usual, higher follows the story harder."),
+        click.option("--opposing", metavar="TEXT",
+                     help="Opposing prompt (what to steer away from); \"\" = a blank story."),
+        click.option("--opposing-file", type=click.Path(dir_okay=False), callback=_read_opposing_file,
+                     metavar="FILE", help="Read the opposing prompt from a UTF-8 file (one final newline dropped)."),
+        click.option("--tokens", type=click.IntRange(min=1), metavar="N",
+                     help="Tokens to generate per continuation."),
+        click.option("--seed", type=int, metavar="S", help="Random seed, for repeatable sampling."),
+        click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
+                     help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens):
+    """The preset with the command-line flags applied on top."""
+    import dataclasses
+
+    if opposing is not None and opposing_file is not None:
+        raise click.UsageError("give --opposing or --opposing-file, not both")
+    if opposing_file is not None:
+        opposing = opposing_file
+    cfg = preset.cfg
+    if cfg_scale is not None:
+        cfg = dataclasses.replace(cfg, scale=cfg_scale)
+    if opposing is not None:  # an explicit opposing text means text mode
+        cfg = dataclasses.replace(cfg, opposing_prompt=opposing, opposing_mode="text")
+    preset = dataclasses.replace(preset, cfg=cfg)
+    if tokens is not None:
+        preset = dataclasses.replace(preset, max_new_tokens=tokens)
+    return preset
+
+
+def _say(text="", nl=True):
+    click.echo(text, err=True, nl=nl)
+
+
+def _echo_story(piece):
+    click.echo(piece, nl=False)  # click flushes stdout after every echo
+
+
+def _start(model_spec, seed):
+    """Load the model (with a message on stderr) and make the random generator."""
+    import time
+
+    import torch
+
+    from .models import load_model
+
+    _say(f"loading model {model_spec or 'default (SmolLM2-135M-Instruct)'} ...")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_spec, log=_say)
+    _say(f"model ready in {time.perf_counter() - t0:.1f} s")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return model, tokenizer, generator
+
+
+def _stream_factory(model, tokenizer, generator):
+    from .engine import stream_preset
+
+    def on_cut(kept, total):
+        _say(f"warning: the text is {total} tokens, more than fits the model's context; older text "
+             f"was cut: the model sees the last {kept} tokens")
+
+    return lambda prompt, preset: stream_preset(model, tokenizer, prompt, preset, generator=generator,
+                                                on_cut=on_cut)
+
+
+def _exit_interrupted(ctx, err):
+    from .story import Terminated
+
+    what = "terminated" if isinstance(err, Terminated) else "interrupted"
+    _say(f"\n{what}" + ("; the story file holds everything shown" if ctx.command.name == "write" else ""))
+    ctx.exit(143 if isinstance(err, Terminated) else 130)
+
+
+@main.command("write")
+@click.argument("story_file", metavar="STORY.txt", type=click.Path(dir_okay=True))
+@_generation_options
+@click.option("--interactive", "-i", is_flag=True,
+              help="After each continuation, read a line: Enter continues, text is added, /help.")
+@click.pass_context
+def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
+          interactive):
+    """Continue the story in STORY.txt, streaming the new text to the screen and into the file.
+
+    A missing file starts a new story. Every piece is in the file before it is shown, so after
+    Ctrl-C or a crash the file holds the story plus exactly the text you saw.
+
+    \b
+    Examples:
+      cfg-textgen write story.txt
+      cfg-textgen write story.txt --cfg-scale 2 --opposing "A dull, generic story."
+      cfg-textgen write story.txt --preset wild --tokens 400 --interactive
+    """
+    from .presets import load_preset
+    from .session import WriteSession, describe
+    from .story import SignalGuard, Story, Terminated
+
+    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens)
+    story = Story.open(story_file)  # not UTF-8 / not writable: an error before any generation
+    with SignalGuard() as guard:
+        try:
+            model, tokenizer, generator = _start(model_spec, seed)
+            _say(describe(preset))
+            session = WriteSession(story, preset, _stream_factory(model, tokenizer, generator),
+                                   _echo_story, _say, guard, load_preset=load_preset)
+            if interactive:
+                session.interactive(iter(click.get_text_stream("stdin").readline, ""))
+            else:
+                session.continue_story()
+        except (KeyboardInterrupt, Terminated) as err:
+            _exit_interrupted(ctx, err)
+    _say(f"story: {story.path} ({len(story.text)} characters)")
+
+
+@main.command("generate")
+@click.argument("prompt")
+@_generation_options
+@click.pass_context
+def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec):
+    """Stream one continuation of PROMPT to stdout (nothing is written to disk).
+
+    \b
+    Examples:
+      cfg-textgen generate "The dragon opened one eye and"
+      cfg-textgen generate "Dear diary," --cfg-scale 3 --seed 1 --tokens 60
+    """
+    from .session import describe, summary
+    from .story import SignalGuard, Terminated
+
+    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens)
+    with SignalGuard() as guard:
+        try:
+            model, tokenizer, generator = _start(model_spec, seed)
+            _say(describe(preset))
+            stream = _stream_factory(model, tokenizer, generator)(prompt, preset)
+            try:
+                for piece in stream:
+                    with guard.critical():
+                        _echo_story(piece)
+            finally:
+                _say("")
+                _say(summary(stream))
+        except (KeyboardInterrupt, Terminated) as err:
+            _exit_interrupted(ctx, err)
+
+
+
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------
 
 
