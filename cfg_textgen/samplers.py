@@ -197,7 +197,8 @@ def _divide(scores: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     """scores / t; if a tiny t overflows a finite logit, divide max-shifted logits instead
     (same distribution: the best token becomes 0, far-away ones the most negative float)."""
     out = scores / t
-    overflow = (torch.isinf(out) & torch.isfinite(scores)).any(dim=-1, keepdim=True)
+    # a tiny t overflows (x / t = inf) or rounds to 0 in float32 (0 / 0 = nan)
+    overflow = (~torch.isfinite(out) & torch.isfinite(scores)).any(dim=-1, keepdim=True)
     if overflow.any():
         shifted = scores - scores.amax(dim=-1, keepdim=True)
         safe = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / t)
@@ -383,7 +384,9 @@ class MinP(Sampler):
     r"""Min-p: remove tokens less likely than `p` times the most likely token.
 
     Formula: remove `prob < p * max(prob)`; the `min_tokens_to_keep` most likely always stay.
-    Same semantics as transformers' `MinPLogitsWarper`.
+    Same semantics as transformers' `MinPLogitsWarper`, except in rows where its top-k over
+    probabilities keeps an already removed token instead of a finite one whose probability
+    underflowed to 0: there the `min_tokens_to_keep` highest scores stay.
 
     Reference: Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative and Coherent
     LLM Outputs" (arXiv 2407.01082).
@@ -403,7 +406,8 @@ class MinP(Sampler):
         probs = scores.softmax(dim=-1)
         drop = probs < self.p * probs.amax(dim=-1, keepdim=True)
         drop &= ~_top_k_mask(probs, self.min_tokens_to_keep)
-        return scores.masked_fill(drop, NEG_INF)
+        # top-k on probs may pick a -inf token over an underflowed one (p = 0 both): fix such rows
+        return scores.masked_fill(_guard(scores, drop, self.min_tokens_to_keep), NEG_INF)
 
 
 @register
@@ -681,8 +685,9 @@ class RepetitionPenalty(Sampler):
             x = torch.ones(1, dtype=torch.float64)
         else:
             x = torch.arange(window, dtype=torch.float64) * 2 / (window - 1) - 1
-        f = self.slope * x / (1 + x.abs() * (self.slope - 1))
-        return 1 + (f + 1) / 2 * (self.penalty - 1)
+        f = self.slope * x / ((1 - x.abs()) + x.abs() * self.slope)  # = s x / (1 + |x| (s - 1))
+        w = (f + 1) / 2  # 1 + w (penalty - 1), written so that it stays > 0 for a tiny penalty
+        return (1 - w) + w * self.penalty
 
     def __call__(self, input_ids, scores):
         ids = input_ids[:, -self.range:] if self.range > 0 else input_ids
@@ -700,9 +705,10 @@ class RepetitionPenalty(Sampler):
         if self.whitelist:
             white = torch.tensor([t for t in self.whitelist if t < vocab], dtype=torch.long)
             present[:, white] = False
-        pen = self.position_penalties(window).to(scores.dtype)[last.clamp(min=0)]
-        penalised = torch.where(scores < 0, scores * pen, scores / pen)
-        out = torch.where(present, penalised, scores)
+        pen = self.position_penalties(window)[last.clamp(min=0)]  # float64: 1e-300 stays > 0
+        x = scores.double()
+        penalised = torch.where(x < 0, x * pen, x / pen)
+        out = torch.where(present, penalised.to(scores.dtype), scores)
         if self.presence or self.frequency:
             out = out - present * (self.presence + self.frequency * count)
         return _keep_finite(out, scores)
