@@ -703,9 +703,10 @@ class RepetitionPenalty(Sampler):
         count = count.scatter_add(1, ids, torch.ones_like(ids, dtype=scores.dtype))[:, :vocab]
         present = last >= 0
         if self.whitelist:
-            white = torch.tensor([t for t in self.whitelist if t < vocab], dtype=torch.long)
+            white = torch.tensor([t for t in self.whitelist if t < vocab], dtype=torch.long,
+                                 device=scores.device)
             present[:, white] = False
-        pen = self.position_penalties(window)[last.clamp(min=0)]  # float64: 1e-300 stays > 0
+        pen = self.position_penalties(window).to(scores.device)[last.clamp(min=0)]  # float64: 1e-300 > 0
         x = scores.double()
         penalised = torch.where(x < 0, x * pen, x / pen)
         out = torch.where(present, penalised.to(scores.dtype), scores)
@@ -929,7 +930,7 @@ class Mirostat(Sampler):
 
     def _update(self, input_ids: torch.Tensor) -> None:
         batch = input_ids.shape[0]
-        fresh = torch.full((batch,), 2.0 * self.tau, dtype=torch.float64)
+        fresh = torch.full((batch,), 2.0 * self.tau, dtype=torch.float64, device=input_ids.device)
         prev = self._prev_ids
         if self.mu is None or prev is None or prev.shape[0] != batch \
                 or input_ids.shape[1] != prev.shape[1] + 1:
@@ -961,7 +962,7 @@ class Mirostat(Sampler):
         m = min(100, vocab)
         top = torch.topk(logp, m, dim=-1).values  # (batch, m), descending log-probs
         n_finite = torch.isfinite(scores).sum(dim=-1)
-        i = torch.arange(m - 1, dtype=torch.float64)
+        i = torch.arange(m - 1, dtype=torch.float64, device=scores.device)
         t = torch.log((i + 2) / (i + 1))
         b = top[:, :-1] - top[:, 1:]
         valid = (i[None, :] + 1) < n_finite[:, None]  # both p_i and p_{i+1} are candidates

@@ -163,6 +163,14 @@ def test_param_check_accepts_integers_for_floats():
     assert Param("x", float, 0.0, min=0, max=1).check(1) == 1.0
 
 
+def test_from_params_fills_defaults_and_resolves_breakers_with_the_tokenizer():
+    dry = SAMPLERS["dry"].from_params({"multiplier": 1.0, "sequence_breakers": [":", "\n"]},
+                                      tokenizer=CharTokenizer())
+    assert (dry.multiplier, dry.base, dry.allowed_length, dry.range) == (1.0, 1.75, 2, 0)
+    assert dry.breaker_ids == {5, 6}
+    assert SAMPLERS["top_p"].from_params({}).p == 1.0
+
+
 # ---- tail-free sampling -----------------------------------------------------------------------
 
 TFS_P = (.4, .2, .12, .08, .06, .05, .04, .03, .02)
@@ -259,7 +267,8 @@ def test_repetition_penalty_presence_frequency_and_whitelist():
     out = SAMPLERS["repetition_penalty"](presence=0.5, frequency=0.25, whitelist=[3])(ids, scores)
     torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.25, 1.0]]))
     # with penalty 2 as well: multiplicative first, then additive
-    out = SAMPLERS["repetition_penalty"](penalty=2.0, presence=0.5, frequency=0.25, whitelist=[3])(ids, scores)
+    both = SAMPLERS["repetition_penalty"](penalty=2.0, presence=0.5, frequency=0.25, whitelist=[3])
+    out = both(ids, scores)
     torch.testing.assert_close(out, torch.tensor([[1.0, -0.5, -0.25, 1.0]]))
 
 

@@ -68,7 +68,8 @@ def inputs(draw):
     removed = torch.rand(batch, vocab, generator=g) < draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
     removed[torch.arange(batch), torch.randint(vocab, (batch,), generator=g)] = False
     scores = scores.masked_fill(removed, float("-inf"))
-    ids = torch.randint(0, min(vocab, draw(st.integers(2, 6))), (batch, draw(st.integers(0, 20))), generator=g)
+    alphabet, length = min(vocab, draw(st.integers(2, 6))), draw(st.integers(0, 20))
+    ids = torch.randint(0, alphabet, (batch, length), generator=g)
     return ids, scores
 
 
