@@ -111,7 +111,7 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 def _eos_ids(model, tokenizer) -> set[int]:
     """The ids that end a generation: generation_config's (as `generate` uses), else config's."""
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+    for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None)
         if eos is not None:
             return {eos} if isinstance(eos, int) else {int(e) for e in eos}
