@@ -339,7 +339,7 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
             session = WriteSession(story, preset, _stream_factory(model, tokenizer, generator),
                                    _echo_story, _say, guard, load_preset=load_preset)
             if interactive:
-                session.interactive(iter(click.get_text_stream("stdin").readline, ""))
+                session.interactive(iter(sys.stdin.readline, ""))
             else:
                 session.continue_story()
         except (KeyboardInterrupt, Terminated) as err:
