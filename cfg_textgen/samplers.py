@@ -873,11 +873,11 @@ class Unified(Sampler):
         self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
-        logp = torch.log_softmax(scores, dim=-1)
+        logp = torch.log_softmax(scores.double(), dim=-1)  # float64: l**2 of a float32 never overflows
         finite = torch.isfinite(logp)
         l = torch.where(finite, logp, torch.zeros_like(logp))  # noqa: E741
         h = -(l.exp() * l * finite).sum(dim=-1, keepdim=True)
-        raw = l * (self.linear + h * self.conf) - self.quad * l**2
+        raw = (l * (self.linear + h * self.conf) - self.quad * l**2).to(scores.dtype)
         return _keep_finite(torch.where(finite, raw, torch.full_like(raw, NEG_INF)), scores)
 
 

@@ -86,7 +86,7 @@ def assert_sane(out, scores, keep=1):
     assert not out.softmax(-1).isnan().any()
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=160, deadline=None)
 @given(sampler_specs(), inputs())
 def test_every_sampler_keeps_tokens_returns_new_tensor_and_never_nan(spec, data):
     ids, scores = data
@@ -101,7 +101,7 @@ def test_every_sampler_keeps_tokens_returns_new_tensor_and_never_nan(spec, data)
     assert_sane(sampler(ids2, scores), scores, keep=spec[2])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(sampler_specs(), min_size=1, max_size=5), inputs())
 def test_sampler_chain_list_equals_fold_and_keeps_a_token(specs, data):
     ids, scores = data
@@ -134,7 +134,7 @@ def test_property_strategies_reach_every_sampler_and_edge_values():
     """The parameter strategy does produce each sampler and each declared bound that is allowed."""
     seen_names, seen_bounds = set(), set()
 
-    @settings(max_examples=600, deadline=None)
+    @settings(max_examples=300, deadline=None)
     @given(sampler_specs())
     def look(spec):
         name, params, _, _ = spec
