@@ -230,10 +230,8 @@ def test_stream_real_tokenizer_pieces_join_to_one_shot_decode(default_model):
 @pytest.mark.slow
 def test_engine_matches_generate_plugin_on_the_default_model(default_model):
     model, tok = default_model
-    for scale in (1.0, 1.5):
-        preset = _preset(scale, "", do_sample=True)
-        preset = dataclasses.replace(preset, max_new_tokens=12)
-        want = _plugin_tokens(model, tok, preset, seed=3)
-        stream, text = _engine_tokens(model, tok, preset, seed=3)
-        assert stream.token_ids == want
-        assert text == tok.decode(want, skip_special_tokens=True)
+    preset = dataclasses.replace(_preset(1.5, "", do_sample=True), max_new_tokens=8)
+    want = _plugin_tokens(model, tok, preset, seed=3)
+    stream, text = _engine_tokens(model, tok, preset, seed=3)
+    assert stream.token_ids == want
+    assert text == tok.decode(want, skip_special_tokens=True)
