@@ -284,7 +284,7 @@ def _start(model_spec, seed):
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_spec, log=_say)
     _say(f"model ready in {time.perf_counter() - t0:.1f} s")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     return model, tokenizer, generator
 
 
