@@ -40,6 +40,18 @@ def cfg_combine(cond_logits: torch.Tensor, opposing_logits: torch.Tensor, scale:
     return guided.to(cond_logits.dtype)
 
 
+class LogProbs(LogitsProcessor):
+    """Scores to log-probabilities: what CFG returns at scale 1, without any second pass.
+
+    A preset without CFG starts its chain with this, so that its samplers always see
+    log-probabilities, with or without guidance, on the `generate` path as in the engine
+    (multiplicative samplers such as the repetition penalty depend on it).
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return F.log_softmax(scores.float(), dim=-1).to(scores.dtype)
+
+
 def check_scale(scale) -> float:
     """A guidance scale must be a finite real number (0 and negatives are allowed)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -230,7 +242,7 @@ class CFGLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.scale == 1.0:  # plain generation: no second pass at all
-            return F.log_softmax(scores.float(), dim=-1).to(scores.dtype)
+            return LogProbs()(input_ids, scores)
         source = self._source_rows(input_ids)
         if source is None:
             self.branch = OpposingBranch(self.model, self._start_rows(input_ids), self.pad_token_id)

@@ -611,17 +611,23 @@ def build_chain(preset: Preset, tokenizer=None, generator=None):
     return chain
 
 
-def build_processors(preset: Preset, model, tokenizer=None, generator=None):
-    """`CFGLogitsProcessor` first (only when scale != 1), then a fresh `build_chain`."""
+def build_processors(preset: Preset, model=None, tokenizer=None, generator=None):
+    """`CFGLogitsProcessor` first (scale != 1; needs the model), else `LogProbs`, then a fresh
+    `build_chain`: the samplers see log-probabilities with and without CFG, as in the engine."""
     from transformers import LogitsProcessorList
+
+    from .guidance import CFGLogitsProcessor, LogProbs
 
     processors = LogitsProcessorList()
     if preset.cfg.active:
-        from .guidance import CFGLogitsProcessor
-
+        if model is None:
+            raise CFGTextgenError(f"preset {preset.name}: CFG (scale {preset.cfg.scale}) needs the model "
+                                  "for its opposing branch: generate_kwargs(preset, model, tokenizer)")
         processors.append(CFGLogitsProcessor(
             model, scale=preset.cfg.scale, opposing_prompt=preset.cfg.opposing_prompt,
             tokenizer=tokenizer, mode=preset.cfg.opposing_mode))
+    else:
+        processors.append(LogProbs())
     processors.extend(build_chain(preset, tokenizer, generator))
     return processors
 
@@ -657,9 +663,6 @@ def generate_kwargs(preset: Preset, model=None, tokenizer=None, generator=None) 
     """
     from transformers import GenerationConfig
 
-    if preset.cfg.active and model is None:
-        raise CFGTextgenError(f"preset {preset.name}: CFG (scale {preset.cfg.scale}) needs the model "
-                              "for its opposing branch: generate_kwargs(preset, model, tokenizer)")
     known = GenerationConfig()
     kwargs = {k: v for k, v in _NEUTRAL.items() if hasattr(known, k)}  # older transformers lack some
     kwargs["do_sample"] = preset.do_sample
@@ -667,6 +670,5 @@ def generate_kwargs(preset: Preset, model=None, tokenizer=None, generator=None) 
     if preset.stop and tokenizer is not None:
         kwargs["stop_strings"] = list(preset.stop)
         kwargs["tokenizer"] = tokenizer
-    kwargs["logits_processor"] = (build_processors(preset, model, tokenizer, generator)
-                                  if model is not None else build_chain(preset, tokenizer, generator))
+    kwargs["logits_processor"] = build_processors(preset, model, tokenizer, generator)
     return kwargs

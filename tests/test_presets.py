@@ -486,8 +486,13 @@ def test_build_chain_unknown_sampler_in_a_hand_built_preset_is_a_preset_error():
 def test_build_processors_puts_cfg_first_only_when_scale_is_not_one(tiny_tokenizer):
     guidance = pytest.importorskip("cfg_textgen.guidance")
     model = make_tiny_model("llama")
-    plain = parse_preset({"name": "x"}, "t.json")
-    assert len(build_processors(plain, model, tiny_tokenizer)) == 0
+    plain = parse_preset({"name": "x", "samplers": [{"sampler": "repetition_penalty", "penalty": 1.3}]},
+                         "t.json")
+    procs = build_processors(plain, model, tiny_tokenizer)
+    # without CFG the chain still starts from log-probabilities, as CFG at scale 1 gives them
+    assert [type(p).__name__ for p in procs] == ["LogProbs", "RepetitionPenalty"]
+    scores = torch.tensor([[2.0, 1.0, 0.5]])
+    assert torch.allclose(procs[0](None, scores), torch.log_softmax(scores, -1))
     with_cfg = parse_preset({"name": "x", "cfg": {"scale": 1.5}}, "t.json")
     procs = build_processors(with_cfg, model, tiny_tokenizer)
     assert len(procs) == 1 and isinstance(procs[0], guidance.CFGLogitsProcessor)
@@ -559,7 +564,7 @@ def test_generate_kwargs_neutralise_the_models_generation_config():
     torch.manual_seed(3)
     seq, scores = _generate(model, input_ids, generate_kwargs(preset))
     torch.manual_seed(3)
-    ref_seq, ref_scores = manual_decode(model, input_ids, build_chain(preset), 12, True,
+    ref_seq, ref_scores = manual_decode(model, input_ids, build_processors(preset), 12, True,
                                         model.config.eos_token_id)
     assert seq.tolist() == ref_seq.tolist()
     for got, want in zip(scores, ref_scores):
@@ -567,7 +572,7 @@ def test_generate_kwargs_neutralise_the_models_generation_config():
 
     # control: the same chain without our neutral kwargs is changed by the model's config
     torch.manual_seed(3)
-    _, naive_scores = _generate(model, input_ids, {"logits_processor": build_chain(preset),
+    _, naive_scores = _generate(model, input_ids, {"logits_processor": build_processors(preset),
                                                    "do_sample": True, "max_new_tokens": 12})
     assert not torch.isinf(ref_scores[0]).any() and torch.isinf(naive_scores[0]).any()
 
