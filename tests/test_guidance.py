@@ -300,3 +300,18 @@ def test_transformers_processor_reuse_is_stale_but_ours_is_not(tiny_tokenizer):
     _, again = _generate(model, ids, [theirs], steps=8)
     finite = torch.isfinite(first) & torch.isfinite(again)
     assert (first[finite] - again[finite]).abs().max() > 1e-3
+
+
+def test_cfg_processor_follows_the_model_dtype(tiny_tokenizer):
+    """A bfloat16 model: the opposing pass runs in bfloat16, the guided scores come back in the
+    scores' dtype, and they equal the formula applied (in float32) to the two branches' logits."""
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    ids = _prompt(tiny_tokenizer)
+    with torch.no_grad():
+        cond = model(ids).logits[:, -1]
+        opp = model(torch.tensor([[1]])).logits[:, -1]
+    assert cond.dtype == torch.bfloat16
+    got = CFGLogitsProcessor(model, 2.0)(ids, cond)
+    assert got.dtype == torch.bfloat16
+    c, u = F.log_softmax(cond.float(), -1), F.log_softmax(opp.float(), -1)
+    assert torch.allclose(got.float(), (u + 2.0 * (c - u)).bfloat16().float())
