@@ -139,10 +139,11 @@ class Row:
 
     def cells(self) -> list[str]:
         if self.value is None:  # not measured: the note says why
-            return [self.figure, "-", self.target, "skipped" if "not run" in self.note else "pending"]
+            status = "skipped" if "not run" in self.note else "pending"
+            return [self.figure, "-", self.target, status, self.note]
         shown = self.fmt.format(self.value) + (f" {self.unit}" if self.unit else "")
         status = "" if self.ok is None else ("pass" if self.ok else "MISS")
-        return [self.figure, shown, self.target, status]
+        return [self.figure, shown, self.target, status, self.note]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,7 +168,7 @@ class Section:
 
 def table(rows: list[Row]) -> str:
     """A plain-text table: figure, value, target, pass/MISS, grouped by section."""
-    head = ["figure", "value", "target", "result"]
+    head = ["figure", "value", "target", "result", "note"]
     body = [r.cells() for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
@@ -182,11 +183,11 @@ def table(rows: list[Row]) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    out = ["| section | figure | value | target | result |", "|---|---|---|---|---|"]
+    out = ["| section | figure | value | target | result | note |", "|---|---|---|---|---|---|"]
     for r in rows:
-        fig, val, tgt, res = r.cells()
+        fig, val, tgt, res, note = r.cells()
         res = {"pass": "pass", "MISS": "**miss**"}.get(res, res)
-        out.append(f"| {r.section} | {fig} | {val} | {tgt} | {res} |")
+        out.append(f"| {r.section} | {fig} | {val} | {tgt} | {res} | {note} |")
     return "\n".join(out)
 
 

@@ -120,7 +120,16 @@ def run(quick: bool = False) -> Section:
                 note=f"step {plain_ms[t]:.1f} ms plain, {cfg_ms[t]:.1f} ms CFG")
     growth = over[points[-1]] / over[points[0]] if over[points[0]] > 0 else float("inf")
     sec.data["overhead_last_over_first"] = growth
-    sec.row(f"overhead at {points[-1]} / at {points[0]}", growth, "x", "<= 1.3", growth <= 1.3, fmt="{:.2f}")
+    # the plain step barely changes with length (its attention is a few % of it); if its window
+    # medians differ by more than 1.5 x, a neighbour's burst hit a window and the ratio is not ours
+    spread = max(plain_ms.values()) / min(plain_ms.values())
+    sec.data["plain_step_spread"] = spread
+    noisy = spread > 1.5
+    sec.data["noisy"] = noisy
+    sec.row(f"overhead at {points[-1]} / at {points[0]}", growth, "x", "<= 1.3",
+            None if noisy else growth <= 1.3, fmt="{:.2f}",
+            note=f"NOT VALID: plain steps vary {spread:.1f} x between windows (load burst); rerun"
+            if noisy else "")
     step_growth = plain_ms[points[-1]] / plain_ms[points[0]]
     sec.data["plain_step_last_over_first"] = step_growth
     sec.row(f"plain step at {points[-1]} / at {points[0]}", step_growth, "x", fmt="{:.2f}")
