@@ -206,6 +206,46 @@ def _divide(scores: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     return out
 
 
+def _finite_rows(scores: torch.Tensor, share: int = 8) -> list[torch.Tensor] | None:
+    """Indices of the finite entries of every row, when each row has at most 1/`share` of them
+    finite and the rest -inf (no NaN, no +inf, no empty row); else None (use the full path).
+
+    The truncation samplers after top_k see a few hundred finite scores out of ~50k: sorting only
+    those is what makes them cheap. Their fast paths rebuild every full-row tensor whose reduction
+    order could matter (softmax, sums), so they give bit-for-bit the full path's result.
+    """
+    if scores.dim() != 2 or scores.shape[-1] < 3:
+        return None
+    if not torch.isfinite(scores.amax(dim=-1)).all():  # amax is NaN/+inf/-inf for such rows
+        return None
+    alive = scores > NEG_INF
+    if (alive.sum(dim=-1) > scores.shape[-1] // share).any():
+        return None
+    return [row.nonzero().squeeze(1) for row in alive]
+
+
+def _rows_or_none(scores: torch.Tensor, row_fn) -> torch.Tensor | None:
+    """Run `row_fn(row, scores_row, idx)` -> (vocab,) tensor or None on every row of a
+    compactable batch; None if the batch is not compactable or any row asks for the full path."""
+    idx = _finite_rows(scores)
+    if idx is None:
+        return None
+    rows = []
+    for r, ix in enumerate(idx):
+        out = row_fn(r, scores[r], ix)
+        if out is None:
+            return None
+        rows.append(out)
+    return torch.stack(rows)
+
+
+def _remove(row: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+    """A copy of `row` with the entries at `ix` set to -inf."""
+    out = row.clone()
+    out[ix] = NEG_INF
+    return out
+
+
 # ---- temperature -----------------------------------------------------------------------------
 
 
@@ -333,6 +373,25 @@ class TopP(Sampler):
     def __call__(self, input_ids, scores):
         if self.p == 1.0:
             return scores.clone()
+        fast = _rows_or_none(scores, self._row)
+        return fast if fast is not None else self._full(scores)
+
+    def _row(self, r, row, ix):
+        """One row with n finite scores: sort only those (see _finite_rows); None if the cut
+        splits tied scores (the full sort's tie order decides that case)."""
+        vocab, n = row.shape[-1], ix.numel()
+        sv, so = torch.sort(row[ix])
+        padded = row.new_full((1, vocab), NEG_INF)  # the full sorted row: -inf first
+        padded[0, vocab - n:] = sv
+        cum = padded.softmax(dim=-1)[0, vocab - n:].cumsum(dim=-1)  # zeros before add nothing
+        drop = cum <= 1 - self.p
+        drop[-self.min_tokens_to_keep:] = False
+        j = int(drop.sum())  # drop is a prefix: cum never decreases
+        if 0 < j < n and sv[j - 1] == sv[j]:
+            return None
+        return _remove(row, ix[so[:j]])
+
+    def _full(self, scores):
         sorted_scores, order = torch.sort(scores, descending=False)
         cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cum <= 1 - self.p
@@ -366,9 +425,40 @@ class Typical(Sampler):
     def __call__(self, input_ids, scores):
         if self.p == 1.0:
             return scores.clone()
+        logp, h = self._surprise(scores)
+        fast = _rows_or_none(scores, lambda r, row, ix: self._row(row, ix, logp[r], h[r]))
+        return fast if fast is not None else self._full(scores, logp, h)
+
+    @staticmethod
+    def _surprise(scores):
+        """log_softmax(scores) and the entropy H per row, (batch, 1)."""
         logp = torch.log_softmax(scores, dim=-1)
         plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-        h = -plogp.sum(dim=-1, keepdim=True)
+        return logp, -plogp.sum(dim=-1, keepdim=True)
+
+    def _row(self, row, ix, logp, h):
+        """One row with n finite scores: sort only their distances; None where the full sort's
+        order among equal distances could change the result."""
+        vocab, n, keep = row.shape[-1], ix.numel(), self.min_tokens_to_keep
+        sd, so = torch.sort((-logp[ix] - h).abs())
+        sc = row[ix][so]
+        if ((sd[1:] == sd[:-1]) & (sc[1:] != sc[:-1])).any():  # tied distances, unequal scores
+            return None
+        padded = row.new_full((1, vocab), NEG_INF)  # scores in distance order, removed ones last
+        padded[0, :n] = sc
+        cum = padded.softmax(dim=-1)[0, :n].cumsum(dim=-1)
+        last = int((cum < self.p).sum())
+        if last >= n:  # the full path's threshold is a removed token's +inf: nothing goes
+            return row.clone()
+        drop = sd > sd[last]
+        if keep < n and sd[keep - 1] == sd[keep] and sd[keep] > sd[last]:
+            return None  # which tied token is protected depends on the full sort
+        drop[:keep] = False
+        return _remove(row, ix[so[drop]])
+
+    def _full(self, scores, logp=None, h=None):
+        if logp is None:
+            logp, h = self._surprise(scores)
         distance = (-logp - h).abs()  # +inf for removed tokens: they sort last
         sorted_dist, order = torch.sort(distance, descending=False)
         cum = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
@@ -472,6 +562,33 @@ class TailFree(Sampler):
         vocab = scores.shape[-1]
         if self.z == 1.0 or vocab < 3:
             return scores.clone()
+        fast = _rows_or_none(scores, self._row)
+        return fast if fast is not None else self._full(scores)
+
+    def _row(self, r, row, ix):
+        """One row with n finite scores: sort only those; the cut is by value, so ties are safe."""
+        vocab, n = row.shape[-1], ix.numel()
+        vals = row[ix]
+        sv = torch.sort(vals, descending=True).values
+        padded = row.new_full((1, vocab), NEG_INF)  # the full sorted row: -inf last
+        padded[0, :n] = sv
+        probs = padded.double().softmax(dim=-1)[0, : n + 2]  # p_n = p_{n+1} = 0
+        d = probs.diff().diff().abs()  # the full row's d is 0 past these n entries
+        d_full = torch.zeros((1, vocab - 2), dtype=d.dtype)
+        d_full[0, :n] = d
+        total = d_full.sum(dim=-1)[0]
+        c = d.cumsum(dim=-1) / total.clamp(min=1e-300)
+        n_keep = int((c <= self.z).sum())
+        if c[-1] <= self.z:  # the full row's c stays at c[-1] for its zero d entries
+            n_keep += vocab - 2 - n
+        n_keep = n_keep + 1 if total > 1e-6 else vocab
+        n_keep = min(max(n_keep, self.min_tokens_to_keep), vocab)
+        if n_keep > n:  # the cut is a removed token: nothing more goes
+            return row.clone()
+        return _remove(row, ix[vals < sv[n_keep - 1]])
+
+    def _full(self, scores):
+        vocab = scores.shape[-1]
         sorted_scores, _ = torch.sort(scores, descending=True)
         probs = sorted_scores.double().softmax(dim=-1)
         d = probs.diff(dim=-1).diff(dim=-1).abs()

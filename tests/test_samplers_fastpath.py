@@ -1,0 +1,84 @@
+"""The compacted fast paths (sort only the finite scores of rows that are mostly -inf) against
+the full-vocabulary paths they replace: the same tensor, bit for bit, on rows with many -inf
+entries, ties included (values drawn from a small set, so many scores are equal)."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import given, settings
+
+from cfg_textgen.samplers import TailFree, TopP, Typical, _finite_rows
+
+NEG_INF = float("-inf")
+
+
+@st.composite
+def sparse_rows(draw):
+    """(batch, vocab) scores, each row with 1..vocab/8 finite entries at random places."""
+    vocab = draw(st.sampled_from([24, 64, 257, 1024, 4096]))
+    batch = draw(st.integers(1, 2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.full((batch, vocab), NEG_INF)
+    for r in range(batch):
+        n = draw(st.integers(1, vocab // 8))
+        where = torch.randperm(vocab, generator=gen)[:n]
+        if draw(st.booleans()):  # few distinct values: ties everywhere
+            levels = torch.tensor(draw(st.lists(st.sampled_from([-3.0, -1.0, 0.0, 0.5, 2.0, 7.0]),
+                                                min_size=1, max_size=4)))
+            vals = levels[torch.randint(len(levels), (n,), generator=gen)]
+        else:
+            vals = torch.randn(n, generator=gen) * draw(st.sampled_from([0.1, 1.0, 3.0, 30.0]))
+        out[r, where] = vals
+    return out
+
+
+def _same(a, b):
+    return a.shape == b.shape and torch.equal(a.isinf(), b.isinf()) and torch.equal(
+        a[a.isfinite()], b[b.isfinite()])
+
+
+@settings(max_examples=300, deadline=None)
+@given(sparse_rows(), st.floats(0.01, 0.999), st.integers(1, 4))
+def test_top_p_fast_path_matches_full_sort(scores, p, keep):
+    s = TopP(p, min_tokens_to_keep=keep)
+    assert _same(s(None, scores), s._full(scores))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sparse_rows(), st.floats(0.01, 0.999), st.integers(1, 4))
+def test_typical_fast_path_matches_full_sort(scores, p, keep):
+    s = Typical(p, min_tokens_to_keep=keep)
+    assert _same(s(None, scores), s._full(scores))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sparse_rows(), st.floats(0.01, 0.999), st.integers(1, 4))
+def test_tfs_fast_path_matches_full_sort(scores, z, keep):
+    s = TailFree(z, min_tokens_to_keep=keep)
+    assert _same(s(None, scores), s._full(scores))
+
+
+def test_finite_rows_takes_the_fast_path_only_for_mostly_removed_rows():
+    row = torch.full((1, 800), NEG_INF)
+    row[0, [3, 70, 500]] = torch.tensor([1.0, 2.0, 3.0])
+    assert [ix.tolist() for ix in _finite_rows(row)] == [[3, 70, 500]]
+    assert _finite_rows(torch.zeros(1, 800)) is None  # dense row: full path
+    assert _finite_rows(torch.full((1, 800), NEG_INF)) is None  # nothing finite: full path
+    nan = row.clone()
+    nan[0, 9] = float("nan")
+    assert _finite_rows(nan) is None
+
+
+def test_fast_paths_fire_on_a_top_k_row_of_a_large_vocabulary(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.log_softmax(torch.randn(1, 49152, generator=gen) * 3, dim=-1)
+    x = x.masked_fill(x < torch.topk(x, 400).values[:, -1:], NEG_INF)
+    for cls, arg in ((TopP, 0.9), (Typical, 0.9), (TailFree, 0.95)):
+        s = cls(arg)
+        full = s._full(x)
+        monkeypatch.setattr(s, "_full", None)  # calling the full path now fails
+        fast = s(None, x)
+        assert _same(fast, full)
+        assert 0 < fast.isfinite().sum() < 400  # something was cut
