@@ -812,6 +812,38 @@ class RepetitionPenalty(Sampler):
         window = ids.shape[1]
         if window == 0 or (self.penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0):
             return scores.clone()
+        if ids.numel() and int(ids.min()) >= 0 and window < vocab:
+            return self._sparse(ids, scores)
+        return self._full(ids, scores)
+
+    def _sparse(self, ids, scores):
+        """The same values computed for the distinct tokens of the window only (at most `range`
+        of them, not the whole vocabulary); every step is elementwise, so the results are equal."""
+        vocab, window = scores.shape[-1], ids.shape[1]
+        pens = self.position_penalties(window).to(scores.device)
+        white = torch.tensor(self.whitelist, dtype=torch.long, device=scores.device)
+        pos = torch.arange(window, device=ids.device)
+        out = scores.clone()
+        for r in range(scores.shape[0]):
+            uniq, inv = torch.unique(ids[r], return_inverse=True)
+            last = torch.full(uniq.shape, -1, dtype=torch.long).scatter_reduce(0, inv, pos, reduce="amax")
+            count = torch.zeros(uniq.shape, dtype=scores.dtype).scatter_add(
+                0, inv, torch.ones(window, dtype=scores.dtype))
+            sel = uniq < vocab
+            if len(white):
+                sel &= ~torch.isin(uniq, white)
+            tok, last, count = uniq[sel], last[sel], count[sel]
+            x = scores[r, tok]
+            xd, pen = x.double(), pens[last]  # float64: 1e-300 > 0
+            o = torch.where(xd < 0, xd * pen, xd / pen).to(scores.dtype)
+            if self.presence or self.frequency:
+                o = o - (self.presence + self.frequency * count)
+            out[r, tok] = _keep_finite(o, x)
+        return out
+
+    def _full(self, ids, scores):
+        batch, vocab = scores.shape
+        window = ids.shape[1]
         ids = ids.clamp(max=vocab)  # ids beyond the output vocab go to a spare column
         pos = torch.arange(window, device=ids.device).expand(batch, window)
         last = torch.full((batch, vocab + 1), -1, dtype=torch.long, device=ids.device)

@@ -8,7 +8,7 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import given, settings
 
-from cfg_textgen.samplers import TailFree, TopP, Typical, _finite_rows
+from cfg_textgen.samplers import RepetitionPenalty, TailFree, TopP, Typical, _finite_rows
 
 NEG_INF = float("-inf")
 
@@ -35,8 +35,7 @@ def sparse_rows(draw):
 
 
 def _same(a, b):
-    return a.shape == b.shape and torch.equal(a.isinf(), b.isinf()) and torch.equal(
-        a[a.isfinite()], b[b.isfinite()])
+    return a.dtype == b.dtype and torch.equal(a, b)  # same shape, same values, -inf where -inf
 
 
 @settings(max_examples=300, deadline=None)
@@ -82,3 +81,21 @@ def test_fast_paths_fire_on_a_top_k_row_of_a_large_vocabulary(monkeypatch):
         fast = s(None, x)
         assert _same(fast, full)
         assert 0 < fast.isfinite().sum() < 400  # something was cut
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1.0, 0.5, 1.1, 1.3, 1e-30]), st.integers(0, 40),
+       st.sampled_from([0.0, 0.5, 2.0]), st.sampled_from([0.0, 0.05]), st.sampled_from([0.0, 0.02, -1.0]),
+       st.lists(st.integers(0, 70), max_size=4), st.booleans())
+def test_repetition_penalty_window_tokens_match_full_vocabulary(seed, penalty, rng, slope, presence,
+                                                               frequency, whitelist, with_inf):
+    gen = torch.Generator().manual_seed(seed)
+    batch, vocab = 2, 64
+    ids = torch.randint(0, 80, (batch, 30), generator=gen)  # ids past the vocab are ignored
+    scores = torch.randn(batch, vocab, generator=gen) * 5
+    if with_inf:
+        scores[scores < -3] = NEG_INF
+        scores[0, 5] = 3e38
+    s = RepetitionPenalty(penalty, rng, slope, presence, frequency, whitelist)
+    window = ids[:, -rng:] if rng else ids
+    assert _same(s(ids, scores), s._full(window, scores))
