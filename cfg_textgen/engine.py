@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CFGTextgenError
 from .guidance import (MODES, cfg_combine, check_scale, forward_kwargs, left_pad, opposing_token_ids,
-                       positions_from_mask)
+                       positions_from_mask, run_model, split_head)
 from .samplers import pick_token
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that do not form a whole character (yet)
@@ -127,28 +127,6 @@ def _pad_id(model) -> int:
     return 0
 
 
-# Architectures whose logits are exactly `lm_head(last hidden state)`: a plain bias-free Linear,
-# no soft-capping or logit scaling (Gemma, Cohere, Granite, ... have those and take the normal path).
-_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
-
-
-def _split_head(model):
-    """(decoder, head_weight) when the engine may run the output layer itself, else None.
-
-    Why: this CPU's BLAS multiplies two rows by the (vocab x hidden) output matrix far slower than
-    it computes `W @ h.T` with the rows as columns (~22 ms vs ~3 ms for SmolLM2's 49152 x 576 head),
-    and that matrix product is a quarter of a batch-2 step. Same numbers up to float rounding.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES
-            or type(head) is not torch.nn.Linear or head.bias is not None):
-        return None
-    decoder = getattr(model, "base_model", None)
-    if decoder is None or decoder is model:
-        return None
-    return decoder, head.weight
-
-
 def context_length(model) -> int | None:
     """The model's window in tokens (max_position_embeddings), or None if it does not say."""
     n = getattr(model.config, "max_position_embeddings", None)
@@ -243,7 +221,7 @@ class Stream:
         model = self.model
         device = model.device
         accepts = forward_kwargs(model)
-        split = _split_head(model)
+        split = split_head(model)
         rows = [self.prompt_ids] + ([self.opposing] if self.stats.batch == 2 else [])
         ids, mask = left_pad(rows, _pad_id(model))
         ids, mask = ids.to(device), mask.to(device)
@@ -258,19 +236,9 @@ class Stream:
                 kwargs = dict(attention_mask=mask, past_key_values=cache, use_cache=True)
                 if "position_ids" in accepts:
                     kwargs["position_ids"] = positions
-                with torch.no_grad():
-                    if split is None:
-                        if "logits_to_keep" in accepts:
-                            kwargs["logits_to_keep"] = 1
-                        out = model(ids, **kwargs)
-                        logits = out.logits[:, -1]
-                    else:  # the output layer as W @ h.T (see _split_head)
-                        out = split[0](ids, **kwargs)
-                        hidden = out.last_hidden_state[:, -1]  # (batch, hidden)
-                        logits = torch.mm(split[1], hidden.t()).t()
+                logits, cache = run_model(model, split, ids, **kwargs)
                 self.stats.forwards += 1
-                cache = out.past_key_values
-                logits = logits.to(dtype=torch.float32).contiguous()  # (batch, vocab)
+                logits = logits.to(dtype=torch.float32)  # (batch, vocab)
                 if self.stats.batch == 2:
                     scores = cfg_combine(logits[:1], logits[1:], self.scale)
                 else:  # what CFGLogitsProcessor(scale=1) returns, without its second pass

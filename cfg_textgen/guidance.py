@@ -131,6 +131,49 @@ def forward_kwargs(model) -> set[str]:
     return names & {"position_ids", "logits_to_keep", "num_logits_to_keep"}
 
 
+# Architectures whose logits are exactly `lm_head(last hidden state)`: a plain bias-free Linear,
+# no soft-capping or logit scaling (Gemma, Cohere, Granite, ... have those and take the normal path).
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
+
+
+def split_head(model):
+    """(decoder, head_weight) when we may run the model's output layer ourselves, else None.
+
+    Why: MKL on a CPU multiplies one or two rows by a tall (vocab x hidden) output matrix far
+    slower than it computes `W @ h.T` with at least two rows as columns (SmolLM2's 49152 x 576
+    head: 12 ms for one row and 22-26 ms for two, against ~3-5 ms), and the head is a sixth to a
+    quarter of a decode step. Same numbers up to float rounding (tested).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES
+            or type(head) is not torch.nn.Linear or head.bias is not None):
+        return None
+    decoder = getattr(model, "base_model", None)
+    if decoder is None or decoder is model:
+        return None
+    return decoder, head.weight
+
+
+def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden @ weight.T` (batch, vocab) computed as `weight @ hidden.T`; a single row is paired
+    with a zero row, since the one-column product takes MKL's much slower matrix-vector path."""
+    rows = hidden.shape[0]
+    cols = hidden if rows > 1 else torch.cat([hidden, torch.zeros_like(hidden)])
+    return torch.mm(weight, cols.t()).t()[:rows].contiguous()
+
+
+def run_model(model, split, ids: torch.Tensor, **kwargs):
+    """One forward pass; (last-position logits (batch, vocab), past_key_values)."""
+    with torch.no_grad():
+        if split is None:
+            if "logits_to_keep" in forward_kwargs(model):
+                kwargs["logits_to_keep"] = 1
+            out = model(ids, **kwargs)
+            return out.logits[:, -1], out.past_key_values
+        out = split[0](ids, **kwargs)
+        return head_logits(split[1], out.last_hidden_state[:, -1]), out.past_key_values
+
+
 class OpposingBranch:
     """The opposing branch of one generation: its KV cache, attention mask, positions and the token
     history it has consumed. Created per generation; fed exactly one new token per step."""
@@ -149,13 +192,11 @@ class OpposingBranch:
         kwargs = dict(attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
         if "position_ids" in self._accepts:
             kwargs["position_ids"] = positions
-        if "logits_to_keep" in self._accepts:
-            kwargs["logits_to_keep"] = 1
-        with torch.no_grad():
-            out = self.model(ids, **kwargs)
-        self.cache = out.past_key_values
+        # the model's own forward, so that our scores equal transformers' CFG to the last bits
+        # (the engine's faster output layer, split_head, rounds differently by a few ulps)
+        logits, self.cache = run_model(self.model, None, ids, **kwargs)
         self.calls += 1
-        return out.logits[:, -1, :]  # (batch, vocab)
+        return logits  # (batch, vocab)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (batch,) and return the next-token logits (batch, vocab)."""

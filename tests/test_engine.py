@@ -86,7 +86,7 @@ class _CountForwards:
     def __init__(self, model):
         self.batches = []
         # the decoder runs once per forward pass whether the engine calls the whole model or the
-        # decoder and the output layer itself (engine._split_head)
+        # decoder and the output layer itself (guidance.split_head)
         self.handle = model.base_model.register_forward_hook(lambda mod, args, kwargs, out: self.batches.append(
             (args[0] if args else kwargs["input_ids"]).shape), with_kwargs=True)
 
@@ -242,25 +242,28 @@ def test_engine_matches_generate_plugin_on_the_default_model(default_model):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_engine_split_head_gives_the_models_own_logits(arch, tiny_tokenizer):
     """The engine's own output layer (W @ h.T) equals the model's forward, up to float rounding."""
-    from cfg_textgen.engine import _split_head
+    from cfg_textgen.guidance import head_logits, split_head
 
     model = make_tiny_model(arch)
-    decoder, weight = _split_head(model)
+    decoder, weight = split_head(model)
     ids = torch.tensor([tiny_tokenizer(PROMPT).input_ids, tiny_tokenizer(PROMPT[::-1]).input_ids[:len(
         tiny_tokenizer(PROMPT).input_ids)]])
     with torch.no_grad():
         want = model(ids).logits[:, -1]
-        got = torch.mm(weight, decoder(ids).last_hidden_state[:, -1].t()).t()
+        hidden = decoder(ids).last_hidden_state[:, -1]
+        got = head_logits(weight, hidden)
+        one = head_logits(weight, hidden[:1])  # a single row takes the zero-padded path
     assert torch.allclose(got, want, atol=1e-5)
+    assert one.shape == (1, want.shape[1]) and torch.allclose(one, want[:1], atol=1e-5)
 
 
 def test_engine_split_head_refuses_models_that_scale_their_logits():
     from transformers import CohereConfig, AutoModelForCausalLM
 
-    from cfg_textgen.engine import _split_head
+    from cfg_textgen.guidance import head_logits, split_head
 
     cohere = AutoModelForCausalLM.from_config(CohereConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, logit_scale=0.5))
-    assert _split_head(cohere) is None
-    assert _split_head(make_tiny_model("llama")) is not None
+    assert split_head(cohere) is None
+    assert split_head(make_tiny_model("llama")) is not None

@@ -167,7 +167,9 @@ def test_cfg_processor_kv_cache_equals_brute_force_reencoding(arch, scale, tiny_
 def test_cfg_processor_feeds_one_token_per_step(tiny_tokenizer):
     model = make_tiny_model("llama")
     lengths = []
-    model.register_forward_pre_hook(lambda m, args, kw: lengths.append(
+    # the decoder runs in every forward pass, generate's and the opposing branch's (which may run
+    # the decoder and the output layer itself: guidance.split_head)
+    model.base_model.register_forward_pre_hook(lambda m, args, kw: lengths.append(
         (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[1]), with_kwargs=True)
     proc = CFGLogitsProcessor(model, 1.5, opposing_prompt=[1, 40, 41, 42])
     ids = _prompt(tiny_tokenizer)
