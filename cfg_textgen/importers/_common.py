@@ -250,6 +250,15 @@ def _kind(value: Any) -> str:
 # ---- small helpers shared by several formats ------------------------------------------------
 
 
+def repetition_penalty_entry(penalty, range=0, slope=0, presence=0, frequency=0) -> dict:
+    """Our `repetition_penalty` sampler entry, holding only the parameters that are not off."""
+    entry = {"sampler": "repetition_penalty", "penalty": penalty}
+    for key, value in (("range", range), ("slope", slope), ("presence", presence), ("frequency", frequency)):
+        if value:
+            entry[key] = value
+    return entry
+
+
 def simple_sampler(b: Builder, key: str, sampler: str, param: str, neutral, label: str | None = None,
                    integer: bool = False) -> None:
     """Map one single-parameter sampler value (present and applied) or report it neutral."""

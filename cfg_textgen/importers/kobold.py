@@ -14,7 +14,8 @@ Semantics (KoboldAI United / KoboldCpp sampler order): `sampler_order` ids 0 top
 from __future__ import annotations
 
 from ..errors import PresetError
-from ._common import Builder, fmt_num, simple_sampler, temperature_sampler, top_p_sampler
+from ._common import (Builder, fmt_num, repetition_penalty_entry, simple_sampler, temperature_sampler,
+                      top_p_sampler)
 from .textgen_webui import DRY_BREAKERS, _breakers
 
 IDS = ["top_k", "top_a", "top_p", "tfs", "typical", "temperature", "repetition_penalty"]
@@ -173,14 +174,7 @@ def _apply(b: Builder, sid: str, temp_key: str) -> None:
             for key in ("rep_pen_range", "rep_pen_slope", "presence_penalty"):
                 b.neutral(key, "no effect while the repetition penalty is off")
             return
-        sampler = {"sampler": "repetition_penalty", "penalty": penalty}
-        if rng:
-            sampler["range"] = rng
-        if slope:
-            sampler["slope"] = slope
-        if pres:
-            sampler["presence"] = pres
-        b.add(sampler)
+        b.add(repetition_penalty_entry(penalty, range=rng, slope=slope, presence=pres))
         b.mapped("rep_pen", "repetition_penalty.penalty")
         b.mapped("rep_pen_range", "repetition_penalty.range") if rng else b.neutral(
             "rep_pen_range", "0 means the whole context (our default)")

@@ -14,7 +14,8 @@ Semantics (NovelAI API, Aedial/novelai-api, SillyTavern nai-settings):
 
 from __future__ import annotations
 
-from ._common import Builder, FORMAT_TAG, fmt_num, simple_sampler, temperature_sampler, top_p_sampler
+from ._common import (FORMAT_TAG, Builder, fmt_num, repetition_penalty_entry, simple_sampler,
+                      temperature_sampler, top_p_sampler)
 
 ORDER_IDS = ["temperature", "top_k", "top_p", "tfs", "top_a", "typical_p", "cfg", "top_g", "mirostat",
              "math1", "min_p"]
@@ -226,16 +227,8 @@ def _repetition_penalty(b: Builder, model: str | None) -> None:
         for key in REP_KEYS[1:]:
             b.neutral(key, "no effect while the repetition penalty is off")
     else:
-        sampler = {"sampler": "repetition_penalty", "penalty": penalty}
-        if rng:
-            sampler["range"] = rng
-        if slope:
-            sampler["slope"] = slope
-        if pres:
-            sampler["presence"] = pres
-        if freq:
-            sampler["frequency"] = freq
-        b.samplers.insert(0, sampler)
+        b.samplers.insert(0, repetition_penalty_entry(penalty, range=rng, slope=slope, presence=pres,
+                                                      frequency=freq))
         b.mapped("repetition_penalty", "repetition_penalty.penalty (applied first, right after CFG)")
         b.mapped("repetition_penalty_range", "repetition_penalty.range") if rng else b.neutral(
             "repetition_penalty_range", "0 means the whole context (our default)")

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 
-from ._common import Builder, fmt_num, simple_sampler, temperature_sampler, top_p_sampler
+from ._common import (Builder, fmt_num, repetition_penalty_entry, simple_sampler, temperature_sampler,
+                      top_p_sampler)
 
 DEFAULTS = {
     "temperature": 1, "temperature_last": False, "dynamic_temperature": False, "dynatemp_low": 1,
@@ -301,14 +302,7 @@ def _penalties(b: Builder, get, rep, src) -> None:
         rep("frequency_penalty", "neutral", "0 is off")
         rep("repetition_penalty_range", "neutral", "no effect while the penalties are off")
         return
-    sampler = {"sampler": "repetition_penalty", "penalty": penalty}
-    if rng:
-        sampler["range"] = rng
-    if pres:
-        sampler["presence"] = pres
-    if freq:
-        sampler["frequency"] = freq
-    b.add(sampler)
+    b.add(repetition_penalty_entry(penalty, range=rng, presence=pres, frequency=freq))
     rep("repetition_penalty", "mapped" if penalty != 1 else "neutral",
         "repetition_penalty.penalty" if penalty != 1 else "1 is off")
     rep("presence_penalty", "mapped" if pres else "neutral", "repetition_penalty.presence" if pres else "0 is off")
