@@ -83,11 +83,9 @@ def normalized_edit_distance(a: Sequence, b: Sequence) -> float:
 
 def entropy(logits):
     """Shannon entropy (nats) of softmax(logits) along the last axis; -inf entries count as p = 0."""
-    import torch
+    from .samplers import row_entropy
 
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-    return -plogp.sum(-1)
+    return row_entropy(logits.float()).squeeze(-1)
 
 
 # ---- prompt and opposing branch -------------------------------------------------------------
@@ -183,6 +181,7 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
     """
     import torch
 
+    from .guidance import padding_id
     from .presets import generate_kwargs, load_preset
 
     base = preset if preset is not None else load_preset("plain")
@@ -196,19 +195,11 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
         kwargs = generate_kwargs(p, model, tokenizer, generator=generator)
         ids = torch.tensor([list(prompt_ids)], device=model.device)
         torch.manual_seed(seed)  # generate samples with the global RNG
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=_pad_id(model, tokenizer),
-                             **kwargs)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             pad_token_id=padding_id(model, tokenizer), **kwargs)
         return out[0, ids.shape[1]:].tolist()
 
     return generate
-
-
-def _pad_id(model, tokenizer) -> int:
-    for t in (getattr(model.config, "pad_token_id", None), tokenizer.pad_token_id,
-              getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(t, int):
-            return t
-    return 0
 
 
 def _strip_eos_padding(ids: list, model, tokenizer) -> list:
@@ -497,6 +488,7 @@ def predict_word(model, tokenizer, context: str, scale: float, opposing: Opposin
     import torch
     from transformers import StoppingCriteriaList
 
+    from .guidance import padding_id
     from .presets import generate_kwargs, parse_preset
 
     preset = parse_preset({"name": "lambada", "do_sample": False, "max_new_tokens": max_tokens,
@@ -505,7 +497,7 @@ def predict_word(model, tokenizer, context: str, scale: float, opposing: Opposin
     ids = torch.tensor([encode_prompt(tokenizer, context)], device=model.device)
     stop = StoppingCriteriaList([_WordComplete(tokenizer, ids.shape[1])])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), stopping_criteria=stop,
-                         pad_token_id=_pad_id(model, tokenizer), **generate_kwargs(preset, model, tokenizer))
+                         pad_token_id=padding_id(model, tokenizer), **generate_kwargs(preset, model, tokenizer))
     return first_word(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CFGTextgenError
 from .guidance import (MODES, cfg_combine, check_scale, forward_kwargs, left_pad, opposing_token_ids,
-                       positions_from_mask, run_model, split_head)
+                       padding_id, positions_from_mask, run_model, split_head)
 from .samplers import pick_token
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that do not form a whole character (yet)
@@ -116,15 +116,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
         if eos is not None:
             return {eos} if isinstance(eos, int) else {int(e) for e in eos}
     return set()
-
-
-def _pad_id(model) -> int:
-    for t in (getattr(model.config, "pad_token_id", None), getattr(model.config, "eos_token_id", None)):
-        if isinstance(t, int):
-            return t
-        if isinstance(t, (list, tuple)) and t:
-            return int(t[0])
-    return 0
 
 
 def context_length(model) -> int | None:
@@ -223,7 +214,7 @@ class Stream:
         accepts = forward_kwargs(model)
         split = split_head(model)
         rows = [self.prompt_ids] + ([self.opposing] if self.stats.batch == 2 else [])
-        ids, mask = left_pad(rows, _pad_id(model))
+        ids, mask = left_pad(rows, padding_id(model, self.tokenizer))
         ids, mask = ids.to(device), mask.to(device)
         positions = positions_from_mask(mask)
         next_pos = mask.sum(-1, keepdim=True)  # (batch, 1)

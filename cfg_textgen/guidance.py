@@ -120,6 +120,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
     return ids, mask
 
 
+def padding_id(model, tokenizer=None) -> int:
+    """The id to left-pad rows with (masked out, so any id works): the model's pad, the tokenizer's,
+    the model's EOS (first one of a list), the tokenizer's EOS, else 0."""
+    for t in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None),
+              getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(t, (list, tuple)) and t:
+            t = t[0]
+        if isinstance(t, int) and not isinstance(t, bool):
+            return int(t)
+    return 0
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only attended tokens (0 for the first real token of each row)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -266,10 +278,7 @@ class CFGLogitsProcessor(LogitsProcessor):
         self.bos_token_id = getattr(config, "bos_token_id", None)
         if self.bos_token_id is None and tokenizer is not None:
             self.bos_token_id = tokenizer.bos_token_id
-        if pad_token_id is None:
-            pad_token_id = next((t for t in (getattr(config, "pad_token_id", None),
-                                             getattr(config, "eos_token_id", None)) if isinstance(t, int)), 0)
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = pad_token_id if pad_token_id is not None else padding_id(model, tokenizer)
         # resolve a text prompt now, so that a bad prompt fails before generation starts
         self.opposing_rows = (None if mode == "last-token"
                               else opposing_token_ids(opposing_prompt, tokenizer, self.bos_token_id))

@@ -159,7 +159,7 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
 # ---- shared helpers ------------------------------------------------------------------------
 
 
-def _entropy(scores: torch.Tensor) -> torch.Tensor:
+def row_entropy(scores: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0."""
     logp = torch.log_softmax(scores, dim=-1)
     plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
@@ -306,7 +306,7 @@ class DynamicTemperature(Sampler):
 
     def temperatures(self, scores: torch.Tensor) -> torch.Tensor:
         """The per-row temperature T, shape (batch, 1)."""
-        h = _entropy(scores.double())
+        h = row_entropy(scores.double())
         v = torch.isfinite(scores).sum(dim=-1, keepdim=True).double()
         log_v = torch.log(v.clamp(min=1))
         norm = torch.where(v > 1, h / log_v.clamp(min=1e-12), torch.zeros_like(h)).clamp(0, 1)
@@ -655,7 +655,7 @@ class Eta(Sampler):
     def __call__(self, input_ids, scores):
         if self.eta == 0.0:
             return scores.clone()
-        h = _entropy(scores)
+        h = row_entropy(scores)
         eta = torch.tensor(self.eta, dtype=scores.dtype, device=scores.device)
         cutoff = torch.minimum(eta, torch.sqrt(eta) * torch.exp(-h))
         drop = scores.softmax(dim=-1) < cutoff
