@@ -1,15 +1,21 @@
 """The llama.cpp backend: GGUF models through llama-cpp-python's low-level API, many pairs at once.
 
 One llama.cpp context holds every live sequence: each story and each opposing prompt is its own
-sequence id (no padding, each at its own positions). One `llama_decode` carries everything a
-step needs: the next token of every live sequence, and the whole prompt of pairs that join now
-(the story and its opposing prompt side by side), with an output only at each sequence's last
-token. The logits are read as numpy views of llama.cpp's output buffer and handed to torch
-without a copy (`torch.from_numpy`); a pair's story and opposing rows are adjacent in that
-buffer, so `pair.logits` is one (rows, vocab) view. Releasing a pair removes its sequences from
-the KV cache (`llama_memory_seq_rm`) and frees the ids for the next pair.
+sequence id (no padding, each at its own positions). A pair joins with ONE `llama_decode` of its
+story and opposing prompt side by side; each step is ONE `llama_decode` of the next token of
+every live sequence (up to STEP_CHUNK tokens: 16 pairs with CFG; more take further decodes),
+with an output at each sequence's last token. The logits are read as numpy views of llama.cpp's
+output buffer and handed to torch without a copy (`torch.from_numpy`); a pair's story and
+opposing rows are adjacent in that buffer, so `pair.logits` is one (rows, vocab) view. Releasing
+a pair removes its sequences from the KV cache (`llama_memory_seq_rm`) and frees the ids.
 
-    backend = LlamaCppBackend("model.gguf", n_ctx=4096, pairs=1, n_threads=None)
+Exactness: a step's logits are the same whatever else is in the batch (see `run`). A prompt
+longer than a few dozen tokens is prefilled by llama.cpp's large-batch kernels, which round
+differently from token-by-token decoding (up to ~0.4 in a logit on the default model);
+`n_ubatch=32` makes every micro-batch small, so a prefill equals decoding token by token
+exactly (for references; prefill then takes ~2x longer).
+
+    backend = LlamaCppBackend("model.gguf", n_ctx=4096, pairs=1, n_threads=None, n_ubatch=512)
     [pair] = backend.prefill([(story_ids, opposing_ids or None)])
     pair.logits                                   # (2 or 1, vocab) float32, zero-copy view
     [logits] = backend.step([(pair, token)])      # one token into both of the pair's sequences
@@ -41,6 +47,7 @@ from ..errors import CFGTextgenError, ModelNotFoundError
 from . import require_llama_cpp
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
+STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
 
 
 def physical_cores() -> int:
@@ -138,7 +145,8 @@ class LlamaCppBackend:
     device = torch.device("cpu")
 
     def __init__(self, path: str | Path, *, n_ctx: int | None = None, pairs: int = 1,
-                 n_threads: int | None = None, verbose: bool = False):
+                 n_threads: int | None = None, n_ubatch: int = 512, torch_threads: int | None = 1,
+                 verbose: bool = False):
         L = self.lib = require_llama_cpp()
         path = Path(path).expanduser()
         if not path.is_file():
@@ -161,6 +169,13 @@ class LlamaCppBackend:
         train = int(L.llama_model_n_ctx_train(self.model))
         self.n_ctx = n_ctx or (min(train, DEFAULT_WINDOW) if train > 0 else DEFAULT_WINDOW)
         self.n_threads = n_threads or physical_cores()
+        if torch_threads is not None:
+            # torch only combines and samples (1-2 rows of the vocabulary per pair and step): its
+            # thread pool gains nothing there, and its waiting threads take the cores from
+            # llama.cpp's (measured on 2 loaded cores: cfg_combine 0.3 ms with 1 thread, 80 ms
+            # with 2). llama.cpp does the heavy work with its own `n_threads`.
+            torch.set_num_threads(torch_threads)
+        self.n_ubatch = n_ubatch
         bos = L.llama_vocab_bos(self.vocab)
         self.bos_id = int(bos) if bos >= 0 else None
         # llama.cpp's end-of-generation set (EOS, EOT, <|im_end|>, ...): what its own server and
@@ -185,6 +200,7 @@ class LlamaCppBackend:
         params.n_ctx = cells
         params.n_batch = cells  # a whole prompt (all joining pairs) goes into one llama_decode
         params.n_seq_max = 2 * pairs
+        params.n_ubatch = self.n_ubatch
         params.n_outputs_max = 2 * pairs  # one output row per sequence and decode
         params.n_outputs_max_per_seq = 1
         params.n_threads = params.n_threads_batch = self.n_threads
@@ -288,20 +304,77 @@ class LlamaCppBackend:
         return self.run(steps=tokens)[0]
 
     def run(self, steps=(), new=()):
-        """ONE llama_decode: the next token of every pair in `steps` [(pair, token)] and the
-        prompts of the pairs in `new` [(story, opposing or None)], outputs at each sequence's
-        last token. Returns (logits per step pair, new pairs)."""
-        L = self.lib
+        """The next token of every pair in `steps` [(pair, token)] and the prompts of the pairs in
+        `new` [(story, opposing or None)]; outputs at each sequence's last token. Returns (logits
+        per step pair, new pairs).
+
+        Why not everything in one llama_decode: llama.cpp's CPU kernels round differently once a
+        micro-batch holds more than a few dozen tokens (measured on the default model: identical
+        logits up to 34 tokens, up to 0.4 apart from 64), so a step's tokens must never share a
+        decode with a joining prompt, and steps go in decodes of at most `STEP_CHUNK` tokens. Then
+        a pair's logits never depend on what else runs (greedy: the same text as alone). Each new
+        pair's story and opposing prompt are prefilled together in one decode of their own; all
+        live pairs' steps share one decode up to STEP_CHUNK tokens (16 pairs with CFG)."""
         steps, new = list(steps), list(new)
+        for pair, _ in steps:
+            if not pair.live:
+                raise ValueError("`step` got a released pair")
+        checked = []
+        for story, opposing in new:
+            rows = [list(story)] + ([list(opposing)] if opposing is not None else [])
+            if any(not ids for ids in rows):
+                raise ValueError("`prefill` got an empty token list")
+            bad = [t for ids in rows for t in ids if not 0 <= int(t) < self.n_vocab]
+            if bad:
+                raise ValueError(f"token ids have to be in [0, {self.n_vocab}), but one is {bad[0]}")
+            checked.append(rows)
+        if len(self._free_seqs) < sum(len(rows) for rows in checked):
+            raise LlamaCppError(f"no free llama.cpp sequence for {len(new)} more pairs "
+                                f"(the context holds {self._pairs}); call reserve() first")
+        need = sum(len(ids) for rows in checked for ids in rows) + sum(p.rows for p, _ in steps)
+        if self.used_cells + need > self.cells:
+            raise LlamaCppError(f"the llama.cpp context is full ({self.used_cells} of {self.cells} "
+                                f"tokens in use, {need} more needed)")
+        last = not steps
+        fresh = []
+        for k, rows in enumerate(checked):
+            seqs = [self._free_seqs.pop(0) for _ in rows]
+            pair = LlamaCppPair(seqs, [len(ids) for ids in rows])
+            try:
+                view = self._decode([(seq, ids, 0) for seq, ids in zip(seqs, rows)])
+            except BaseException:
+                self._free_seqs[:0] = seqs  # llama.cpp restored its memory
+                pair.live = False
+                raise
+            # later decodes overwrite llama.cpp's output buffer: keep a copy unless this is the last
+            pair.logits = view if last and k == len(checked) - 1 else view.clone()
+            fresh.append(pair)
+        out_steps = []
+        chunk: list = []
+        for i, (pair, token) in enumerate(steps):
+            chunk.append((pair, int(token)))
+            tokens = sum(p.rows for p, _ in chunk)
+            end = i == len(steps) - 1
+            if end or tokens + steps[i + 1][0].rows > STEP_CHUNK:
+                view = self._decode([(seq, (tok,), p.next_pos[r]) for p, tok in chunk
+                                     for r, seq in enumerate(p.seqs)])
+                j = 0
+                for p, _ in chunk:
+                    p.next_pos = [n + 1 for n in p.next_pos]
+                    p.logits = view[j:j + p.rows] if end else view[j:j + p.rows].clone()
+                    j += p.rows
+                    out_steps.append(p.logits)
+                chunk = []
+        return out_steps, fresh
+
+    def _decode(self, entries) -> torch.Tensor:
+        """One llama_decode of [(sequence id, token ids, first position)], an output at the last
+        token of each entry; the outputs as a (entries, vocab) zero-copy view in entry order."""
+        L = self.lib
         tok, pos, out, ptrs = self._tok, self._pos, self._out, self._seq_ptrs
         n = 0
-        rows: list[tuple[object, list[int]]] = []  # (pair, batch index of each row's output)
-
-        def put(seq: int, ids: Sequence[int], start: int) -> int:
-            nonlocal n
+        for seq, ids, start in entries:
             k = len(ids)
-            if n + k > len(tok):
-                raise LlamaCppError(f"a batch of more than {len(tok)} tokens does not fit the context")
             tok[n:n + k] = ids
             pos[n:n + k] = np.arange(start, start + k, dtype=np.int32)
             out[n:n + k] = 0
@@ -309,55 +382,15 @@ class LlamaCppBackend:
             for i in range(n, n + k):
                 ptrs[i][0] = seq
             n += k
-            return n - 1
-
-        for pair, token in steps:
-            if not pair.live:
-                raise ValueError("`step` got a released pair")
-            idx = [put(seq, (int(token),), pair.next_pos[r]) for r, seq in enumerate(pair.seqs)]
-            rows.append((pair, idx))
-        fresh = []
-        need = sum(len(s) + (len(o) if o is not None else 0) for s, o in new)
-        if len(self._free_seqs) < sum(2 if o is not None else 1 for _, o in new):
-            raise LlamaCppError(f"no free llama.cpp sequence for {len(new)} more pairs "
-                                f"(the context holds {self._pairs}); call reserve() first")
-        if self.used_cells + need + len(steps) * 2 > self.cells:
-            raise LlamaCppError(f"the llama.cpp context is full ({self.used_cells} of {self.cells} "
-                                f"tokens in use, {need} more needed)")
-        for story, opposing in new:
-            seqs_ids = [list(story)] + ([list(opposing)] if opposing is not None else [])
-            if any(not ids for ids in seqs_ids):
-                raise ValueError("`prefill` got an empty token list")
-            bad = [t for ids in seqs_ids for t in ids if not 0 <= t < self.n_vocab]
-            if bad:
-                raise ValueError(f"token ids have to be in [0, {self.n_vocab}), but one is {bad[0]}")
-            seqs = [self._free_seqs.pop(0) for _ in seqs_ids]
-            pair = LlamaCppPair(seqs, [len(ids) for ids in seqs_ids])
-            idx = [put(seq, ids, 0) for seq, ids in zip(seqs, seqs_ids)]
-            fresh.append(pair)
-            rows.append((pair, idx))
-        if n == 0:
-            return [], []
         self._batch.n_tokens = n
         ret = L.llama_decode(self.ctx, self._batch)
         if ret != 0:
-            for pair in fresh:  # llama.cpp restored its memory; give the ids back
-                self._free_seqs.extend(pair.seqs)
-                pair.live = False
             raise LlamaCppError(f"llama_decode failed with code {ret} (1: the context is full)")
         self.forwards += 1
-        for pair, token in steps:
-            pair.next_pos = [p + 1 for p in pair.next_pos]
         self.used_cells += n
-        # outputs are stored in batch order: output j is the j-th flagged token
-        n_out = sum(len(idx) for _, idx in rows)
+        # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
         base = L.llama_get_logits(self.ctx)
-        view = torch.from_numpy(np.ctypeslib.as_array(base, shape=(n_out, self.n_vocab)))
-        j = 0
-        for pair, idx in rows:
-            pair.logits = view[j:j + len(idx)]
-            j += len(idx)
-        return [pair.logits for pair, _ in steps], fresh
+        return torch.from_numpy(np.ctypeslib.as_array(base, shape=(len(entries), self.n_vocab)))
 
     def release(self, pair: LlamaCppPair) -> None:
         """Remove the pair's sequences from the KV cache and free their ids (idempotent)."""
