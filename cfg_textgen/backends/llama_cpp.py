@@ -74,6 +74,27 @@ def physical_cores() -> int:
     return max(1, len(cores) or len(allowed))
 
 
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_log_state = {"callback": None, "last": 0}
+
+
+def _quiet_logs(L) -> None:
+    """Show llama.cpp's errors only. (llama-cpp-python's own filter maps ggml's levels as they were
+    before WARN moved to 3, so it lets warnings through as errors.)"""
+    if _log_state["callback"] is not None:
+        return
+
+    def log(level, text, user_data):
+        if level != _GGML_LOG_CONT:
+            _log_state["last"] = level
+        if _log_state["last"] == _GGML_LOG_ERROR:
+            os.write(2, text or b"")
+
+    # the ctypes callback must outlive every llama.cpp call: keep it in the module
+    _log_state["callback"] = L.llama_log_callback(log)
+    L.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
 class LlamaCppError(CFGTextgenError):
     """llama.cpp refused a batch (context full, bad input)."""
 
@@ -157,8 +178,7 @@ class LlamaCppBackend:
                                       or n_threads < 1):
             raise ValueError(f"`n_threads` has to be an integer >= 1, but is {n_threads!r}")
         if not verbose:  # llama.cpp logs every load detail to stderr; keep its errors only
-            from llama_cpp import _logger
-            _logger.set_verbose(False)
+            _quiet_logs(L)
         L.llama_backend_init()
         self.path = path
         self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
