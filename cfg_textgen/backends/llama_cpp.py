@@ -34,9 +34,12 @@ text through an incremental UTF-8 decoder, so no transformers tokenizer is ever 
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import ctypes
 import os
+import sys
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -93,6 +96,19 @@ def _quiet_logs(L) -> None:
     # the ctypes callback must outlive every llama.cpp call: keep it in the module
     _log_state["callback"] = L.llama_log_callback(log)
     L.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
+_open_backends: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free every llama.cpp context and model while Python (and the log callback) still works."""
+    for backend in list(_open_backends):
+        try:
+            backend.close()
+        except Exception:
+            pass
 
 
 class LlamaCppError(CFGTextgenError):
@@ -209,6 +225,7 @@ class LlamaCppBackend:
         self._pairs = 0
         self._make_context(max(1, pairs))
         self.tokenizer = LlamaTokenizer(self)
+        _open_backends.add(self)
 
     # ---- context ---------------------------------------------------------------------------
 
@@ -247,6 +264,7 @@ class LlamaCppBackend:
 
     def _free_context(self) -> None:
         L = self.lib
+        self.memory = None
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
@@ -273,6 +291,10 @@ class LlamaCppBackend:
             self.model = None
 
     def __del__(self):
+        # at interpreter exit llama.cpp's free functions would log through a ctypes callback that
+        # may already be gone (a segfault after Ctrl-C); `_close_all` runs before that instead
+        if sys.is_finalizing():
+            return
         try:
             self.close()
         except Exception:
@@ -415,6 +437,9 @@ class LlamaCppBackend:
     def release(self, pair: LlamaCppPair) -> None:
         """Remove the pair's sequences from the KV cache and free their ids (idempotent)."""
         if not pair.live:
+            return
+        if not self.ctx:  # closed (e.g. at exit, before a generator's cleanup): nothing to free
+            pair.live = False
             return
         for seq in pair.seqs:
             self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
