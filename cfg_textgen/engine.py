@@ -499,6 +499,9 @@ class Scheduler:
         job._end(reason, error)
 
     def _loop(self) -> None:
+        threads = getattr(self.backend, "torch_threads", None)
+        if threads is not None:  # OpenMP's thread count is per thread: set it here too
+            torch.set_num_threads(threads)
         while True:
             with self._cv:
                 while not (self._pending or self._active or self._closing):
@@ -522,16 +525,21 @@ class Scheduler:
             for job, pair in zip(admit, pairs):
                 job.pair = pair
                 self._active.append(job)
-            for job in list(self._active):
+            # every job reads its logits (views into the backend's output buffer) before any
+            # sequence is released: llama.cpp may reuse that buffer when its memory changes
+            leaving: list[tuple[Job, str | None, BaseException | None]] = []
+            for job in self._active:
                 if job._cancel.is_set():  # cancelled during the decode: no more text
-                    self._drop(job, "cancelled")
+                    leaving.append((job, "cancelled", None))
                     continue
                 gen = job.generation
                 gen.stats.forwards += 1
                 try:
                     job._put(gen.advance(job.pair.logits))
                 except Exception as err:  # one job's bad sampler must not end the others
-                    self._drop(job, "error", err)
+                    leaving.append((job, "error", err))
                     continue
                 if gen.done:
-                    self._drop(job, None)
+                    leaving.append((job, None, None))
+            for job, reason, err in leaving:
+                self._drop(job, reason, err)
