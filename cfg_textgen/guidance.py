@@ -284,21 +284,29 @@ class CFGLogitsProcessor(LogitsProcessor):
                               else opposing_token_ids(opposing_prompt, tokenizer, self.bos_token_id))
         self.branch: OpposingBranch | None = None
         self._history: torch.Tensor | None = None  # input_ids of the previous call
+        # per row, which opposing prompt it started from (an index into the distinct start rows):
+        # two rows are interchangeable only when both their history and this match
+        self._row_prompt: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget the opposing branch; the next call starts a new generation."""
         self.branch = None
         self._history = None
+        self._row_prompt = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.scale == 1.0:  # plain generation: no second pass at all
             return LogProbs()(input_ids, scores)
         source = self._source_rows(input_ids)
         if source is None:
-            self.branch = OpposingBranch(self.model, self._start_rows(input_ids), self.pad_token_id)
+            rows = self._start_rows(input_ids)
+            distinct = {tuple(r): i for i, r in reversed(list(enumerate(rows)))}
+            self._row_prompt = torch.tensor([distinct[tuple(r)] for r in rows], dtype=torch.long)
+            self.branch = OpposingBranch(self.model, rows, self.pad_token_id)
         else:
             if not torch.equal(source, torch.arange(len(source), device=source.device)):
                 self.branch.reorder(source)
+                self._row_prompt = self._row_prompt.index_select(0, source.cpu())
             self.branch.step(input_ids[:, -1])
         self._history = input_ids.detach().clone()
         return cfg_combine(scores, self.branch.logits.to(scores.device), self.scale)
@@ -314,15 +322,28 @@ class CFGLogitsProcessor(LogitsProcessor):
         return [row for row in rows for _ in range(batch // len(rows))]
 
     def _source_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """For each row, the previous call's row it continues; None if this is a new generation."""
+        """For each row, the previous call's row it continues; None if this is a new generation.
+
+        A row keeps its own branch when its history is the one that row had (greedy, sampling, and
+        beams that stayed put): identical histories are no evidence of a move, and two rows of one
+        batch may share a story but not their opposing prompt. Only a row whose history changed
+        (beam search moved another beam there) looks for its source: an old row with that history
+        AND the same opposing prompt, which then has exactly the same opposing state.
+        """
         prev = self._history
         if self.branch is None or prev is None or input_ids.shape[1] != prev.shape[1] + 1:
             return None
         if input_ids.shape[0] != prev.shape[0]:
             return None
         body = input_ids[:, :-1].to(prev.device)
-        same = (body[:, None, :] == prev[None, :, :]).all(-1)  # (new rows, old rows)
-        if not bool(same.any(-1).all()):
-            return None
-        # first matching old row (identical histories give identical opposing states)
-        return same.int().argmax(-1)
+        own = (body == prev).all(-1)  # (rows,): row i continues old row i
+        source = torch.arange(len(own), device=prev.device)
+        if bool(own.all()):
+            return source
+        prompt = self._row_prompt.to(prev.device)
+        for i in torch.nonzero(~own).flatten().tolist():
+            match = (body[i] == prev).all(-1) & (prompt == prompt[i])
+            if not bool(match.any()):
+                return None  # no old row has this history: a new generation
+            source[i] = int(match.int().argmax())
+        return source

@@ -199,6 +199,56 @@ def test_cfg_processor_batch_rows_equal_rows_run_alone(arch, tiny_tokenizer):
         assert_scores_close(batch_scores[row], alone_scores[0], 1e-4)
 
 
+# ---- issue 10 item 1: identical stories with different opposing prompts -------------------------
+# Each row keeps its own opposing branch: the old `_source_rows` mapped every row to the FIRST row
+# with the same history, so row 1 ran on row 0's opposing cache (the issue's repro is the first test).
+
+SAME_STORY = [5, 9, 11, 13]
+TWO_OPPOSING = [[7, 8, 9], [20, 21, 30]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_identical_stories_greedy_each_row_equals_the_row_alone(arch):
+    model = make_tiny_model(arch)
+    ids = torch.tensor([SAME_STORY, SAME_STORY])
+    seqs, scores = _generate(model, ids, [CFGLogitsProcessor(model, 3.0, opposing_prompt=TWO_OPPOSING)],
+                             steps=16)
+    for row, opp in enumerate(TWO_OPPOSING):
+        alone, alone_scores = _generate(model, ids[:1], [CFGLogitsProcessor(model, 3.0, opposing_prompt=opp)],
+                                        steps=16)
+        assert torch.equal(seqs[row], alone[0])
+        assert_scores_close(scores[row], alone_scores[0], 1e-4)
+    assert not torch.equal(seqs[0], seqs[1])  # the two opposing prompts really lead apart
+
+
+def test_identical_stories_sampling_equals_brute_force():
+    model = make_tiny_model("llama")
+    ids = torch.tensor([SAME_STORY] * 4)
+    opposing = TWO_OPPOSING * 2  # rows 0 and 2 (1 and 3) share story AND opposing prompt
+    torch.manual_seed(11)
+    a, sa = _generate(model, ids, [CFGLogitsProcessor(model, 3.0, opposing_prompt=opposing)], steps=20,
+                      do_sample=True)
+    torch.manual_seed(11)
+    b, sb = _generate(model, ids, [BruteForceCFG(model, 3.0, opposing)], steps=20, do_sample=True)
+    assert torch.equal(a, b)
+    assert_scores_close(sa, sb, 1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_identical_stories_beam_search_equals_each_item_alone(arch):
+    model = make_tiny_model(arch)
+    ids = torch.tensor([SAME_STORY, SAME_STORY])
+    kw = dict(max_new_tokens=16, min_new_tokens=16, num_beams=3, num_return_sequences=3, do_sample=False,
+              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ours = model.generate(ids, attention_mask=torch.ones_like(ids),
+                          logits_processor=[CFGLogitsProcessor(model, 3.0, opposing_prompt=TWO_OPPOSING)], **kw)
+    for i, opp in enumerate(TWO_OPPOSING):
+        ref = model.generate(ids[:1], logits_processor=[BruteForceCFG(model, 3.0, [opp], rows_per_prompt=3)],
+                             **kw)
+        assert torch.equal(ours.sequences[3 * i: 3 * i + 3], ref.sequences)
+        assert torch.allclose(ours.sequences_scores[3 * i: 3 * i + 3], ref.sequences_scores, atol=1e-4)
+
+
 # ---- acceptance 4: beam search and several return sequences -----------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
