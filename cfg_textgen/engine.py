@@ -8,8 +8,9 @@ Per step (the same parts as the `model.generate` plugin, in the same order):
     token  = pick_token(scores, do_sample, generator)        # samplers.py: argmax / multinomial
     append `token` to both rows
 
-At scale 1 the opposing row is not run (batch 1) and the scores are log_softmax(logits), which is
-what `CFGLogitsProcessor(scale=1)` returns, so the chain sees log-probabilities at every scale.
+At scale 1 the opposing row is not run (batch 1) and the scores are the raw logits, which is what
+`CFGLogitsProcessor(scale=1)` returns; with CFG the guided scores are on the same raw-logit scale
+(guidance.cfg_combine), so a repetition penalty acts as in the reference apps.
 `story_ids` is the prompt plus the generated tokens, exactly what `generate` gives its processors,
 so repetition penalties see the same history. Text comes out as soon as it is decodable: the
 pieces joined equal the one-shot decode of all new tokens (see `IncrementalDecoder`).
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import CFGTextgenError
 from .guidance import (MODES, cfg_combine, check_scale, forward_kwargs, left_pad, opposing_token_ids,
@@ -232,8 +232,8 @@ class Stream:
                 logits = logits.to(dtype=torch.float32)  # (batch, vocab)
                 if self.stats.batch == 2:
                     scores = cfg_combine(logits[:1], logits[1:], self.scale)
-                else:  # what CFGLogitsProcessor(scale=1) returns, without its second pass
-                    scores = F.log_softmax(logits, dim=-1)
+                else:  # what CFGLogitsProcessor(scale=1) returns: the raw logits
+                    scores = logits
                 for processor in self.chain:
                     scores = processor(history, scores)
                 token = pick_token(scores, self.do_sample, self.generator)  # (1,)

@@ -1,12 +1,19 @@
 """Classifier-free guidance: the combine formula and the opposing branch that feeds it.
 
-    guided = u + scale * (c - u)        c, u = log_softmax of the story / opposing-prompt logits
+    guided = c_raw + (scale - 1) * (c - u)     c, u = log_softmax of the story / opposing-prompt logits
+
+This is the distribution of the paper's `u + scale * (c - u)` (the two differ by the per-row
+constant logsumexp(c_raw), which softmax ignores), written on the story's raw-logit scale: at scale 1
+it IS the model's raw logits, and it moves continuously with the scale. Samplers after CFG therefore
+see what they see in every reference app without CFG (raw logits), and a multiplicative repetition
+penalty keeps its tuned strength when the CFG slider moves off 1 (docs/preset-format.md, "Where
+penalties act").
 
 `cfg_combine` is the formula, used by both ways in: `CFGLogitsProcessor` (a transformers
 LogitsProcessor that runs the opposing branch itself, for `model.generate`) and the streaming engine
 (which runs both branches in one batched forward pass). References: Sanchez et al. 2023, "Stay on
 topic with Classifier-Free Guidance" (arXiv 2306.17806); NovelAI's CFG sampler (`cfg_scale`,
-`cfg_uc`); transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (same formula).
+`cfg_uc`); transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (same distribution).
 """
 
 from __future__ import annotations
@@ -25,31 +32,22 @@ MODES = ("text", "last-token")
 
 
 def cfg_combine(cond_logits: torch.Tensor, opposing_logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Guided log-probabilities `u + scale * (c - u)`, both inputs (batch, vocab) raw logits.
+    """Guided scores `c_raw + (scale - 1) * (c - u)`, both inputs (batch, vocab) raw logits.
 
-    Computed in float32 (half-precision log-probs lose the small differences CFG amplifies) and
-    returned in the dtype of `cond_logits`. A token at -inf in the story's scores (removed by an
-    earlier processor, e.g. a minimum length) stays at -inf.
+    softmax of the result is softmax(u + scale * (c - u)), the CFG distribution; its values are on
+    the story's raw-logit scale (exactly `cond_logits` at scale 1). Computed in float32 (half
+    precision loses the small differences CFG amplifies) and returned in the dtype of
+    `cond_logits`. A token at -inf in the story's scores (removed by an earlier processor, e.g. a
+    minimum length) stays at -inf.
     """
-    c = F.log_softmax(cond_logits.float(), dim=-1)
+    raw = cond_logits.float()
+    c = F.log_softmax(raw, dim=-1)
     u = F.log_softmax(opposing_logits.float(), dim=-1)
-    guided = u + scale * (c - u)
+    guided = raw + (scale - 1.0) * (c - u)
     # a token that a processor before us removed from the story (-inf) stays removed at every scale
-    # (the formula would give NaN at scale 0 and +inf below it)
+    # (the formula would give NaN at scale 1 or below)
     guided = torch.where(torch.isneginf(c), c, guided)
     return guided.to(cond_logits.dtype)
-
-
-class LogProbs(LogitsProcessor):
-    """Scores to log-probabilities: what CFG returns at scale 1, without any second pass.
-
-    A preset without CFG starts its chain with this, so that its samplers always see
-    log-probabilities, with or without guidance, on the `generate` path as in the engine
-    (multiplicative samplers such as the repetition penalty depend on it).
-    """
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return F.log_softmax(scores.float(), dim=-1).to(scores.dtype)
 
 
 def check_scale(scale) -> float:
@@ -231,9 +229,11 @@ class CFGLogitsProcessor(LogitsProcessor):
     r"""Classifier-free guidance as a `LogitsProcessor` for `model.generate`.
 
     For every step it runs the model a second time on the *opposing prompt* followed by the tokens
-    generated so far (KV-cached: one new token per step) and returns the guided log-probabilities
-    `u + scale * (c - u)`, where `c` and `u` are the log_softmax of the story's and the opposing
-    branch's logits. Put it first in `logits_processor`: everything after it sees guided scores.
+    generated so far (KV-cached: one new token per step) and returns the guided scores
+    `c_raw + (scale - 1) * (c - u)`, where `c_raw` are the story's scores and `c`, `u` the
+    log_softmax of the story's and the opposing branch's logits: the distribution of
+    `u + scale * (c - u)` on the story's raw-logit scale. Put it first in `logits_processor`:
+    everything after it sees guided scores.
     See Sanchez et al. 2023 (https://arxiv.org/abs/2306.17806).
 
     Args:
@@ -295,8 +295,8 @@ class CFGLogitsProcessor(LogitsProcessor):
         self._row_prompt = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.scale == 1.0:  # plain generation: no second pass at all
-            return LogProbs()(input_ids, scores)
+        if self.scale == 1.0:  # plain generation: the raw scores, no second pass at all
+            return scores
         source = self._source_rows(input_ids)
         if source is None:
             rows = self._start_rows(input_ids)

@@ -32,7 +32,7 @@ def _preset(scale, opposing="", mode="text", do_sample=True, name="balanced-stor
 
 def _plugin_tokens(model, tok, preset, seed):
     """Reference: model.generate with CFGLogitsProcessor first (also at scale 1, where it returns
-    log_softmax without a second pass), then a fresh chain; transformers' own warpers neutralised."""
+    the raw scores without a second pass), then a fresh chain; transformers' own warpers neutralised."""
     ids = tok(PROMPT, return_tensors="pt").input_ids
     kwargs = generate_kwargs(dataclasses.replace(preset, cfg=dataclasses.replace(preset.cfg, scale=1.0)))
     cfg = CFGLogitsProcessor(model, preset.cfg.scale, preset.cfg.opposing_prompt, tok,

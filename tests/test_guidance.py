@@ -17,7 +17,12 @@ STEPS = 48
 
 
 class BruteForceCFG(LogitsProcessor):
-    """Reference: every step, run opposing prompt + generated tokens from scratch, row by row."""
+    """Reference: every step, run opposing prompt + generated tokens from scratch, row by row.
+
+    It returns the guided scores on the story's scale, `scores + (s-1)(c-u)` (issue 10 item 2), so
+    that beam search, which sums the processed scores without renormalising them, ranks beams as
+    ours does when an earlier processor (min_new_tokens) removed a token; the formula itself is
+    checked against the paper's `u + s(c-u)` in the cfg_combine tests."""
 
     def __init__(self, model, scale, opposing_rows, rows_per_prompt=1):
         self.model, self.scale, self.rows, self.k = model, scale, opposing_rows, rows_per_prompt
@@ -33,7 +38,7 @@ class BruteForceCFG(LogitsProcessor):
                 u.append(self.model(torch.tensor([seq])).logits[0, -1])
         u = F.log_softmax(torch.stack(u), -1)
         c = F.log_softmax(scores, -1)
-        return torch.where(torch.isneginf(c), c, u + self.scale * (c - u))  # removed tokens stay removed
+        return torch.where(torch.isneginf(c), c, scores + (self.scale - 1) * (c - u))  # removed stay removed
 
 
 def _generate(model, ids, processors, steps=STEPS, **kw):
@@ -45,7 +50,13 @@ def _generate(model, ids, processors, steps=STEPS, **kw):
 
 
 def assert_scores_close(a, b, tol):
-    """Same -inf positions, finite values within tol (removed tokens are -inf on both sides)."""
+    """The same distributions: same -inf positions, finite log-probabilities within tol (removed
+    tokens are -inf on both sides).
+
+    Distributions, not raw scores: our CFG returns `c_raw + (s-1)(c-u)` on the story's raw-logit
+    scale (issue 10 item 2), transformers' processor and the brute-force reference `u + s(c-u)`;
+    the two differ by the per-row constant logsumexp(c_raw), which log_softmax removes."""
+    a, b = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
     assert torch.equal(torch.isneginf(a), torch.isneginf(b))
     finite = torch.isfinite(a)
     assert finite.any() and (a[finite] - b[finite]).abs().max() < tol
@@ -66,7 +77,28 @@ def test_cfg_combine_matches_hand_computed_values():
     assert torch.allclose(got, torch.tensor([want]), atol=1e-6)
     # scale 0 is the opposing branch alone, scale 1 the story alone
     assert torch.allclose(cfg_combine(c, u, 0.0), u, atol=1e-6)
-    assert torch.allclose(cfg_combine(c + 3.0, u, 1.0), c, atol=1e-6)  # log_softmax removes the shift
+    # issue 10 item 2: the result stays on the story's raw-logit scale: at scale 1 it is exactly the
+    # raw logits (a shift included), at 2 it is c_raw + (c - u) (lead's decision, BRIEF.md)
+    assert torch.equal(cfg_combine(c + 3.0, u, 1.0), c + 3.0)
+    assert torch.allclose(cfg_combine(c + 3.0, u, 2.0), torch.tensor([want]) + 3.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, 0.5, 1.5, 3.0])
+def test_cfg_combine_is_the_paper_distribution_on_the_raw_logit_scale(scale):
+    gen = torch.Generator().manual_seed(3)
+    raw, opp = torch.randn(2, 50, generator=gen) * 4 + 7, torch.randn(2, 50, generator=gen) * 4 - 2
+    c, u = F.log_softmax(raw, -1), F.log_softmax(opp, -1)
+    got = cfg_combine(raw, opp, scale)
+    paper = u + scale * (c - u)  # Sanchez et al. 2023, eq. 6 on log-probs
+    torch.testing.assert_close(F.log_softmax(got, -1), F.log_softmax(paper, -1), atol=1e-5, rtol=0)
+    # the constant between the two is logsumexp(raw) per row
+    torch.testing.assert_close(got - paper, raw.logsumexp(-1, keepdim=True).expand_as(got), atol=1e-4, rtol=0)
+
+
+def test_cfg_combine_is_continuous_in_the_scale():
+    gen = torch.Generator().manual_seed(4)
+    raw, opp = torch.randn(1, 50, generator=gen) * 4 + 7, torch.randn(1, 50, generator=gen) * 4
+    assert (cfg_combine(raw, opp, 1.001) - raw).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("scale", [-1.0, 0.0, 0.5, 3.0])
@@ -366,4 +398,5 @@ def test_cfg_processor_follows_the_model_dtype(tiny_tokenizer):
     got = CFGLogitsProcessor(model, 2.0)(ids, cond)
     assert got.dtype == torch.bfloat16
     c, u = F.log_softmax(cond.float(), -1), F.log_softmax(opp.float(), -1)
-    assert torch.allclose(got.float(), (u + 2.0 * (c - u)).bfloat16().float())
+    # the formula on the story's raw-logit scale (issue 10 item 2; was u + 2(c - u))
+    assert torch.allclose(got.float(), (cond.float() + (2.0 - 1) * (c - u)).bfloat16().float())
