@@ -136,7 +136,7 @@ def _next_token_logits(model, ids: Sequence[int], count: int):
     import torch
 
     with torch.no_grad():
-        logits = model(torch.tensor([list(ids)], device=model.device)).logits[0].float()
+        logits = model(torch.tensor([list(ids)], device=model.device), use_cache=False).logits[0].float()
     n = len(ids)
     return logits[n - count - 1:n - 1]
 

@@ -224,7 +224,7 @@ class Stream:
         start = time.perf_counter()
         try:
             while True:
-                kwargs = dict(attention_mask=mask, past_key_values=cache, use_cache=True)
+                kwargs = dict(attention_mask=mask, cache=cache, use_cache=True)
                 if "position_ids" in accepts:
                     kwargs["position_ids"] = positions
                 logits, cache = run_model(model, split, ids, **kwargs)

@@ -172,16 +172,35 @@ def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, cols.t()).t()[:rows].contiguous()
 
 
-def run_model(model, split, ids: torch.Tensor, **kwargs):
-    """One forward pass; (last-position logits (batch, vocab), past_key_values)."""
+def cache_keyword(module) -> str:
+    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24,
+    which still accepts `past_key_values` until 5.40 but warns on every call) or `past_key_values`
+    (5.20-5.23, which know no `cache`)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned, from the field this transformers version has (5.24
+    names it `cache`; reading the old `past_key_values` property there warns)."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
+
+
+def run_model(model, split, ids: torch.Tensor, cache=None, **kwargs):
+    """One forward pass with the KV cache `cache` (None: start one); (last-position logits
+    (batch, vocab), the returned cache)."""
     with torch.no_grad():
         if split is None:
             if "logits_to_keep" in forward_kwargs(model):
                 kwargs["logits_to_keep"] = 1
-            out = model(ids, **kwargs)
-            return out.logits[:, -1], out.past_key_values
-        out = split[0](ids, **kwargs)
-        return head_logits(split[1], out.last_hidden_state[:, -1]), out.past_key_values
+            out = model(ids, **{cache_keyword(model): cache}, **kwargs)
+            return out.logits[:, -1], returned_cache(out)
+        out = split[0](ids, **{cache_keyword(split[0]): cache}, **kwargs)
+        return head_logits(split[1], out.last_hidden_state[:, -1]), returned_cache(out)
 
 
 class OpposingBranch:
@@ -199,7 +218,7 @@ class OpposingBranch:
         self.logits = self._forward(ids.to(model.device), positions_from_mask(self.mask))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        kwargs = dict(attention_mask=self.mask, cache=self.cache, use_cache=True)
         if "position_ids" in self._accepts:
             kwargs["position_ids"] = positions
         # the model's own forward, so that our scores equal transformers' CFG to the last bits

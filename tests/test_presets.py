@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cfg_textgen.errors import PresetError
+from cfg_textgen.guidance import cache_keyword, returned_cache
 from cfg_textgen.presets import (
     FORMAT, MAX_PRESET_BYTES, Preset, SamplerSpec, build_chain, build_processors, builtin_names,
     generate_kwargs, list_presets, load_preset, parse_preset, preset_schema,
@@ -527,8 +528,8 @@ def manual_decode(model, input_ids, processors, steps, do_sample, eos_token_id):
     step_input = input_ids
     with torch.no_grad():
         for _ in range(steps):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_input, **{cache_keyword(model): past}, use_cache=True)
+            past = returned_cache(out)
             scores = processors(ids, out.logits[:, -1, :].float())
             scores_seen.append(scores)
             token = _pick(scores, do_sample)
