@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .context import context_length, eos_ids, fit_context
 from .errors import CFGTextgenError
 from .guidance import (MODES, cfg_combine, check_scale, forward_kwargs, left_pad, opposing_token_ids,
                        padding_id, positions_from_mask, run_model, split_head)
@@ -109,21 +110,6 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    """The ids that end a generation: generation_config's (as `generate` uses), else config's."""
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            return {eos} if isinstance(eos, int) else {int(e) for e in eos}
-    return set()
-
-
-def context_length(model) -> int | None:
-    """The model's window in tokens (max_position_embeddings), or None if it does not say."""
-    n = getattr(model.config, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
 class Stream:
     """One streaming generation. Iterate it for text pieces; afterwards read `token_ids` (every
     generated token, EOS included), `text` (what was yielded), `stop_reason` ("eos", "max_tokens",
@@ -151,7 +137,7 @@ class Stream:
         if generator is None and seed is not None:
             generator = torch.Generator(device=model.device).manual_seed(int(seed))
         self.generator = generator  # None: the global torch RNG, as `generate` uses
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)  # context.py: the one EOS rule
         bos = getattr(model.config, "bos_token_id", None)
         if bos is None:
             bos = tokenizer.bos_token_id
@@ -164,12 +150,18 @@ class Stream:
                                       "from: write a first line")
             ids = [int(bos)]
         cfg = self.scale != 1.0
-        if cfg and opposing_mode == "text":
-            self.opposing = opposing_token_ids(opposing_prompt, tokenizer, bos)[0]
-        else:
-            self.opposing = None  # last-token: decided after the cut
-        self.prompt_ids = self._fit(ids, len(self.opposing) if self.opposing else int(cfg), on_cut)
-        if cfg and self.opposing is None:
+        # each row is cut on its own (context.fit_context): the opposing row has its own positions
+        self.prompt_ids = self._fit(ids, on_cut)
+        if not cfg:
+            self.opposing = None
+        elif opposing_mode == "text":
+            full = opposing_token_ids(opposing_prompt, tokenizer, bos)[0]
+            self.opposing = fit_context(full, context_length(model), max_new_tokens, self._special(),
+                                        "the opposing prompt")
+            if len(self.opposing) < len(full):
+                warnings.warn(f"the opposing prompt is {len(full)} tokens; only its last {len(self.opposing)} "
+                              f"fit the context and were used", stacklevel=2)
+        else:  # last-token: the story's last token after the cut
             self.opposing = [self.prompt_ids[-1]]
         self.token_ids: list[int] = []
         self.text = ""
@@ -178,28 +170,18 @@ class Stream:
                            batch=2 if cfg else 1)
         self._iter = self._run()
 
-    def _fit(self, ids: list[int], opposing_len: int, on_cut) -> list[int]:
-        """Keep the most recent story tokens that fit the window (and leading special tokens)."""
-        window = context_length(self.model)
-        if window is None:
-            return ids
-        budget = window - self.max_new_tokens - opposing_len
-        if budget < 1:
-            raise CFGTextgenError(
-                f"{self.max_new_tokens} new tokens (+ {opposing_len} opposing-prompt tokens) leave no room "
-                f"for the story in this model's context of {window} tokens: ask for fewer tokens")
-        if len(ids) <= budget:
-            return ids
-        special = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
-        head = []
-        while len(head) < len(ids) and ids[len(head)] in special and len(head) < budget - 1:
-            head.append(ids[len(head)])
-        kept = head + ids[len(ids) - (budget - len(head)):]
-        if on_cut is not None:
-            on_cut(len(kept), len(ids))
-        else:
-            warnings.warn(f"the story is {len(ids)} tokens; only the last {len(kept)} fit the "
-                          f"context and were used", stacklevel=3)
+    def _special(self) -> set[int]:
+        return set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+
+    def _fit(self, ids: list[int], on_cut) -> list[int]:
+        """The most recent story tokens that fit the window with the new tokens (context.fit_context)."""
+        kept = fit_context(ids, context_length(self.model), self.max_new_tokens, self._special())
+        if len(kept) < len(ids):
+            if on_cut is not None:
+                on_cut(len(kept), len(ids))
+            else:
+                warnings.warn(f"the story is {len(ids)} tokens; only the last {len(kept)} fit the "
+                              f"context and were used", stacklevel=3)
         return kept
 
     def __iter__(self) -> Iterator[str]:

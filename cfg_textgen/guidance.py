@@ -268,10 +268,17 @@ class CFGLogitsProcessor(LogitsProcessor):
         pad_token_id (`int`, optional): id used to left-pad opposing prompts of different lengths
             (masked out; defaults to the model's pad, EOS or 0).
 
-    The opposing branch lives per generation: a call whose `input_ids` do not continue the previous
-    call's rows (a new `generate` call) starts a fresh branch. Rows that beam search reorders are
-    followed by matching each row's history to the previous step's rows. When `generate` expands the
-    batch (`num_beams`, `num_return_sequences`), per-row opposing prompts are expanded with it.
+    The opposing branch lives per generation. The processor cannot see where one `generate` call
+    ends, only the `input_ids` of each call: a call whose rows are the previous call's rows plus one
+    token continues the branch; any other call starts a fresh one. So reusing one processor for
+    `model.generate(previous_output)` CONTINUES the previous generation (the opposing branch is the
+    opposing prompt followed by every token generated so far, in both calls), which is what a
+    "continue" button wants. For a fresh generation (e.g. the previous output as a new prompt in
+    mode "last-token", or the same prompt again), start one explicitly:
+    `logits_processor=[cfg.new_generation()]` (or call `reset()`), or build a new processor.
+    Rows that beam search moves are followed by their history and opposing prompt; a row whose
+    history did not change keeps its own branch. When `generate` expands the batch (`num_beams`,
+    `num_return_sequences`), per-row opposing prompts are expanded with it.
 
     Example:
 
@@ -312,6 +319,12 @@ class CFGLogitsProcessor(LogitsProcessor):
         self.branch = None
         self._history = None
         self._row_prompt = None
+
+    def new_generation(self) -> "CFGLogitsProcessor":
+        """Start a new generation with the next call, whatever its input; returns the processor, for
+        `model.generate(ids, logits_processor=[cfg.new_generation()])`."""
+        self.reset()
+        return self
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.scale == 1.0:  # plain generation: the raw scores, no second pass at all

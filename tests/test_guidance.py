@@ -375,6 +375,27 @@ def test_cfg_processor_reused_equals_two_fresh_processors(tiny_tokenizer):
     assert_scores_close(s3, t1, 1e-6)
 
 
+def test_cfg_processor_reused_on_the_previous_output_is_a_continuation(tiny_tokenizer):
+    """Documented (docstring, README): generate(previous_output) with the same processor continues
+    the opposing branch, i.e. equals ONE generation of both lengths; new_generation() starts afresh,
+    equal to a new processor."""
+    model = make_tiny_model("llama")
+    ids = _prompt(tiny_tokenizer)
+    for mode, opp in (("text", [1, 40]), ("last-token", "")):
+        cfg = CFGLogitsProcessor(model, 2.0, opp, mode=mode)
+        first, _ = _generate(model, ids, [cfg], steps=8)
+        cont, cont_scores = _generate(model, first, [cfg], steps=8)
+        whole, whole_scores = _generate(model, ids, [CFGLogitsProcessor(model, 2.0, opp, mode=mode)], steps=16)
+        assert torch.equal(cont, whole)
+        assert_scores_close(cont_scores, whole_scores[:, 8:], 1e-5)
+        fresh, fresh_scores = _generate(model, first, [cfg.new_generation()], steps=8)
+        want, want_scores = _generate(model, first, [CFGLogitsProcessor(model, 2.0, opp, mode=mode)], steps=8)
+        assert torch.equal(fresh, want)
+        assert_scores_close(fresh_scores, want_scores, 1e-5)
+        if mode == "last-token":  # the two readings really differ
+            assert not torch.allclose(F.log_softmax(fresh_scores[:, 0], -1), F.log_softmax(cont_scores[:, 0], -1))
+
+
 def test_transformers_processor_reuse_is_stale_but_ours_is_not(tiny_tokenizer):
     """Documents why we track generations: transformers' processor keeps its cache across calls."""
     model = make_tiny_model("llama")
