@@ -49,8 +49,8 @@ def bare(backend: LlamaCppBackend, story: list[int], tokens: int, cfg: bool) -> 
                     n += 1
             batch.n_tokens = n
             assert L.llama_decode(ctx, batch) == 0
-            return [np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(backend.n_vocab,))
-                    for i in range(len(entries))]
+            # outputs in batch order (llama_get_logits_ith takes a batch position, not an output)
+            return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(entries), backend.n_vocab))
 
         def logsoftmax(x):
             x = x - x.max()
