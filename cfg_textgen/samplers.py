@@ -705,36 +705,68 @@ class XTC(Sampler):
 
     Formula, per row: draw `r = torch.rand(batch, generator=generator)`; if `r < probability`,
     the candidates are the tokens with `prob >= threshold`; when at least two qualify, remove all
-    of them except the least likely (every candidate tied with it stays too). A row where that
-    would leave fewer than `min_tokens_to_keep` tokens is left alone. probability = 0 is off and
-    draws nothing. One random number per row is drawn on every call (when probability > 0), so a
-    seeded `generator` makes runs reproducible. (text-generation-webui also exempts newline and EOS
-    tokens; this version has no tokenizer and does not.)
+    of them except the least likely (every candidate tied with it stays too). The row is left
+    alone when that would leave fewer than `min_tokens_to_keep` tokens, and, with
+    `protect_newline_eos` (the default), when it would remove the newline token or the EOS token:
+    without that, paragraphs and stories run on. probability = 0 is off and draws nothing. One
+    random number per row is drawn on every call (when probability > 0), so a seeded
+    `generator` makes runs reproducible.
+
+    The apps differ on the protection: text-generation-webui (`XTCLogitsWarper`) leaves the scores
+    alone when newline (`tokenizer.encode("\\n")[-1]`) or EOS (`tokenizer.eos_token_id`) would be
+    removed; KoboldCpp (`sample_xtc`) and llama.cpp (`llama_sampler_xtc`) have no such rule
+    (`protect_newline_eos: false` gives theirs). The web UI checks the whole batch at once; here
+    each row decides for itself.
 
     Reference: p-e-w, text-generation-webui PR #6335 "XTC: Exclude Top Choices".
 
     Args:
         threshold (`float`, in [0, 1], defaults to 0.1): probability a token needs to be a candidate.
         probability (`float`, in [0, 1], defaults to 0.0): chance per row and step to apply XTC.
+        protect_newline_eos (`bool`, defaults to True): leave a row alone when XTC would remove
+            its newline or EOS token (needs the tokenizer).
         min_tokens_to_keep (`int`, >= 1, defaults to 1): rows keeping fewer are left alone.
         generator (`torch.Generator`, optional): source of the random draws; global RNG if None.
+        tokenizer: gives the newline and EOS ids (`encode(text, add_special_tokens=False)`,
+            `eos_token_id`); needed when probability > 0 and protect_newline_eos is on.
     """
 
     name = "xtc"
+    needs_tokenizer = True
     params = (
         Param("threshold", float, 0.1, "probability a top choice needs", min=0, max=1),
         Param("probability", float, 0.0, "chance to apply per step", min=0, max=1),
+        Param("protect_newline_eos", bool, True, "leave the scores alone when newline or EOS would go"),
     )
 
     def __init__(self, threshold: float = 0.1, probability: float = 0.0, min_tokens_to_keep: int = 1,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, protect_newline_eos: bool = True, tokenizer=None):
         self._init_params(locals(), min_tokens_to_keep)
         self.generator = generator
+        self.protected_ids: tuple[int, ...] = ()
+        if self.probability > 0 and self.protect_newline_eos:
+            if tokenizer is None:
+                raise ValueError("`tokenizer` is required to find the newline and EOS tokens that XTC "
+                                 "protects (or set protect_newline_eos to false)")
+            ids = [tokenizer.encode("\n", add_special_tokens=False)[-1]]
+            if getattr(tokenizer, "eos_token_id", None) is not None:
+                ids.append(int(tokenizer.eos_token_id))
+            self.protected_ids = tuple(dict.fromkeys(ids))
+
+    @classmethod
+    def from_params(cls, params, tokenizer=None, generator=None):
+        kwargs = {p.name: params.get(p.name, p.default) for p in cls.params}
+        return cls(**kwargs, tokenizer=tokenizer, generator=generator)
 
     def __call__(self, input_ids, scores):
         if self.probability == 0.0:
             return scores.clone()
-        r = torch.rand(scores.shape[0], generator=self.generator, device=scores.device)
+        r = torch.rand(scores.shape[0], generator=self.generator, device=self.generator.device
+                       if self.generator is not None else scores.device).to(scores.device)
+        return scores.masked_fill(self.removal(scores, r), NEG_INF)
+
+    def removal(self, scores: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The tokens XTC removes given the per-row draws `r` (batch,), as a boolean mask."""
         probs = scores.softmax(dim=-1)
         finite = torch.isfinite(scores)
         cand = finite & (probs >= self.threshold)
@@ -743,7 +775,10 @@ class XTC(Sampler):
         left = (finite & ~drop).sum(dim=-1, keepdim=True)
         apply = (r[:, None] < self.probability) & (cand.sum(dim=-1, keepdim=True) >= 2) \
             & (left >= torch.clamp(finite.sum(dim=-1, keepdim=True), max=self.min_tokens_to_keep))
-        return scores.masked_fill(drop & apply, NEG_INF)
+        ids = [t for t in self.protected_ids if t < scores.shape[-1]]
+        if ids:
+            apply &= ~drop[:, ids].any(dim=-1, keepdim=True)
+        return drop & apply
 
 
 # ---- penalties -------------------------------------------------------------------------------
@@ -751,29 +786,41 @@ class XTC(Sampler):
 
 @register
 class RepetitionPenalty(Sampler):
-    r"""Repetition penalty with range, slope, presence and frequency (KoboldAI / NovelAI style).
+    r"""Repetition penalty with range, slope, presence and frequency (KoboldAI / KoboldCpp / NovelAI).
 
     Over the window `w` = the last `range` tokens of input_ids (0 = all), of length R:
 
     - multiplicative: a token present in `w` gets `score * pen` if score < 0, else `score / pen`
       (transformers' rule). `pen` is the penalty of the token's most recent position in `w`.
-      Flat (slope 0): every position gets `penalty`. With slope s > 0, position j (0 = oldest)
-      gets `1 + ((f + 1) / 2) * (penalty - 1)` with `x = 2j / (R - 1) - 1` and
-      `f = s * x / (1 + |x| * (s - 1))`, so the newest token gets `penalty`, the oldest 1;
-      R = 1 uses x = 1 (the single token gets the full penalty).
+      Without a slope every position gets `penalty`. The two apps that fade the penalty towards
+      older tokens read `slope` differently, so `slope_mode` says which rule applies:
+
+      - `"curve"` (KoboldAI United, NovelAI; 0 = flat): a curve over the `range` positions
+        (oldest first, j = 0 .. range-1) `x = 2j / (range - 1) - 1`,
+        `f = s * x / (1 + |x| * (s - 1))`, `pen_j = 1 + ((f + 1) / 2) * (penalty - 1)`. A window
+        shorter than `range` takes the newest R values of that curve (it is not stretched over
+        the window), and the curve needs `range > 0` (KoboldAI applies the slope only then);
+        range 1 gives its single position the full penalty (KoboldAI would divide by zero).
+      - `"halves"` (KoboldCpp, Kobold Lite; 1 = flat): a token whose most recent occurrence is in
+        the newer half of the window (positions R // 2 .. R-1) gets `penalty`, one seen only in
+        the older half gets `1 + (penalty - 1) * slope` (`penalty` itself when penalty <= 1).
+        slope must be in (0, 1].
     - additive (after it): `presence` is subtracted once from every token present in `w`,
       `frequency * count` where count is its number of occurrences in `w`.
 
     Tokens in `whitelist` are exempt from all three. penalty 1, presence 0 and frequency 0 is off.
-    With slope 0 and range 0 this equals transformers' `RepetitionPenaltyLogitsProcessor`.
+    Without a slope and with range 0 this equals transformers' `RepetitionPenaltyLogitsProcessor`.
 
-    Reference: Keskar et al. 2019, "CTRL" (the penalty); KoboldAI `rep_pen_range`/`rep_pen_slope`;
+    Reference: Keskar et al. 2019, "CTRL" (the penalty); KoboldAI United `modeling/warpers.py`
+    `RepetitionPenalty` (the curve); KoboldCpp `gpttype_adapter.cpp` `sample_rep_pen` (the halves);
     OpenAI's presence and frequency penalties.
 
     Args:
         penalty (`float`, > 0, defaults to 1.0): multiplicative penalty; < 1 rewards repeats.
         range (`int`, >= 0, defaults to 0): window length in tokens; 0 = whole context.
-        slope (`float`, >= 0, defaults to 0.0): how quickly the penalty fades for older tokens.
+        slope (`float`, >= 0, defaults to 0.0): how the penalty fades for older tokens (see
+            `slope_mode`); 0 with "curve" is flat.
+        slope_mode (`str`, "curve" or "halves", defaults to "curve"): which app's slope rule.
         presence (`float`, defaults to 0.0): subtracted once per present token.
         frequency (`float`, defaults to 0.0): subtracted per occurrence.
         whitelist (`list[int]`, defaults to []): token ids that are never penalised.
@@ -784,24 +831,46 @@ class RepetitionPenalty(Sampler):
     params = (
         Param("penalty", float, 1.0, "multiplicative penalty (1 = off)", min=0, min_exclusive=True),
         Param("range", int, 0, "window of recent tokens; 0 = whole context", min=0),
-        Param("slope", float, 0.0, "fade towards older tokens; 0 = flat", min=0),
+        Param("slope", float, 0.0, "fade towards older tokens (see slope_mode)", min=0),
+        Param("slope_mode", str, "curve", "curve: KoboldAI United/NovelAI (0 = flat); "
+              "halves: KoboldCpp (1 = flat)", choices=("curve", "halves")),
         Param("presence", float, 0.0, "subtracted once per present token"),
         Param("frequency", float, 0.0, "subtracted per occurrence"),
         Param("whitelist", list, (), "token ids never penalised", min=0, item_kind=int),
     )
 
     def __init__(self, penalty: float = 1.0, range: int = 0, slope: float = 0.0,  # noqa: A002
-                 presence: float = 0.0, frequency: float = 0.0, whitelist=(), min_tokens_to_keep: int = 1):
+                 presence: float = 0.0, frequency: float = 0.0, whitelist=(), min_tokens_to_keep: int = 1,
+                 slope_mode: str = "curve"):
         self._init_params(locals(), min_tokens_to_keep)
+        if self.slope_mode == "curve" and self.slope != 0.0 and self.range == 0:
+            raise ValueError(f"`slope` needs `range` > 0 with slope_mode 'curve' (the curve is built over "
+                             f"the range, as in KoboldAI), but range is 0 and slope is {self.slope!r}")
+        if self.slope_mode == "halves" and not 0.0 < self.slope <= 1.0:
+            raise ValueError(f"`slope` has to be a float in (0, 1] with slope_mode 'halves' (1 = flat), "
+                             f"but is {self.slope!r}")
 
-    def position_penalties(self, window: int) -> torch.Tensor:
-        """The multiplicative penalty of every window position, oldest first, shape (window,)."""
-        if self.slope == 0.0:
-            return torch.full((window,), self.penalty, dtype=torch.float64)
-        if window == 1:
-            x = torch.ones(1, dtype=torch.float64)
+    @property
+    def flat(self) -> bool:
+        """Every window position gets the same penalty."""
+        if self.slope_mode == "halves":
+            return self.slope == 1.0 or self.penalty <= 1.0
+        return self.slope == 0.0
+
+    def position_penalties(self, window: int, device=None) -> torch.Tensor:
+        """The multiplicative penalty of every window position, oldest first, shape (window,), float64."""
+        if self.flat:
+            return torch.full((window,), self.penalty, dtype=torch.float64, device=device)
+        if self.slope_mode == "halves":
+            reduced = 1.0 + (self.penalty - 1.0) * self.slope
+            pens = torch.full((window,), self.penalty, dtype=torch.float64, device=device)
+            pens[: window // 2] = reduced  # the older half (KoboldCpp's tokens_far)
+            return pens
+        n = self.range  # the curve spans the whole range; the window is its newest end
+        if n == 1:
+            x = torch.ones(1, dtype=torch.float64, device=device)
         else:
-            x = torch.arange(window, dtype=torch.float64) * 2 / (window - 1) - 1
+            x = torch.arange(n - window, n, dtype=torch.float64, device=device) * 2 / (n - 1) - 1
         f = self.slope * x / ((1 - x.abs()) + x.abs() * self.slope)  # = s x / (1 + |x| (s - 1))
         w = (f + 1) / 2  # 1 + w (penalty - 1), written so that it stays > 0 for a tiny penalty
         return (1 - w) + w * self.penalty
@@ -820,15 +889,18 @@ class RepetitionPenalty(Sampler):
         """The same values computed for the distinct tokens of the window only (at most `range`
         of them, not the whole vocabulary); every step is elementwise, so the results are equal."""
         vocab, window = scores.shape[-1], ids.shape[1]
-        pens = self.position_penalties(window).to(scores.device)
-        white = torch.tensor(self.whitelist, dtype=torch.long, device=scores.device)
-        pos = torch.arange(window, device=ids.device)
+        dev = scores.device
+        ids = ids.to(dev)
+        pens = self.position_penalties(window, dev)
+        white = torch.tensor(self.whitelist, dtype=torch.long, device=dev)
+        pos = torch.arange(window, device=dev)
         out = scores.clone()
         for r in range(scores.shape[0]):
             uniq, inv = torch.unique(ids[r], return_inverse=True)
-            last = torch.full(uniq.shape, -1, dtype=torch.long).scatter_reduce(0, inv, pos, reduce="amax")
-            count = torch.zeros(uniq.shape, dtype=scores.dtype).scatter_add(
-                0, inv, torch.ones(window, dtype=scores.dtype))
+            last = torch.full(uniq.shape, -1, dtype=torch.long, device=dev).scatter_reduce(
+                0, inv, pos, reduce="amax")
+            count = torch.zeros(uniq.shape, dtype=scores.dtype, device=dev).scatter_add(
+                0, inv, torch.ones(window, dtype=scores.dtype, device=dev))
             sel = uniq < vocab
             if len(white):
                 sel &= ~torch.isin(uniq, white)
@@ -855,7 +927,7 @@ class RepetitionPenalty(Sampler):
             white = torch.tensor([t for t in self.whitelist if t < vocab], dtype=torch.long,
                                  device=scores.device)
             present[:, white] = False
-        pen = self.position_penalties(window).to(scores.device)[last.clamp(min=0)]  # float64: 1e-300 > 0
+        pen = self.position_penalties(window, scores.device)[last.clamp(min=0)]  # float64: 1e-300 > 0
         x = scores.double()
         penalised = torch.where(x < 0, x * pen, x / pen)
         out = torch.where(present, penalised.to(scores.dtype), scores)

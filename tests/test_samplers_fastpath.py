@@ -96,6 +96,7 @@ def test_repetition_penalty_window_tokens_match_full_vocabulary(seed, penalty, r
     if with_inf:
         scores[scores < -3] = NEG_INF
         scores[0, 5] = 3e38
-    s = RepetitionPenalty(penalty, rng, slope, presence, frequency, whitelist)
+    s = RepetitionPenalty(penalty, rng or (12 if slope else 0), slope, presence, frequency, whitelist)
+    rng = s.range
     window = ids[:, -rng:] if rng else ids
     assert _same(s(ids, scores), s._full(window, scores))
