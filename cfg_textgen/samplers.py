@@ -574,7 +574,7 @@ class TailFree(Sampler):
         padded[0, :n] = sv
         probs = padded.double().softmax(dim=-1)[0, : n + 2]  # p_n = p_{n+1} = 0
         d = probs.diff().diff().abs()  # the full row's d is 0 past these n entries
-        d_full = torch.zeros((1, vocab - 2), dtype=d.dtype)
+        d_full = torch.zeros((1, vocab - 2), dtype=d.dtype, device=d.device)
         d_full[0, :n] = d
         total = d_full.sum(dim=-1)[0]
         c = d.cumsum(dim=-1) / total.clamp(min=1e-300)
@@ -916,7 +916,7 @@ class RepetitionPenalty(Sampler):
     def _full(self, ids, scores):
         batch, vocab = scores.shape
         window = ids.shape[1]
-        ids = ids.clamp(max=vocab)  # ids beyond the output vocab go to a spare column
+        ids = ids.to(scores.device).clamp(max=vocab)  # ids beyond the output vocab go to a spare column
         pos = torch.arange(window, device=ids.device).expand(batch, window)
         last = torch.full((batch, vocab + 1), -1, dtype=torch.long, device=ids.device)
         last = last.scatter_reduce(1, ids, pos, reduce="amax")[:, :vocab]  # most recent position
@@ -964,6 +964,7 @@ class NoRepeatNGram(Sampler):
         if n == 0 or length < n:
             return scores.clone()
         vocab = scores.shape[-1]
+        input_ids = input_ids.to(scores.device)
         grams = input_ids.unfold(1, n, 1)  # (batch, length - n + 1, n)
         prefix = input_ids[:, length - n + 1:]  # the n - 1 most recent tokens
         hit = (grams[..., :-1] == prefix[:, None, :]).all(dim=-1)
@@ -1165,6 +1166,7 @@ class Mirostat(Sampler):
         self.mu = torch.where(continues, self.mu - step, fresh)
 
     def __call__(self, input_ids, scores):
+        input_ids = input_ids.to(scores.device)  # mu and the previous log-probs live there too
         self._update(input_ids)
         logp = torch.log_softmax(scores.double(), dim=-1)
         if self.version == 2:
