@@ -48,7 +48,7 @@ class _Cancelled(Exception):
     """Raised inside the decode loop by the per-step cancel check."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     request: Request
     text: str = ""

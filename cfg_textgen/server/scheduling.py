@@ -1,0 +1,92 @@
+"""The model behind the server: load it, pick the Scheduler (INTERFACE.md), tokenize, track jobs.
+
+The server uses only the Scheduler contract. The batched `cfg_textgen.engine.Scheduler` is used when
+it exists; until then the serial fallback in fallback.py (one job at a time from a queue).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+from .fallback import Request as _FallbackRequest
+from .fallback import SerialScheduler
+
+try:  # the batched engine (branch `llamacpp`); not there yet on every branch
+    from ..engine import Request as _EngineRequest
+    from ..engine import Scheduler as _EngineScheduler
+except ImportError:
+    _EngineRequest = _EngineScheduler = None
+
+
+class Service:
+    """One loaded model, its scheduler, and the jobs each API has running (for abort / stop)."""
+
+    def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
+                 log=print):
+        from ..models import DEFAULT_NAME, load_model
+
+        self.model, self.tokenizer = load_model(model_spec, log=log)
+        self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
+                           else "SmolLM2-135M-Instruct")
+        if _EngineScheduler is not None:
+            self.scheduler = _EngineScheduler((self.model, self.tokenizer), max_parallel=parallel)
+            self.Request = _EngineRequest
+        else:
+            self.scheduler = SerialScheduler((self.model, self.tokenizer), max_parallel=parallel)
+            self.Request = _FallbackRequest
+        self.batched = getattr(self.scheduler, "batched", True)
+        self.backend = backend or "transformers"
+        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self._jobs: dict[int, tuple[object, str, str | None]] = {}  # id(job) -> (job, api, genkey)
+        self._lock = threading.Lock()
+
+    # -- tokens
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def fit(self, prompt: str | list[int], context: int | None, max_new: int) -> str | list[int]:
+        """The prompt cut to a client's smaller context setting (the web UI's truncation_length,
+        Kobold's max_context_length): its last `context - max_new` tokens, as these apps do. The
+        model's own window is the engine's to enforce."""
+        if not context or context >= self.n_ctx:
+            return prompt
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        budget = max(1, context - max_new)
+        if len(ids) <= budget:
+            return prompt
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        head = [ids[0]] if bos is not None and ids[0] == bos else []
+        return head + ids[len(ids) - (budget - len(head)):]
+
+    # -- jobs
+    def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",
+               genkey=None):
+        if seed is None:
+            seed = random.randrange(2**31)
+        job = self.scheduler.submit(self.Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
+                                                 truncate=truncate))
+        with self._lock:
+            self._jobs = {i: v for i, v in self._jobs.items() if not _done(v[0])}
+            self._jobs[id(job)] = (job, api, genkey)
+        return job
+
+    def cancel(self, api: str | None = None, genkey: str | None = None) -> int:
+        """Cancel running jobs of one API (and one Kobold genkey, if given); how many."""
+        with self._lock:
+            hits = [j for j, a, k in self._jobs.values()
+                    if not _done(j) and (api is None or a == api) and (genkey is None or k == genkey)]
+        for job in hits:
+            job.cancel()
+        return len(hits)
+
+    def close(self, finish: bool = True) -> None:
+        self.scheduler.close(finish=finish)
+
+
+def _done(job) -> bool:
+    return job.stop_reason is not None
