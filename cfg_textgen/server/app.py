@@ -74,8 +74,8 @@ def submit(service, length_field: str, prompt, preset, seed, **kw):
         text = str(err)
         m = _NAMED.search(text)
         field = _ENGINE_FIELDS.get(m.group(1), m.group(1)) if m else None
-        if field is None:
-            field = length_field if ("new tokens" in text or (m and m.group(1) == "max_new_tokens")) else "prompt"
+        if field is None:  # the engine's words: too many new tokens, or too long a story
+            field = length_field if ("leave no room" in text or (m and m.group(1) == "max_new_tokens")) else "prompt"
         raise APIError(400, text, field) from None
 
 
@@ -242,7 +242,7 @@ async def decode(request: Request):
     service = request.app.state.service
     body = await read_json(request)
     tokens = body.get("tokens")
-    vocab = len(service.tokenizer)
+    vocab = service.vocab_size
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise bad("tokens", "must be a list of integers (token ids)", tokens)
     wrong = next((t for t in tokens if not 0 <= t < vocab), None)

@@ -21,33 +21,47 @@ except ImportError:
 
 
 class Service:
-    """One loaded model, its scheduler, and the jobs each API has running (for abort / stop)."""
+    """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
     def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
                  log=print):
-        from ..models import DEFAULT_NAME, load_model
+        from ..models import DEFAULT_NAME
 
-        self.model, self.tokenizer = load_model(model_spec, log=log)
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
         if _EngineScheduler is not None:
-            self.scheduler = _EngineScheduler((self.model, self.tokenizer), max_parallel=parallel)
+            self.backend = _load_backend(model_spec, backend, parallel, log)
+            self.scheduler = _EngineScheduler(self.backend, max_parallel=parallel)
             self.Request = _EngineRequest
+            self.batched = True
+            self.backend_name = self.backend.name
+            self.tokenizer = self.backend.tokenizer
+            self.n_ctx = int(self.backend.n_ctx or 2048)
         else:
-            self.scheduler = SerialScheduler((self.model, self.tokenizer), max_parallel=parallel)
+            from ..models import load_model
+
+            model, self.tokenizer = load_model(model_spec, log=log)
+            self.scheduler = SerialScheduler((model, self.tokenizer), max_parallel=parallel)
             self.Request = _FallbackRequest
-        self.batched = getattr(self.scheduler, "batched", True)
-        self.backend = backend or "transformers"
-        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+            self.batched = False
+            self.backend_name = "transformers"
+            self.n_ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._jobs: dict[int, tuple[object, str, str | None]] = {}  # id(job) -> (job, api, genkey)
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads
 
     # -- tokens
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
 
     def fit(self, prompt: str | list[int], context: int | None, max_new: int) -> str | list[int]:
         """The prompt cut to a client's smaller context setting (the web UI's truncation_length,
@@ -86,6 +100,27 @@ class Service:
 
     def close(self, finish: bool = True) -> None:
         self.scheduler.close(finish=finish)
+
+
+def _load_backend(spec, backend, parallel, log):
+    """The engine backend: `models.load_backend` (llama.cpp for GGUF when installed, else
+    transformers), sized for `parallel` live pairs."""
+    from .. import models
+
+    if hasattr(models, "load_backend"):
+        return models.load_backend(spec, backend, pairs=parallel, log=log)
+    # until models.load_backend lands (branch llamacpp): the same choice, made here
+    from ..backends import llama_cpp_available
+
+    gguf = spec is None or str(spec) in ("default", models.DEFAULT_NAME) or str(spec).lower().endswith(".gguf")
+    if backend == "llama.cpp" or (backend is None and gguf and llama_cpp_available()):
+        from ..backends.llama_cpp import LlamaCppBackend
+
+        path = models.default_gguf_path() if spec in (None, "default", models.DEFAULT_NAME) else spec
+        return LlamaCppBackend(path, pairs=parallel)
+    from ..backends.transformers import TransformersBackend
+
+    return TransformersBackend(*models.load_model(spec, log=log))
 
 
 def _done(job) -> bool:

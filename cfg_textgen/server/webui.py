@@ -103,4 +103,4 @@ def models_response(service) -> dict:
 
 def model_info_response(service) -> dict:
     return {"model_name": service.model_name, "lora_names": [],
-            "loader": "llama.cpp" if service.backend == "llama.cpp" else "Transformers"}
+            "loader": "llama.cpp" if service.backend_name == "llama.cpp" else "Transformers"}
