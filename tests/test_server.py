@@ -6,6 +6,7 @@ style negative prompt as long as the story included), and a load of concurrent s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -29,14 +30,29 @@ TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess()
+    # the engine picks the backend (llama.cpp for the default GGUF when installed);
+    # CFG_TEXTGEN_TEST_BACKEND=transformers runs this module on the other one
+    backend = os.environ.get("CFG_TEXTGEN_TEST_BACKEND")
+    srv = ServerProcess(*(["--backend", backend] if backend else []))
     yield srv
     assert srv.terminate() == 0, srv.stderr()
 
 
-def cli_generate(prompt: str, *flags: str) -> str:
+def _cli_backend_flags(srv) -> list[str]:
+    """Run the CLI on the server's backend (llama.cpp and transformers round differently)."""
+    loader = httpx.get(srv.url + "/v1/internal/model/info").json()["loader"]
+    help_text = subprocess.run([sys.executable, "-m", "cfg_textgen.cli", "generate", "--help"], cwd=REPO,
+                               capture_output=True, text=True).stdout
+    if "--backend" not in help_text:
+        assert loader == "Transformers", "the CLI has no --backend: it cannot run on the server's llama.cpp"
+        return []
+    return ["--backend", "llama.cpp" if loader == "llama.cpp" else "transformers"]
+
+
+def cli_generate(srv, prompt: str, *flags: str) -> str:
     out = subprocess.run([sys.executable, "-m", "cfg_textgen.cli", "generate", prompt, "--preset", "greedy",
-                          "--tokens", str(TOKENS), *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+                          "--tokens", str(TOKENS), *_cli_backend_flags(srv), *flags], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -63,7 +79,7 @@ def test_server_openai_client_streamed_equals_non_streamed(server):
 
 
 def test_server_same_greedy_text_through_webui_kobold_and_cli(server):
-    expected = cli_generate(STORY)
+    expected = cli_generate(server, STORY)
     assert webui(server, {"prompt": STORY, "max_tokens": TOKENS, "temperature": 0})["choices"][0]["text"] == expected
     kobold = {"prompt": STORY, "max_length": TOKENS, "temperature": 0}
     r = httpx.post(server.url + "/api/v1/generate", json=kobold, timeout=600).json()
@@ -74,11 +90,11 @@ def test_server_same_greedy_text_through_webui_kobold_and_cli(server):
 
 
 def test_server_cfg_fields_equal_cli_cfg_flags(server, tmp_path):
-    plain = cli_generate(ST_POSITIVE)
+    plain = cli_generate(server, ST_POSITIVE)
     for scale, negative in ((3.0, ST_NEGATIVE),):
         opposing = tmp_path / "negative.txt"
         opposing.write_text(negative, encoding="utf-8")
-        expected = cli_generate(ST_POSITIVE, "--cfg-scale", str(scale), "--opposing-file", str(opposing))
+        expected = cli_generate(server, ST_POSITIVE, "--cfg-scale", str(scale), "--opposing-file", str(opposing))
         body = {"prompt": ST_POSITIVE, "max_tokens": TOKENS, "temperature": 0, "guidance_scale": scale,
                 "negative_prompt": negative}
         assert webui(server, body)["choices"][0]["text"] == expected
