@@ -101,6 +101,8 @@ def test_server_kobold_routes_have_the_koboldcpp_shapes(server):
     assert version["result"] == "KoboldCpp" and isinstance(version["version"], str) and version["protected"] is False
     assert get("/api/v1/config/max_context_length") == {"value": 256}  # the tiny model's window
     assert isinstance(get("/api/v1/config/max_length")["value"], int)
+    perf = get("/api/extra/perf")
+    assert perf["idle"] == 1 and perf["queue"] == 0 and isinstance(perf["total_gens"], int)
     count = post(server, "/api/extra/tokencount", {"prompt": PROMPT}).json()
     assert count["value"] == len(count["ids"]) > 0
 

@@ -329,6 +329,15 @@ async def kobold_tokencount(request: Request):
     return JSONResponse({"value": len(ids), "ids": ids})
 
 
+async def kobold_perf(request: Request):
+    # KoboldCpp's status route (Kobold Lite polls it): `idle` 1 when nothing runs, `queue` waiting
+    service = request.app.state.service
+    running = service.running()
+    return JSONResponse({"total_gens": getattr(service, "total", 0), "queue": max(0, running - 1),
+                         "idle": int(running == 0), "backend": service.backend_name,
+                         "batched": service.batched})
+
+
 async def kobold_model(request: Request):
     return JSONResponse({"result": f"koboldcpp/{request.app.state.service.model_name}"})
 
@@ -407,6 +416,7 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
         Route("/api/extra/generate/stream", kobold_stream, methods=["POST"]),
         Route("/api/extra/abort", kobold_abort, methods=["POST"]),
         Route("/api/extra/tokencount", kobold_tokencount, methods=["POST"]),
+        Route("/api/extra/perf", kobold_perf),
     ]
     middleware = []
     if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered

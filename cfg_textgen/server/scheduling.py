@@ -87,6 +87,7 @@ class Service:
         with self._lock:
             self._jobs = {i: v for i, v in self._jobs.items() if not _done(v[0])}
             self._jobs[id(job)] = (job, api, genkey)
+            self.total = getattr(self, "total", 0) + 1
         return job
 
     def cancel(self, api: str | None = None, genkey: str | None = None) -> int:
@@ -97,6 +98,11 @@ class Service:
         for job in hits:
             job.cancel()
         return len(hits)
+
+    def running(self) -> int:
+        """Jobs submitted and not yet ended (running or waiting), over both APIs."""
+        with self._lock:
+            return sum(not _done(job) for job, _, _ in self._jobs.values())
 
     def close(self, finish: bool = True) -> None:
         self.scheduler.close(finish=finish)
