@@ -7,6 +7,12 @@ sees one token more (so mirostat updates its state and the penalties see a growi
 scores are the model's real logits for that context. Each sampler is timed inside the chain, so
 the per-sampler figures add up to the chain and show which one dominates.
 
+Per preset (issue 11: each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
+on the default vocabulary): every preset's chain on the same real logits and growing history,
+interleaved preset by preset and call by call; the pick (softmax + multinomial over the vocabulary,
+the engine's part) is timed apart. The same chains with torch's own sort in place of
+`samplers._sort` (what the full-vocabulary sorts cost before) run interleaved with them.
+
 Run alone: python3 benchmarks/bench_samplers.py [--quick]
 """
 
@@ -128,7 +134,83 @@ def run(quick: bool = False) -> Section:
     sec.row("cfg_combine, per token", 1e6 * median(combine_s), "us", fmt="{:.0f}")
     for name, us in ranked[:3]:
         sec.row(f"  {name}", us, "us", note=f"{100 * us / chain_us:.0f}% of the chain", fmt="{:.0f}")
+    presets_section(sec, model, tokenizer, hist, L0, calls)
     return sec
+
+
+COMMUNITY_PRESET = "novelai/sillytavern-with-cfg/Blook-Kayra.json"
+
+
+def _community_dir() -> Path | None:
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "shared" / "community-presets").is_dir():
+            return parent / "shared" / "community-presets"
+    return None
+
+
+def bench_presets():
+    """name -> Preset: every built-in preset and the community's Blook-Kayra (when found)."""
+    from cfg_textgen.importers import import_preset
+    from cfg_textgen.presets import list_presets, load_preset, parse_preset
+
+    out = {p.name: p for p in list_presets()}
+    community = _community_dir()
+    if community is not None and (community / COMMUNITY_PRESET).is_file():
+        data, _ = import_preset(community / COMMUNITY_PRESET)
+        out["Blook-Kayra (community)"] = parse_preset(data, COMMUNITY_PRESET)
+    return out
+
+
+def presets_section(sec, model, tokenizer, hist, L0, calls) -> None:
+    """Chain ms per token for each preset on the model's real logits, interleaved; target <= 1 ms."""
+    from unittest import mock
+
+    from cfg_textgen import samplers
+    from cfg_textgen.presets import build_chain
+    from cfg_textgen.samplers import pick_token
+
+    presets = bench_presets()
+    with torch.no_grad():  # the real next-token logits after each history prefix
+        rows = model(hist, logits_to_keep=calls).logits[0].float()  # (calls, vocab)
+
+    def torch_sort(x, descending=False):
+        return torch.sort(x, dim=-1, descending=descending)
+
+    variants = {"chain": None, "torch.sort": torch_sort}
+    gens = {(n, v): torch.Generator().manual_seed(0) for n in presets for v in variants}
+    chains = {(n, v): list(build_chain(p, tokenizer, gens[(n, v)])) for n, p in presets.items() for v in variants}
+    times = {key: [] for key in chains}
+    pick = {n: [] for n in presets}
+    log(f"samplers: {len(presets)} presets x {calls} calls, chain with our sort and with torch.sort")
+    for i in range(calls):
+        history = hist[:, :L0 + i + 1]
+        scores = rows[i:i + 1]
+        for name, preset in presets.items():
+            for variant, patch in variants.items():
+                ctx = mock.patch.object(samplers, "_sort", patch) if patch else mock.patch.object(
+                    samplers, "_sort", samplers._sort)
+                with ctx:
+                    t0 = now()
+                    out = scores
+                    for proc in chains[(name, variant)]:
+                        out = proc(history, out)
+                    times[(name, variant)].append(now() - t0)
+            t0 = now()
+            pick_token(out, preset.do_sample, gens[(name, "chain")])
+            pick[name].append(now() - t0)
+    per = {}
+    for name, preset in presets.items():
+        ms = 1e3 * median(times[(name, "chain")])
+        before = 1e3 * median(times[(name, "torch.sort")])
+        per[name] = {"samplers": [s.name for s in preset.samplers], "chain_ms": ms,
+                     "chain_ms_with_torch_sort": before, "pick_ms": 1e3 * median(pick[name])}
+        sec.row(f"preset {name}: chain per token", ms, "ms", "<= 1 ms", ms <= 1.0,
+                note=f"{'+'.join(s.name for s in preset.samplers) or 'empty'}; with torch.sort {before:.2f} ms",
+                fmt="{:.2f}")
+    worst = max(per.values(), key=lambda d: d["pick_ms"])["pick_ms"] if per else float("nan")
+    sec.row("pick (softmax + multinomial over the vocabulary), per token", worst, "ms",
+            note="the engine's part, after the chain; worst preset", fmt="{:.2f}")
+    sec.data["per_preset"] = per
 
 
 if __name__ == "__main__":
@@ -138,3 +220,6 @@ if __name__ == "__main__":
     print(table(s.rows))
     for k, v in s.data["per_sampler_us"].items():
         print(f"{k:22s} {v:8.0f} us")
+    import json
+
+    print(json.dumps(s.data.get("per_preset", {}), indent=1))

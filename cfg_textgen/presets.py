@@ -598,15 +598,18 @@ def build_chain(preset: Preset, tokenizer=None, generator=None):
             raise PresetError(f"preset {preset.name}: samplers[{i}]: unknown sampler {spec.name!r}; "
                               f"valid samplers: {_choices(sorted(registry))}")
         cls = registry[spec.name]
-        if cls.needs_tokenizer and tokenizer is None:
-            raise CFGTextgenError(f"preset {preset.name}: sampler {spec.name!r} needs a tokenizer")
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.params.items()}
-        if generator is not None and "generator" in inspect.signature(cls.from_params).parameters:
-            sampler = cls.from_params(params, tokenizer=tokenizer, generator=generator)
-        else:
-            sampler = cls.from_params(params, tokenizer=tokenizer)
-            if generator is not None and "generator" in inspect.signature(cls).parameters:
-                sampler.generator = generator  # random samplers (xtc) draw from it
+        try:  # a sampler that needs the tokenizer for these parameters says so (ValueError)
+            if generator is not None and "generator" in inspect.signature(cls.from_params).parameters:
+                sampler = cls.from_params(params, tokenizer=tokenizer, generator=generator)
+            else:
+                sampler = cls.from_params(params, tokenizer=tokenizer)
+                if generator is not None and "generator" in inspect.signature(cls).parameters:
+                    sampler.generator = generator  # random samplers (xtc) draw from it
+        except ValueError as err:
+            if not cls.needs_tokenizer or tokenizer is not None:
+                raise
+            raise CFGTextgenError(f"preset {preset.name}: sampler {spec.name!r} needs a tokenizer: {err}") from None
         chain.append(sampler)
     return chain
 

@@ -12,7 +12,21 @@ from cfg_textgen.errors import PresetError
 from cfg_textgen.importers import DROPPED, MAPPED, NEUTRAL, detect_format, import_bundle, import_preset
 from cfg_textgen.presets import parse_preset
 
-COMMUNITY = Path(__file__).resolve().parents[1].parent / "shared" / "community-presets"
+import os
+
+
+def _community_dir() -> Path:
+    """$CFG_TEXTGEN_COMMUNITY, else ../shared/community-presets beside the clone or beside any folder
+    above it (a git worktree lives one level deeper than the clone)."""
+    if os.environ.get("CFG_TEXTGEN_COMMUNITY"):
+        return Path(os.environ["CFG_TEXTGEN_COMMUNITY"])
+    for parent in Path(__file__).resolve().parents[1].parents:
+        if (parent / "shared" / "community-presets").is_dir():
+            return parent / "shared" / "community-presets"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "community-presets"
+
+
+COMMUNITY = _community_dir()
 needs_community = pytest.mark.skipif(
     not COMMUNITY.is_dir(), reason=f"community presets not found at {COMMUNITY} (CI puts ../shared beside the clone)")
 FILES = sorted(p for p in COMMUNITY.rglob("*") if p.is_file() and p.name != "SOURCES.md") if COMMUNITY.is_dir() else []
@@ -278,3 +292,73 @@ def test_import_preset_sillytavern_guidance_dry_and_xtc():
 def test_import_preset_unknown_format_is_a_clear_error():
     with pytest.raises(PresetError, match="unrecognised preset format"):
         import_preset({"colour": "blue"})
+
+
+# ---- issue 10 item 3: keys whose meaning differs between the apps -----------------------------
+
+
+def test_import_preset_koboldcpp_slope_is_the_two_step_rule():
+    # KoboldCpp gpttype_adapter.cpp: gpttype_generate sets rep_pen_slope to 1 when > 1 or <= 0 and
+    # repeat_last_n to 1 when < 1; sample_rep_pen gives the older half 1 + (rep_pen - 1) * slope.
+    base = {"temperature": 0.8, "rep_pen": 1.1, "sampler_order": [6, 5]}
+    preset, report = import_preset(dict(base, rep_pen_range=256, rep_pen_slope=0.5))
+    assert preset["samplers"][0] == rp(1.1, range=256, slope=0.5, slope_mode="halves")
+    assert "halves" in report.entries["rep_pen_slope"].detail
+    for slope in (1, 0, 3.4):  # all flat in KoboldCpp
+        preset, report = import_preset(dict(base, rep_pen_range=256, rep_pen_slope=slope))
+        assert preset["samplers"][0] == rp(1.1, range=256), slope
+        assert report.status("rep_pen_slope") == NEUTRAL
+    preset, _ = import_preset(dict(base, rep_pen_range=0))  # KoboldCpp clamps the range to 1
+    assert preset["samplers"][0] == rp(1.1, range=1)
+    preset, report = import_preset(base)  # koboldcpp.py: genparams.get('rep_pen_range', 320)
+    assert preset["samplers"][0] == rp(1.1, range=320)
+    assert any("320" in n for n in report.notes)
+
+
+@needs_community
+def test_import_preset_koboldai_slope_is_united_curve_over_the_range():
+    # SillyTavern's KoboldAI presets are KoboldAI United's: slope 3.4 over rep_pen_range 2048
+    preset, report = import_preset(community("koboldai-sillytavern/Best Guess.json"))
+    assert preset["samplers"][0] == rp(1.15, range=2048, slope=3.4)
+    assert "curve" in report.entries["rep_pen_slope"].detail
+    # a slope without a range has no effect in KoboldAI (`if cls.rep_pen_range > 0`)
+    data = {"temp": 0.7, "rep_pen": 1.1, "rep_pen_range": 0, "rep_pen_slope": 0.9, "sampler_order": [6, 5]}
+    preset, report = import_preset(data)
+    assert preset["samplers"][0] == rp(1.1)
+    assert report.status("rep_pen_slope") == NEUTRAL
+
+
+def test_import_preset_textgen_webui_dry_takes_the_repetition_penalty_range():
+    # text-generation-webui sampler_hijack.py: DRYLogitsProcessor(..., _range=repetition_penalty_range)
+    text = "dry_multiplier: 0.8\nrepetition_penalty: 1.1\nrepetition_penalty_range: 512\n"
+    preset, report = import_preset(text)
+    assert preset["samplers"][:2] == [rp(1.1, range=512),
+                                      {"sampler": "dry", "multiplier": 0.8, "base": 1.75, "allowed_length": 2,
+                                       "range": 512}]
+    assert "dry.range" in report.entries["repetition_penalty_range"].detail
+    preset, _ = import_preset("dry_multiplier: 0.8\n")  # the web UI's default range, 1024
+    assert preset["samplers"] == [{"sampler": "dry", "multiplier": 0.8, "base": 1.75, "allowed_length": 2,
+                                   "range": 1024}]
+
+
+def test_import_preset_sillytavern_dry_ignores_dry_penalty_last_n():
+    # read as the web UI reads it: DRY's range is rep_pen_range; dry_penalty_last_n is KoboldCpp's
+    data = {"temp": 1.0, "rep_pen": 1.0, "rep_pen_range": 300, "dry_multiplier": 0.8, "dry_penalty_last_n": 100,
+            "sampler_priority": ["temperature"]}
+    preset, report = import_preset(data)
+    assert preset["samplers"] == [{"sampler": "dry", "multiplier": 0.8, "base": 1.75, "allowed_length": 2,
+                                   "range": 300}]
+    assert report.status("dry_penalty_last_n") == DROPPED
+    assert report.status("rep_pen_range") == MAPPED
+
+
+def test_import_preset_koboldcpp_xtc_has_no_newline_eos_protection():
+    # KoboldCpp sample_xtc never checks newline or EOS; the web UI does (our default)
+    data = {"temperature": 1.0, "rep_pen": 1.0, "xtc_probability": 0.5, "xtc_threshold": 0.1,
+            "sampler_order": [6, 5]}
+    preset, _ = import_preset(data)
+    assert preset["samplers"] == [{"sampler": "xtc", "threshold": 0.1, "probability": 0.5,
+                                   "protect_newline_eos": False}]
+    st = {"temp": 1.0, "xtc_probability": 0.5, "xtc_threshold": 0.1, "sampler_priority": ["temperature"]}
+    preset, _ = import_preset(st)
+    assert preset["samplers"] == [{"sampler": "xtc", "threshold": 0.1, "probability": 0.5}]

@@ -12,7 +12,9 @@ from click.testing import CliRunner
 from cfg_textgen.cli import main
 from cfg_textgen.presets import parse_preset
 
-COMMUNITY = Path(__file__).resolve().parents[1].parent / "shared" / "community-presets"
+COMMUNITY = next((p / "shared" / "community-presets" for p in Path(__file__).resolve().parents[1].parents
+                  if (p / "shared" / "community-presets").is_dir()),
+                 Path(__file__).resolve().parents[1].parent / "shared" / "community-presets")  # worktrees: one up
 needs_community = pytest.mark.skipif(
     not COMMUNITY.is_dir(), reason=f"community presets not found at {COMMUNITY} (CI puts ../shared beside the clone)")
 

@@ -11,7 +11,9 @@ import pytest
 from cfg_textgen.importers import DROPPED, export_preset, import_preset
 from cfg_textgen.presets import builtin_names, load_preset, parse_preset
 
-COMMUNITY = Path(__file__).resolve().parents[1].parent / "shared" / "community-presets"
+COMMUNITY = next((p / "shared" / "community-presets" for p in Path(__file__).resolve().parents[1].parents
+                  if (p / "shared" / "community-presets").is_dir()),
+                 Path(__file__).resolve().parents[1].parent / "shared" / "community-presets")  # worktrees: one up
 needs_community = pytest.mark.skipif(
     not COMMUNITY.is_dir(), reason=f"community presets not found at {COMMUNITY} (CI puts ../shared beside the clone)")
 

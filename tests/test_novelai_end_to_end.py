@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-COMMUNITY = Path(__file__).resolve().parents[2] / "shared" / "community-presets"
+COMMUNITY = next((p / "shared" / "community-presets" for p in Path(__file__).resolve().parents[1].parents
+                  if (p / "shared" / "community-presets").is_dir()),
+                 Path(__file__).resolve().parents[1].parent / "shared" / "community-presets")  # worktrees: one up
 BLOOK = COMMUNITY / "novelai" / "sillytavern-with-cfg" / "Blook-Kayra.json"
 
 pytestmark = pytest.mark.slow

@@ -464,7 +464,8 @@ def test_build_chain_gives_fresh_objects_per_generation():
 @needs("xtc")
 def test_build_chain_gives_the_generator_to_random_samplers():
     preset = parse_preset({"name": "x", "samplers": [{"sampler": "xtc", "threshold": 0.05,
-                                                      "probability": 0.5}]}, "t.json")
+                                                      "probability": 0.5, "protect_newline_eos": False}]},
+                          "t.json")
     logits = torch.tensor([[3.0, 2.9, 2.8, 0.0, -1.0]])
     ids = torch.tensor([[0]])
 

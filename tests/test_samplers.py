@@ -48,14 +48,16 @@ CONTRACT = {
     "epsilon": {"epsilon": (0.0, "a float in [0, 1)")},
     "eta": {"eta": (0.0, "a float in [0, 1)")},
     "repetition_penalty": {"penalty": (1.0, "a float > 0"), "range": (0, "an integer >= 0"),
-                           "slope": (0.0, "a float >= 0"), "presence": (0.0, "a finite float"),
+                           "slope": (0.0, "a float >= 0"), "slope_mode": ("curve", "one of 'curve', 'halves'"),
+                           "presence": (0.0, "a finite float"),
                            "frequency": (0.0, "a finite float"),
                            "whitelist": ((), "a list of integers >= 0")},
     "no_repeat_ngram": {"size": (0, "an integer >= 0")},
     "mirostat": {"version": (2, "one of 1, 2"), "tau": (5.0, "a float > 0"), "eta": (0.1, "a float > 0")},
     "unified": {"linear": (1.0, "a finite float"), "quad": (0.0, "a finite float"),
                 "conf": (0.0, "a finite float")},
-    "xtc": {"threshold": (0.1, "a float in [0, 1]"), "probability": (0.0, "a float in [0, 1]")},
+    "xtc": {"threshold": (0.1, "a float in [0, 1]"), "probability": (0.0, "a float in [0, 1]"),
+            "protect_newline_eos": (True, "a boolean")},
     "dry": {"multiplier": (0.0, "a float >= 0"), "base": (1.75, "a float >= 1"),
             "allowed_length": (2, "an integer >= 1"), "range": (0, "an integer >= 0"),
             "sequence_breakers": (("\n", ":", '"', "*"), "a list of strings")},
@@ -230,7 +232,7 @@ def test_repetition_penalty_linear_slope_by_window_position():
     # penalty 1 + (x+1)/2 * (2-1) = [1, 1.25, 1.5, 1.75, 2]
     ids = torch.tensor([[0, 1, 2, 3, 4]])
     scores = torch.tensor([[2.0, 2.0, -2.0, 2.0, -2.0, 2.0]])
-    out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0)(ids, scores)
+    out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0, range=5)(ids, scores)
     expected = torch.tensor([[2 / 1, 2 / 1.25, -2 * 1.5, 2 / 1.75, -2 * 2, 2.0]])
     torch.testing.assert_close(out, expected)
 
@@ -240,7 +242,7 @@ def test_repetition_penalty_steep_slope():
     # penalty 3: 1 + (f+1)/2 * 2 = f + 2 -> [1, 4/3, 2, 8/3, 3]
     ids = torch.tensor([[0, 1, 2, 3, 4]])
     scores = torch.full((1, 5), 4.0)
-    out = SAMPLERS["repetition_penalty"](penalty=3.0, slope=2.0)(ids, scores)
+    out = SAMPLERS["repetition_penalty"](penalty=3.0, slope=2.0, range=5)(ids, scores)
     torch.testing.assert_close(out, 4.0 / torch.tensor([[1, 4 / 3, 2, 8 / 3, 3]]))
 
 
@@ -251,6 +253,45 @@ def test_repetition_penalty_uses_most_recent_position_and_range():
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]])
     out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0, range=4)(ids, scores)
     torch.testing.assert_close(out, torch.tensor([[1.0, 3 / 4, 1 / 2, 3 / 5, 1.0]]))
+
+
+def test_repetition_penalty_curve_is_built_over_the_range_not_the_window():
+    # KoboldAI United modeling/warpers.py RepetitionPenalty.torch: the curve has rep_pen_range points,
+    # x_j = j / (range - 1) * 2 - 1, f = s x / (1 + |x| (s - 1)), pen = 1 + (f + 1) / 2 * (rep_pen - 1),
+    # and a shorter window takes its last values (`_penalty[..., -clipped_penalty_range:]`).
+    # range 8, slope 1 (f = x), rep_pen 2; window of 3: j = 5, 6, 7 -> x = 3/7, 5/7, 1
+    # pen = 1 + (x + 1) / 2 = 12/7, 13/7, 2; a positive score 1 becomes 1 / pen
+    ids = torch.tensor([[0, 1, 2]])
+    scores = torch.ones(1, 4)
+    out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0, range=8)(ids, scores)
+    torch.testing.assert_close(out, torch.tensor([[7 / 12, 7 / 13, 1 / 2, 1.0]]))
+
+
+def test_repetition_penalty_curve_needs_a_range():
+    # KoboldAI applies rep_pen_slope only `if cls.rep_pen_range > 0`: a slope without a range is an error
+    with pytest.raises(ValueError, match="`slope` needs `range` > 0"):
+        SAMPLERS["repetition_penalty"](penalty=1.2, slope=0.7)
+
+
+def test_repetition_penalty_halves_is_koboldcpp_two_step_rule():
+    # KoboldCpp gpttype_adapter.cpp sample_rep_pen: window of n = 5, split = n / 2 = 2;
+    # tokens_far = positions 0, 1; tokens_near = positions 2..4; a token in near gets rep_pen, one only
+    # in far gets rep_pen_reduced = 1 + (rep_pen - 1) * slope = 1 + 1 * 0.5 = 1.5 (rep_pen 2).
+    # window [0, 1, 2, 3, 1]: token 0 only far -> 1.5; token 1 also near -> 2; tokens 2, 3 near -> 2
+    ids = torch.tensor([[0, 1, 2, 3, 1]])
+    scores = torch.tensor([[3.0, 3.0, -3.0, 3.0, 3.0]])
+    out = SAMPLERS["repetition_penalty"](penalty=2.0, range=5, slope=0.5, slope_mode="halves")(ids, scores)
+    torch.testing.assert_close(out, torch.tensor([[3 / 1.5, 3 / 2, -3 * 2, 3 / 2, 3.0]]))
+    # slope 1 is flat there (KoboldCpp's default), and a penalty <= 1 is never reduced
+    flat = SAMPLERS["repetition_penalty"](penalty=2.0, range=5, slope=1.0, slope_mode="halves")(ids, scores)
+    torch.testing.assert_close(flat, SAMPLERS["repetition_penalty"](penalty=2.0, range=5)(ids, scores))
+    reward = SAMPLERS["repetition_penalty"](penalty=0.5, range=5, slope=0.5, slope_mode="halves")(ids, scores)
+    torch.testing.assert_close(reward, torch.tensor([[6.0, 6.0, -1.5, 6.0, 3.0]]))
+
+
+def test_repetition_penalty_halves_slope_outside_its_range_is_an_error():
+    with pytest.raises(ValueError, match=r"`slope` has to be a float in \(0, 1\] with slope_mode 'halves'"):
+        SAMPLERS["repetition_penalty"](penalty=1.2, range=64, slope=3.4, slope_mode="halves")
 
 
 def test_repetition_penalty_flat_range():
@@ -325,13 +366,13 @@ def test_temperature_tiny_value_is_greedy_without_nan():
 
 def test_xtc_removes_all_top_choices_but_the_least_likely():
     # threshold .1: candidates .5, .3, .15 -> remove .5 and .3, keep .15 and the non-candidate .05
-    out = SAMPLERS["xtc"](threshold=0.1, probability=1.0)(None, logits(.5, .3, .15, .05))
+    out = SAMPLERS["xtc"](threshold=0.1, probability=1.0, protect_newline_eos=False)(None, logits(.5, .3, .15, .05))
     assert kept(out) == [2, 3]
 
 
 def test_xtc_needs_two_candidates():
     scores = logits(.5, .3, .15, .05)
-    out = SAMPLERS["xtc"](threshold=0.4, probability=1.0)(None, scores)
+    out = SAMPLERS["xtc"](threshold=0.4, probability=1.0, protect_newline_eos=False)(None, scores)
     assert torch.equal(out, scores)
 
 
@@ -340,7 +381,8 @@ def test_xtc_draws_one_number_per_row_from_the_generator():
     r = torch.rand(8, generator=torch.Generator().manual_seed(7))
     expect_applied = (r < 0.5).tolist()
     assert any(expect_applied) and not all(expect_applied)
-    xtc = SAMPLERS["xtc"](threshold=0.1, probability=0.5, generator=torch.Generator().manual_seed(7))
+    xtc = SAMPLERS["xtc"](threshold=0.1, probability=0.5, generator=torch.Generator().manual_seed(7),
+                          protect_newline_eos=False)
     out = xtc(None, scores)
     applied = torch.isinf(out[:, 0]).tolist()
     assert applied == expect_applied
@@ -349,12 +391,48 @@ def test_xtc_draws_one_number_per_row_from_the_generator():
 def test_xtc_seeded_runs_repeat():
     torch.manual_seed(1)
     scores = torch.randn(4, 20) * 2
-    a = SAMPLERS["xtc"](threshold=0.05, probability=0.5, generator=torch.Generator().manual_seed(3))
-    b = SAMPLERS["xtc"](threshold=0.05, probability=0.5, generator=torch.Generator().manual_seed(3))
+    a = SAMPLERS["xtc"](threshold=0.05, probability=0.5, generator=torch.Generator().manual_seed(3),
+                        protect_newline_eos=False)
+    b = SAMPLERS["xtc"](threshold=0.05, probability=0.5, generator=torch.Generator().manual_seed(3),
+                        protect_newline_eos=False)
     outs_a = [a(None, scores) for _ in range(5)]
     outs_b = [b(None, scores) for _ in range(5)]
     assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
     assert not all(torch.equal(outs_a[0], x) for x in outs_a[1:])  # the draws do differ per step
+
+
+class NewlineEosTokenizer:
+    """Just enough for XTC: '\\n' -> 1 (after an unrelated id, as a BPE tokenizer may give), EOS 3."""
+
+    eos_token_id = 3
+
+    def encode(self, text, add_special_tokens=False):
+        return [7 if c != "\n" else 1 for c in "x" + text]
+
+
+def test_xtc_leaves_the_row_alone_when_newline_or_eos_would_go():
+    # text-generation-webui modules/sampler_hijack.py XTCLogitsWarper: special ids are
+    # [tokenizer.encode("\n")[-1], tokenizer.eos_token_id]; `if indices_to_remove[:, special].any():
+    # return scores`. probs .5 .3 .15 .05 at threshold .1: tokens 0 and 1 would go (1 = newline)
+    xtc = SAMPLERS["xtc"](threshold=0.1, probability=1.0, tokenizer=NewlineEosTokenizer())
+    assert xtc.protected_ids == (1, 3)
+    scores = logits(.5, .3, .15, .05)
+    assert torch.equal(xtc(None, scores), scores)
+    eos_first = logits(.5, .05, .15, .3)  # EOS (3) is a top choice that would go
+    assert torch.equal(xtc(None, eos_first), eos_first)
+    # newline as the least likely candidate stays anyway, so XTC acts: 0 and 2 go
+    assert kept(xtc(None, logits(.5, .15, .3, .05))) == [1, 3]
+
+
+def test_xtc_without_protection_is_koboldcpp_and_llamacpp():
+    # KoboldCpp sample_xtc and llama.cpp llama_sampler_xtc have no newline / EOS rule
+    xtc = SAMPLERS["xtc"](threshold=0.1, probability=1.0, protect_newline_eos=False)
+    assert kept(xtc(None, logits(.5, .3, .15, .05))) == [2, 3]
+
+
+def test_xtc_protection_needs_the_tokenizer():
+    with pytest.raises(ValueError, match="`tokenizer` is required"):
+        SAMPLERS["xtc"](threshold=0.1, probability=0.5)
 
 
 # ---- DRY -------------------------------------------------------------------------------------------

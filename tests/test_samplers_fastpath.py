@@ -8,7 +8,7 @@ import hypothesis.strategies as st
 import torch
 from hypothesis import given, settings
 
-from cfg_textgen.samplers import RepetitionPenalty, TailFree, TopP, Typical, _finite_rows
+from cfg_textgen.samplers import RepetitionPenalty, TailFree, TopP, Typical, _finite_rows, _sort
 
 NEG_INF = float("-inf")
 
@@ -96,6 +96,48 @@ def test_repetition_penalty_window_tokens_match_full_vocabulary(seed, penalty, r
     if with_inf:
         scores[scores < -3] = NEG_INF
         scores[0, 5] = 3e38
-    s = RepetitionPenalty(penalty, rng, slope, presence, frequency, whitelist)
+    s = RepetitionPenalty(penalty, rng or (12 if slope else 0), slope, presence, frequency, whitelist)
+    rng = s.range
     window = ids[:, -rng:] if rng else ids
     assert _same(s(ids, scores), s._full(window, scores))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1024, 3000, 49152]), st.booleans(),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), st.sampled_from([0.0, 0.5, 0.95]),
+       st.booleans())
+def test_sort_is_torch_stable_sort(seed, vocab, descending, dtype, removed, rounded):
+    """samplers._sort (int64 keys sorted by numpy on the CPU) == torch.sort(stable=True): values and
+    indices, with ties (rounded logits, half precision), -inf entries and signed zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, vocab, generator=gen) * 4
+    if rounded:
+        x = x.round()
+    x[torch.rand(2, vocab, generator=gen) < removed] = NEG_INF
+    x[0, :3] = torch.tensor([0.0, -0.0, 0.0])
+    x = x.to(dtype)
+    values, order = _sort(x, descending)
+    ref_values, ref_order = torch.sort(x, dim=-1, descending=descending, stable=True)
+    assert torch.equal(order, ref_order)
+    assert torch.equal(values, ref_values) and values.dtype == dtype
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([7, 300, 4096, 49152]), st.sampled_from([0.3, 0.9, 0.98]),
+       st.integers(1, 3), st.booleans(), st.sampled_from([0.0, 0.5]))
+def test_top_p_value_cut_equals_the_stable_order_cut(seed, vocab, p, keep, rounded, removed):
+    """TopP._full cuts by value when the cut is not inside tied scores; written out here with the
+    stable sort and a scatter (the formulation it replaces), the two are equal bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, vocab, generator=gen) * 3
+    if rounded:
+        x = x.round()
+    x[torch.rand(2, vocab, generator=gen) < removed] = NEG_INF
+    x[:, 0] = 1.0
+    s = TopP(p, keep)
+    sorted_scores, order = torch.sort(x, dim=-1, stable=True)
+    cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum <= 1 - p
+    drop_sorted[..., -keep:] = False
+    expected = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), NEG_INF)
+    assert _same(s._full(x), expected)

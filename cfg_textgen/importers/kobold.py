@@ -8,7 +8,14 @@ Semantics (KoboldAI United / KoboldCpp sampler order): `sampler_order` ids 0 top
   applied it as a logits processor before the warpers, and id 6 was added at the front).
 - KoboldCpp applies min_p together with top_p (id 2), right after it.
 - Mirostat on: KoboldCpp ignores the order and runs repetition penalty, temperature, Mirostat.
-- `rep_pen_range` 0 means the whole context (KoboldAI's reading).
+- `rep_pen_slope` means two different things (docs/importing.md): KoboldAI United (its bundles
+  and the KoboldAI presets SillyTavern ships) fades the penalty along a curve built over
+  `rep_pen_range`, 0 = flat, only with a range (`modeling/warpers.py`); KoboldCpp / Kobold Lite
+  give the older half of the window `1 + (rep_pen - 1) * slope`, 1 = flat, and read a slope
+  outside (0, 1] as 1 (`gpttype_adapter.cpp` `sample_rep_pen`, `gpttype_generate`).
+- `rep_pen_range`: KoboldAI United, 0 = the whole context; KoboldCpp, missing = 320 (its API
+  default) and below 1 = 1 (it clamps `repeat_last_n`).
+- XTC: KoboldCpp has no newline/EOS protection, so its XTC entry sets `protect_newline_eos` false.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
         fmt = "KoboldAI United preset" if "preset" in data else (
             "KoboldCpp settings" if "temperature" in data else "KoboldAI preset (SillyTavern)")
     b = Builder(source, fmt, data, prefix=prefix)
+    koboldcpp = fmt == "KoboldCpp settings"
     temp_key = "temp" if "temp" in data else "temperature"
     if "temp" in data and "temperature" in data:
         b.dropped("temperature", "`temp` is present and takes precedence")
@@ -80,8 +88,8 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
             applied.insert(0, "repetition_penalty")
             b.note("sampler_order has no repetition penalty (id 6): it runs first, as older KoboldAI did.")
     for sid in applied:
-        _apply(b, sid, temp_key)
-    _dry_xtc(b)
+        _apply(b, sid, temp_key, koboldcpp)
+    _dry_xtc(b, koboldcpp)
     if mirostat:
         tau, eta = b.num("mirostat_tau", 5.0), b.num("mirostat_eta", 0.1)
         b.add({"sampler": "mirostat", "version": mirostat, "tau": tau, "eta": eta})
@@ -132,7 +140,7 @@ def _order(b: Builder) -> list[int]:
     return out
 
 
-def _apply(b: Builder, sid: str, temp_key: str) -> None:
+def _apply(b: Builder, sid: str, temp_key: str, koboldcpp: bool) -> None:
     if sid == "top_k":
         simple_sampler(b, "top_k", "top_k", "k", 0, integer=True)
     elif sid == "top_a":
@@ -165,26 +173,58 @@ def _apply(b: Builder, sid: str, temp_key: str) -> None:
             b.neutral("dynatemp_range", "0 is off")
             b.neutral("dynatemp_exponent", "unused while dynatemp_range is 0")
     elif sid == "repetition_penalty":
-        penalty = b.num("rep_pen", 1)
-        rng = b.num("rep_pen_range", 0, integer=True)
-        slope = b.num("rep_pen_slope", 0)
-        pres = b.num("presence_penalty", 0)
-        if penalty == 1 and not pres:
-            b.neutral("rep_pen", "1 is off")
-            for key in ("rep_pen_range", "rep_pen_slope", "presence_penalty"):
-                b.neutral(key, "no effect while the repetition penalty is off")
-            return
-        b.add(repetition_penalty_entry(penalty, range=rng, slope=slope, presence=pres))
-        b.mapped("rep_pen", "repetition_penalty.penalty")
-        b.mapped("rep_pen_range", "repetition_penalty.range") if rng else b.neutral(
-            "rep_pen_range", "0 means the whole context (our default)")
-        b.mapped("rep_pen_slope", "repetition_penalty.slope") if slope else b.neutral(
-            "rep_pen_slope", "0 is a flat penalty")
-        b.mapped("presence_penalty", "repetition_penalty.presence") if pres else b.neutral(
-            "presence_penalty", "0 is off")
+        _repetition_penalty(b, koboldcpp)
 
 
-def _dry_xtc(b: Builder) -> None:
+def _repetition_penalty(b: Builder, koboldcpp: bool) -> None:
+    penalty = b.num("rep_pen", 1)
+    rng = b.num("rep_pen_range", 320 if koboldcpp else 0, integer=True)
+    slope = b.num("rep_pen_slope", 1 if koboldcpp else 0)
+    pres = b.num("presence_penalty", 0)
+    if penalty == 1 and not pres:
+        b.neutral("rep_pen", "1 is off")
+        for key in ("rep_pen_range", "rep_pen_slope", "presence_penalty"):
+            b.neutral(key, "no effect while the repetition penalty is off")
+        return
+    entry = repetition_penalty_entry(penalty, presence=pres)
+    b.add(entry)
+    b.mapped("rep_pen", "repetition_penalty.penalty")
+    b.mapped("presence_penalty", "repetition_penalty.presence") if pres else b.neutral(
+        "presence_penalty", "0 is off")
+    if koboldcpp:
+        if rng < 1:
+            entry["range"] = 1
+            b.mapped("rep_pen_range", f"repetition_penalty.range = 1 (KoboldCpp reads {rng} as 1: the last token)")
+        else:
+            entry["range"] = rng
+            b.mapped("rep_pen_range", "repetition_penalty.range") if b.has("rep_pen_range") else b.note(
+                "rep_pen_range is not in the file: KoboldCpp's default 320 applies.")
+        if 0 < slope < 1 and penalty > 1:
+            entry.update(slope=slope, slope_mode="halves")
+            b.mapped("rep_pen_slope", "repetition_penalty.slope with slope_mode halves (KoboldCpp: the "
+                                      "older half of the window gets 1 + (rep_pen - 1) * slope)")
+        elif 0 < slope <= 1:
+            b.neutral("rep_pen_slope", "KoboldCpp's slope: 1 is flat" if slope == 1 else
+                      "KoboldCpp fades only a penalty above 1: flat")
+        else:
+            b.neutral("rep_pen_slope", f"KoboldCpp reads a slope outside (0, 1] as 1: flat")
+        return
+    if rng:
+        entry["range"] = rng
+        b.mapped("rep_pen_range", "repetition_penalty.range")
+    else:
+        b.neutral("rep_pen_range", "0 means the whole context (our default)")
+    if slope and rng:
+        entry["slope"] = slope
+        b.mapped("rep_pen_slope", "repetition_penalty.slope with slope_mode curve (KoboldAI United's "
+                                  "curve over rep_pen_range, 0 = flat)")
+    elif slope:
+        b.neutral("rep_pen_slope", "KoboldAI United applies the slope only with a rep_pen_range: flat")
+    else:
+        b.neutral("rep_pen_slope", "0 is a flat penalty (KoboldAI United's curve)")
+
+
+def _dry_xtc(b: Builder, koboldcpp: bool) -> None:
     mult = b.num("dry_multiplier", 0)
     dry_keys = ("dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers")
     if mult:
@@ -207,8 +247,12 @@ def _dry_xtc(b: Builder) -> None:
             b.neutral(key, "unused while dry_multiplier is 0")
     prob = b.num("xtc_probability", 0)
     if prob:
-        b.add({"sampler": "xtc", "threshold": b.num("xtc_threshold", 0.1), "probability": prob})
-        b.mapped("xtc_probability", "xtc.probability (after the sampler order)")
+        xtc = {"sampler": "xtc", "threshold": b.num("xtc_threshold", 0.1), "probability": prob}
+        if koboldcpp:
+            xtc["protect_newline_eos"] = False
+        b.add(xtc)
+        b.mapped("xtc_probability", "xtc.probability (after the sampler order)" + (
+            "; protect_newline_eos false: KoboldCpp's XTC may remove newline and EOS" if koboldcpp else ""))
         b.mapped("xtc_threshold", "xtc.threshold")
     else:
         b.neutral("xtc_probability", "0 is off")

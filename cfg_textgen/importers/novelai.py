@@ -227,13 +227,20 @@ def _repetition_penalty(b: Builder, model: str | None) -> None:
         for key in REP_KEYS[1:]:
             b.neutral(key, "no effect while the repetition penalty is off")
     else:
-        b.samplers.insert(0, repetition_penalty_entry(penalty, range=rng, slope=slope, presence=pres,
-                                                      frequency=freq))
+        # NovelAI's slope is the curve KoboldAI United copied (over the range); no range, no curve
+        b.samplers.insert(0, repetition_penalty_entry(penalty, range=rng, slope=slope if rng else 0,
+                                                      presence=pres, frequency=freq))
         b.mapped("repetition_penalty", "repetition_penalty.penalty (applied first, right after CFG)")
         b.mapped("repetition_penalty_range", "repetition_penalty.range") if rng else b.neutral(
             "repetition_penalty_range", "0 means the whole context (our default)")
-        b.mapped("repetition_penalty_slope", "repetition_penalty.slope") if slope else b.neutral(
-            "repetition_penalty_slope", "0 is a flat penalty (our default)")
+        if slope and rng:
+            b.mapped("repetition_penalty_slope", "repetition_penalty.slope (the curve over the range, "
+                                                 "slope_mode curve, as KoboldAI United reads it)")
+        elif slope:
+            b.neutral("repetition_penalty_slope", "the slope curve is built over repetition_penalty_range; "
+                                                  "with range 0 the penalty is flat (KoboldAI's reading)")
+        else:
+            b.neutral("repetition_penalty_slope", "0 is a flat penalty (our default)")
         b.mapped("repetition_penalty_frequency", "repetition_penalty.frequency") if freq else b.neutral(
             "repetition_penalty_frequency", "0 is off")
         b.mapped("repetition_penalty_presence", "repetition_penalty.presence") if pres else b.neutral(
@@ -337,8 +344,12 @@ def export(preset: dict, report) -> dict:
             if rep_done:
                 report.dropped(key, "NovelAI has one repetition penalty; a second is not carried", name)
                 continue
+            halves = s.get("slope_mode", "curve") == "halves"
+            if halves and s.get("slope", 1.0) != 1.0:
+                report.dropped(f"{key}.slope", "KoboldCpp's two-step slope (slope_mode halves); NovelAI's "
+                               "slope is the curve over the range", s["slope"])
             params.update(repetition_penalty=s.get("penalty", 1.0), repetition_penalty_range=s.get("range", 0),
-                          repetition_penalty_slope=s.get("slope", 0.0),
+                          repetition_penalty_slope=0.0 if halves else s.get("slope", 0.0),
                           repetition_penalty_frequency=s.get("frequency", 0.0),
                           repetition_penalty_presence=s.get("presence", 0.0))
             rep_done = True

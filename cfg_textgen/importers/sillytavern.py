@@ -72,9 +72,13 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None):
     penalty_on = any(s["sampler"] == "repetition_penalty" for s in b.samplers)
     slope = b.num("rep_pen_slope")
     if slope is not None:
-        (b.neutral if not penalty_on else b.dropped)(
-            "rep_pen_slope", "no effect while the repetition penalty is off" if not penalty_on else
-            "text-generation-webui, whose semantics this importer follows, has no slope (KoboldCpp's setting)")
+        if not penalty_on:
+            b.neutral("rep_pen_slope", "no effect while the repetition penalty is off")
+        elif slope == 1:
+            b.neutral("rep_pen_slope", "1 is flat in KoboldCpp, the backend that reads it (the web UI has none)")
+        else:
+            b.dropped("rep_pen_slope", "text-generation-webui, whose semantics this importer follows, has no "
+                      "slope (KoboldCpp's setting)")
     if "samplers" in data:
         b.dropped("samplers", "order for the llama.cpp backend; this importer follows sampler_priority")
     if "sampler_order" in data:
@@ -139,7 +143,7 @@ def export(preset: dict, report) -> dict:
         if name == "repetition_penalty":
             out.update(rep_pen=s.get("penalty", 1.0), rep_pen_range=s.get("range", 0),
                        presence_pen=s.get("presence", 0.0), freq_pen=s.get("frequency", 0.0))
-            if s.get("slope"):
+            if s.get("slope") and not (s.get("slope_mode") == "halves" and s["slope"] == 1.0):
                 report.dropped(f"{key}.slope", "text-generation-webui has no repetition-penalty slope", s["slope"])
             if s.get("whitelist"):
                 report.dropped(f"{key}.whitelist", "SillyTavern has no repetition-penalty whitelist", s["whitelist"])

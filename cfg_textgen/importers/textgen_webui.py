@@ -312,25 +312,45 @@ def _penalties(b: Builder, get, rep, src) -> None:
 
 
 def _dry(b: Builder, get, rep, src) -> None:
+    """DRY over the web UI's `repetition_penalty_range` (sampler_hijack.py passes
+    `_range=generation_config.repetition_penalty_range`; the web UI has no DRY range of its own).
+    `dry_penalty_last_n` (SillyTavern sends it to KoboldCpp / llama.cpp) is not read."""
     mult = get("dry_multiplier")
-    keys = ("dry_base", "dry_allowed_length", "dry_sequence_breakers", "dry_penalty_last_n")
+    keys = ("dry_base", "dry_allowed_length", "dry_sequence_breakers")
     if not mult:
         rep("dry_multiplier", "neutral", "0 is off")
-        for canon in keys:
+        for canon in (*keys, "dry_penalty_last_n"):
             rep(canon, "neutral", "unused while dry_multiplier is 0")
         return
     sampler = {"sampler": "dry", "multiplier": mult, "base": get("dry_base"),
                "allowed_length": get("dry_allowed_length", integer=True)}
-    if get("dry_penalty_last_n", integer=True):  # 0 = the whole context, our default
-        sampler["range"] = get("dry_penalty_last_n", integer=True)
+    rng = get("repetition_penalty_range", integer=True)
+    if rng:  # 0 = the whole context, our default
+        sampler["range"] = rng
     if "dry_sequence_breakers" in src and _breakers(b, src["dry_sequence_breakers"]) != DRY_BREAKERS:
         sampler["sequence_breakers"] = _breakers(b, src["dry_sequence_breakers"])
     b.add(sampler)
     rep("dry_multiplier", "mapped", "dry.multiplier")
     rep("dry_base", "mapped", "dry.base")
     rep("dry_allowed_length", "mapped", "dry.allowed_length")
-    rep("dry_penalty_last_n", "mapped", "dry.range")
     rep("dry_sequence_breakers", "mapped", "dry.sequence_breakers")
+    if "repetition_penalty_range" in src:
+        key = src["repetition_penalty_range"]
+        before = b.report.entries.pop(b.k(key), None)
+        also = "repetition_penalty.range and " if before is not None and before.status == "mapped" else ""
+        if rng:
+            b.mapped(key, f"{also}dry.range (the web UI gives DRY the repetition penalty's range)")
+        elif before is not None and before.status == "mapped":
+            b.report.entries[b.k(key)] = before
+        else:
+            b.neutral(key, "0 means the whole context, for DRY too (our default)")
+    elif rng:
+        b.note(f"repetition_penalty_range is not in the file: the web UI's default {rng} applies to DRY too.")
+    if "dry_penalty_last_n" in src:
+        off = b.data[src["dry_penalty_last_n"]] == 0
+        rep("dry_penalty_last_n", "neutral" if off else "dropped",
+            "0: the whole context" if off else "text-generation-webui gives DRY repetition_penalty_range "
+            "and has no DRY range of its own (a KoboldCpp / llama.cpp setting)")
 
 
 DRY_BREAKERS = ["\n", ":", "\"", "*"]
