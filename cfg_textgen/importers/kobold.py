@@ -310,7 +310,8 @@ def import_request(body: dict, source: str = "request"):
     the same `import_preset` that reads KoboldCpp settings files, with KoboldCpp's defaults for
     missing keys. `guidance_scale` / `negative_prompt` become the preset's CFG settings."""
     fields = dict(API_DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS}
-    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp API request")
+    # KoboldCpp's meaning of every key (rep_pen_slope: KoboldCpp's halves, not KoboldAI's curve)
+    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp settings")
     b = Builder(source, "KoboldCpp API request", {k: body[k] for k in CFG_KEYS if k in body})
     scale = b.num("guidance_scale", 1.0)
     negative = b.string("negative_prompt", "")
