@@ -168,3 +168,24 @@ def test_server_readme_openai_example_runs_against_the_server(server, capsys):
     (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "extra_body" in b]
     exec(compile(block.replace("http://127.0.0.1:5000", server.url), "README openai example", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_server_stop_generation_and_abort_end_a_running_job(server):
+    for path, body, stop in (
+            ("/v1/completions", {"prompt": STORY, "max_tokens": 4000, "temperature": 1.0, "seed": 1,
+                                 "ban_eos_token": True}, ("/v1/internal/stop-generation", {})),
+            ("/api/v1/generate", {"prompt": STORY, "max_length": 4000, "bypass_eos": True, "genkey": "KCPPab12"},
+             ("/api/extra/abort", {"genkey": "KCPPab12"}))):
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(r=httpx.post(server.url + path, json=body, timeout=600)))
+        worker.start()
+        while httpx.get(server.url + "/api/extra/perf").json()["idle"] == 1:  # until the job runs
+            time.sleep(0.1)
+        assert httpx.post(server.url + stop[0], json=stop[1]).status_code == 200
+        worker.join(120)
+        data = out["r"].json()
+        if path == "/v1/completions":
+            assert data["choices"][0]["finish_reason"] == "stop" and data["usage"]["completion_tokens"] < 4000
+        else:
+            assert data["results"][0]["finish_reason"] == "stop" and data["results"][0]["completion_tokens"] < 4000
+        assert _idle_soon(server)
