@@ -145,7 +145,8 @@ def _idle_soon(srv, seconds: float = 60) -> bool:
 def test_server_dropped_stream_frees_its_slot(server):
     body = {"prompt": STORY, "max_tokens": 4000, "temperature": 1.0, "seed": 1, "ban_eos_token": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the response (a disconnect)
+        next(line for line in lines if line.startswith("data: "))
         assert httpx.get(server.url + "/api/extra/perf").json()["idle"] == 0
     assert _idle_soon(server)
     done = webui(server, {"prompt": STORY, "max_tokens": 2, "temperature": 0})
