@@ -144,6 +144,7 @@ BAD = [  # (path, body: dict or raw text, status, field, words in the message)
     (W, OK | {"guidance_scale": "big"}, 400, "guidance_scale", "number"),
     (W, OK | {"guidance_scale": 1.5, "negative_prompt": 7}, 400, "negative_prompt", "string"),
     (W, OK | {"prompt": "fox " * 400, "truncate": False}, 400, "prompt", "context"),
+    (W, OK | {"guidance_scale": 1.5, "negative_prompt": "fox " * 300}, 400, "negative_prompt", "opposing-prompt"),
     (W, OK | {"mirostat_mode": 3}, 400, "mirostat_mode", "0, 1 or 2"),
     (W, OK | {"repetition_penalty": 1.2, "repetition_penalty_range": 1.5}, 400, "repetition_penalty_range", "whole"),
     (W, OK | {"dry_multiplier": 0.8, "dry_sequence_breakers": 5}, 400, "dry_sequence_breakers", "list"),

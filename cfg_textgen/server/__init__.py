@@ -6,7 +6,7 @@ KoboldCpp serves it) over the engine, for SillyTavern, Kobold Lite and OpenAI cl
     kobold.py      the KoboldAI API's envelope and response shapes
     translate.py   sampler fields -> Preset, through the importers of the same apps' preset files
     errors.py      error shapes per API, typed field reads
-    scheduling.py  the loaded model and its Scheduler (the batched engine's, else fallback.py)
+    scheduling.py  the loaded backend and the engine's Scheduler; which API runs which job
     serve.py       the process: uvicorn, SIGTERM, warnings
 """
 

@@ -62,6 +62,7 @@ async def read_json(request: Request) -> dict:
 
 
 _NAMED = re.compile(r"`(\w+)`")
+_ROOM = re.compile(r"(\d+) new tokens \(\+ (\d+) opposing-prompt tokens\)")
 _ENGINE_FIELDS = {"prompt": "prompt", "max_new_tokens": None, "opposing_prompt": "negative_prompt",
                   "scale": "guidance_scale"}
 
@@ -74,9 +75,12 @@ def submit(service, length_field: str, prompt, preset, seed, **kw):
         text = str(err)
         m = _NAMED.search(text)
         field = _ENGINE_FIELDS.get(m.group(1), m.group(1)) if m else None
-        if field is None:  # the engine's words: too many new tokens, or too long a story
+        if field is None:  # the engine's words: too many new tokens, too long a negative prompt or story
             field = length_field if ("leave no room" in text or (m and m.group(1) == "max_new_tokens")) else "prompt"
-        raise APIError(400, text, field) from None
+            counts = _ROOM.match(text)
+            if "leave no room" in text and counts and int(counts.group(2)) > int(counts.group(1)):
+                field = "negative_prompt"
+        raise APIError(400, text if f"`{field}`" in text else f"`{field}`: {text}", field) from None
 
 
 # ---- waiting for jobs, noticing disconnects -------------------------------------------------
@@ -334,8 +338,7 @@ async def kobold_perf(request: Request):
     service = request.app.state.service
     running = service.running()
     return JSONResponse({"total_gens": getattr(service, "total", 0), "queue": max(0, running - 1),
-                         "idle": int(running == 0), "backend": service.backend_name,
-                         "batched": service.batched})
+                         "idle": int(running == 0), "backend": service.backend_name})
 
 
 async def kobold_model(request: Request):

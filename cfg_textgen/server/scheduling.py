@@ -1,7 +1,8 @@
-"""The model behind the server: load it, pick the Scheduler (INTERFACE.md), tokenize, track jobs.
+"""The model behind the server: load its backend, run the engine's Scheduler (INTERFACE.md: the
+server uses only that contract), tokenize, and track which API's jobs are running.
 
-The server uses only the Scheduler contract. The batched `cfg_textgen.engine.Scheduler` is used when
-it exists; until then the serial fallback in fallback.py (one job at a time from a queue).
+On llama.cpp the Scheduler decodes every active request (and each of `n` choices) in one batch per
+step; on transformers each active pair is its own forward within a step.
 """
 
 from __future__ import annotations
@@ -10,14 +11,7 @@ import random
 import threading
 from pathlib import Path
 
-from .fallback import Request as _FallbackRequest
-from .fallback import SerialScheduler
-
-try:  # the batched engine (branch `llamacpp`); not there yet on every branch
-    from ..engine import Request as _EngineRequest
-    from ..engine import Scheduler as _EngineScheduler
-except ImportError:
-    _EngineRequest = _EngineScheduler = None
+from ..engine import Request, Scheduler
 
 
 class Service:
@@ -29,23 +23,11 @@ class Service:
 
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
-        if _EngineScheduler is not None:
-            self.backend = _load_backend(model_spec, backend, parallel, log)
-            self.scheduler = _EngineScheduler(self.backend, max_parallel=parallel)
-            self.Request = _EngineRequest
-            self.batched = True
-            self.backend_name = self.backend.name
-            self.tokenizer = self.backend.tokenizer
-            self.n_ctx = int(self.backend.n_ctx or 2048)
-        else:
-            from ..models import load_model
-
-            model, self.tokenizer = load_model(model_spec, log=log)
-            self.scheduler = SerialScheduler((model, self.tokenizer), max_parallel=parallel)
-            self.Request = _FallbackRequest
-            self.batched = False
-            self.backend_name = "transformers"
-            self.n_ctx = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.backend = _load_backend(model_spec, backend, parallel, log)
+        self.scheduler = Scheduler(self.backend, max_parallel=parallel)
+        self.backend_name = self.backend.name
+        self.tokenizer = self.backend.tokenizer
+        self.n_ctx = int(self.backend.n_ctx or 2048)
         self._jobs: dict[int, tuple[object, str, str | None]] = {}  # id(job) -> (job, api, genkey)
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads
@@ -82,7 +64,7 @@ class Service:
                genkey=None):
         if seed is None:
             seed = random.randrange(2**31)
-        job = self.scheduler.submit(self.Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
+        job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
                                                  truncate=truncate))
         with self._lock:
             self._jobs = {i: v for i, v in self._jobs.items() if not _done(v[0])}
@@ -111,22 +93,9 @@ class Service:
 def _load_backend(spec, backend, parallel, log):
     """The engine backend: `models.load_backend` (llama.cpp for GGUF when installed, else
     transformers), sized for `parallel` live pairs."""
-    from .. import models
+    from ..models import load_backend
 
-    if hasattr(models, "load_backend"):
-        return models.load_backend(spec, backend, pairs=parallel, log=log)
-    # until models.load_backend lands (branch llamacpp): the same choice, made here
-    from ..backends import llama_cpp_available
-
-    gguf = spec is None or str(spec) in ("default", models.DEFAULT_NAME) or str(spec).lower().endswith(".gguf")
-    if backend == "llama.cpp" or (backend is None and gguf and llama_cpp_available()):
-        from ..backends.llama_cpp import LlamaCppBackend
-
-        path = models.default_gguf_path() if spec in (None, "default", models.DEFAULT_NAME) else spec
-        return LlamaCppBackend(path, pairs=parallel)
-    from ..backends.transformers import TransformersBackend
-
-    return TransformersBackend(*models.load_model(spec, log=log))
+    return load_backend(spec, backend, pairs=parallel, log=log)
 
 
 def _done(job) -> bool:

@@ -29,9 +29,8 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
         log(f"warning: serving on {host} without an API key: anyone who can reach this port can use "
             f"the model. Set --api-key or {API_KEY_ENV}.")
     service = Service(model, backend=backend, parallel=parallel, log=log)
-    log(f"model {service.model_name} ready ({service.backend_name}; "
-        f"{'batched scheduler' if service.batched else 'serial fallback scheduler: one request at a time'}"
-        f"; context {service.n_ctx} tokens)")
+    log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
+        f"together; context {service.n_ctx} tokens)")
     app = create_app(service, api_key=api_key, cors_origins=cors_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE, lifespan="off")
