@@ -9,11 +9,11 @@ the per-sampler figures add up to the chain and show which one dominates.
 
 Per preset (issue 11: each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
 on the default vocabulary): every preset's chain on the same real logits and growing history,
-interleaved preset by preset and call by call; the pick (softmax + multinomial over the vocabulary,
-the engine's part) is timed apart. The same chains with torch's own sort in place of
-`samplers._sort` (what the full-vocabulary sorts cost before) run interleaved with them.
+interleaved preset by preset and call by call, each through the chain object build_chain returns;
+the pick (softmax + multinomial over the vocabulary, the engine's part) is timed apart. With
+`--before REV` the same presets also run through the samplers of git revision REV, interleaved.
 
-Run alone: python3 benchmarks/bench_samplers.py [--quick]
+Run alone: python3 benchmarks/bench_samplers.py [--quick] [--before REV]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Profiled:
         return scores
 
 
-def run(quick: bool = False) -> Section:
+def run(quick: bool = False, before: str | None = None) -> Section:
     from cfg_textgen.guidance import cache_keyword, cfg_combine, returned_cache
     from cfg_textgen.presets import build_chain, parse_preset
     from cfg_textgen.samplers import SAMPLERS, pick_token
@@ -134,7 +134,7 @@ def run(quick: bool = False) -> Section:
     sec.row("cfg_combine, per token", 1e6 * median(combine_s), "us", fmt="{:.0f}")
     for name, us in ranked[:3]:
         sec.row(f"  {name}", us, "us", note=f"{100 * us / chain_us:.0f}% of the chain", fmt="{:.0f}")
-    presets_section(sec, model, tokenizer, hist, L0, calls)
+    presets_section(sec, model, tokenizer, hist, L0, calls, before)
     return sec
 
 
@@ -161,11 +161,29 @@ def bench_presets():
     return out
 
 
-def presets_section(sec, model, tokenizer, hist, L0, calls) -> None:
-    """Chain ms per token for each preset on the model's real logits, interleaved; target <= 1 ms."""
-    from unittest import mock
+def samplers_at(rev: str):
+    """The SAMPLERS registry of cfg_textgen/samplers.py as it was at git revision `rev`, loaded as a
+    separate module (for a before/after comparison in one run)."""
+    import importlib.util
+    import subprocess
+    import tempfile
 
-    from cfg_textgen import samplers
+    src = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "show",
+                          f"{rev}:cfg_textgen/samplers.py"], capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"samplers_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"samplers_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module.SAMPLERS
+
+
+def presets_section(sec, model, tokenizer, hist, L0, calls, before: str | None = None) -> None:
+    """Chain ms per token for each preset on the model's real logits, interleaved; target <= 1 ms.
+    With `before` (a git revision), the same presets through that revision's samplers too."""
+    from transformers import LogitsProcessorList
+
     from cfg_textgen.presets import build_chain
     from cfg_textgen.samplers import pick_token
 
@@ -173,50 +191,55 @@ def presets_section(sec, model, tokenizer, hist, L0, calls) -> None:
     with torch.no_grad():  # the real next-token logits after each history prefix
         rows = model(hist, logits_to_keep=calls).logits[0].float()  # (calls, vocab)
 
-    def torch_sort(x, descending=False):
-        return torch.sort(x, dim=-1, descending=descending)
-
-    variants = {"chain": None, "torch.sort": torch_sort}
+    variants = ["chain"] + ([f"at {before}"] if before else [])
     gens = {(n, v): torch.Generator().manual_seed(0) for n in presets for v in variants}
-    chains = {(n, v): list(build_chain(p, tokenizer, gens[(n, v)])) for n, p in presets.items() for v in variants}
+    chains = {(n, "chain"): build_chain(p, tokenizer, gens[(n, "chain")]) for n, p in presets.items()}
+    if before:
+        old = samplers_at(before)
+        for n, p in presets.items():
+            chains[(n, variants[1])] = LogitsProcessorList(
+                old[s.name].from_params({k: list(v) if isinstance(v, tuple) else v for k, v in s.params.items()},
+                                        tokenizer=tokenizer) for s in p.samplers)
+            for proc in chains[(n, variants[1])]:
+                if hasattr(proc, "generator"):
+                    proc.generator = gens[(n, variants[1])]
     times = {key: [] for key in chains}
     pick = {n: [] for n in presets}
-    log(f"samplers: {len(presets)} presets x {calls} calls, chain with our sort and with torch.sort")
+    log(f"samplers: {len(presets)} presets x {calls} calls ({', '.join(variants)})")
     for i in range(calls):
         history = hist[:, :L0 + i + 1]
         scores = rows[i:i + 1]
         for name, preset in presets.items():
-            for variant, patch in variants.items():
-                ctx = mock.patch.object(samplers, "_sort", patch) if patch else mock.patch.object(
-                    samplers, "_sort", samplers._sort)
-                with ctx:
-                    t0 = now()
-                    out = scores
-                    for proc in chains[(name, variant)]:
-                        out = proc(history, out)
-                    times[(name, variant)].append(now() - t0)
+            for variant in variants:
+                t0 = now()
+                out = chains[(name, variant)](history, scores)
+                times[(name, variant)].append(now() - t0)
             t0 = now()
             pick_token(out, preset.do_sample, gens[(name, "chain")])
             pick[name].append(now() - t0)
     per = {}
     for name, preset in presets.items():
         ms = 1e3 * median(times[(name, "chain")])
-        before = 1e3 * median(times[(name, "torch.sort")])
         per[name] = {"samplers": [s.name for s in preset.samplers], "chain_ms": ms,
-                     "chain_ms_with_torch_sort": before, "pick_ms": 1e3 * median(pick[name])}
-        sec.row(f"preset {name}: chain per token", ms, "ms", "<= 1 ms", ms <= 1.0,
-                note=f"{'+'.join(s.name for s in preset.samplers) or 'empty'}; with torch.sort {before:.2f} ms",
-                fmt="{:.2f}")
-    worst = max(per.values(), key=lambda d: d["pick_ms"])["pick_ms"] if per else float("nan")
+                     "pick_ms": 1e3 * median(pick[name])}
+        note = "+".join(s.name for s in preset.samplers) or "empty"
+        if before:
+            per[name][f"chain_ms_at_{before}"] = was = 1e3 * median(times[(name, variants[1])])
+            note += f"; at {before}: {was:.2f} ms"
+        sec.row(f"preset {name}: chain per token", ms, "ms", "<= 1 ms", ms <= 1.0, note=note, fmt="{:.2f}")
+    worst = max(d["pick_ms"] for d in per.values()) if per else float("nan")
     sec.row("pick (softmax + multinomial over the vocabulary), per token", worst, "ms",
             note="the engine's part, after the chain; worst preset", fmt="{:.2f}")
     sec.data["per_preset"] = per
+    sec.data["per_preset_before"] = before
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    s = run(ap.parse_args().quick)
+    ap.add_argument("--before", metavar="REV", help="also time the presets with the samplers of this git revision")
+    args = ap.parse_args()
+    s = run(args.quick, args.before)
     print(table(s.rows))
     for k, v in s.data["per_sampler_us"].items():
         print(f"{k:22s} {v:8.0f} us")

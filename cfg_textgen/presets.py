@@ -589,10 +589,10 @@ def build_chain(preset: Preset, tokenizer=None, generator=None):
     Call it once per generation: samplers such as mirostat keep state while generating.
     `generator` (a `torch.Generator`) goes to samplers whose `from_params` accepts it.
     """
-    from transformers import LogitsProcessorList
+    from .samplers import SamplerChain
 
     registry = _registry()
-    chain = LogitsProcessorList()
+    chain = SamplerChain()  # a LogitsProcessorList that runs single-threaded on the CPU
     for i, spec in enumerate(preset.samplers):
         if spec.name not in registry:
             raise PresetError(f"preset {preset.name}: samplers[{i}]: unknown sampler {spec.name!r}; "
