@@ -368,16 +368,26 @@ def explain(model, tokenizer, prompt_ids: Sequence[int], scale: float, generate_
 
 # ---- LAMBADA --------------------------------------------------------------------------------
 #
-# The rule (as in the CFG paper's Table 1 setting: zero-shot, greedy):
+# Two rules; both zero-shot and greedy with CFG at the scale, on
 #   target    = the last whitespace-separated word of `text` (after stripping trailing whitespace);
-#   context   = the text before it, trailing whitespace removed;
-#   decoding  = greedy with CFG at the scale, at most MAX_WORD_TOKENS new tokens, stopping early once
-#               the first word is complete: the generated text, after its leading whitespace, holds
-#               a whitespace character (or EOS came);
+#   context   = the text before it, trailing whitespace removed.
+#
+# "tokens" (the default; lm-eval-harness' rule, which Sanchez et al. 2023 report in Table 1):
+#   target ids = tokenizer(" " + target) without special tokens;
+#   decoding   = exactly as many new tokens as the target has (EOS ends early);
+#   correct    = the generated ids equal the target ids.
+#
+# "word" (reads a whole word, forgiving punctuation):
+#   decoding  = at most MAX_WORD_TOKENS new tokens, stopping early once the first word is complete:
+#               the generated text, after its leading whitespace, holds a whitespace character (or
+#               EOS came);
 #   predicted = the first whitespace-separated chunk of the generated text;
 #   correct   = predicted == target after stripping leading/trailing punctuation (Unicode category
 #               P*) from both; case-sensitive; an empty prediction is wrong.
-# Stopping early never changes the prediction: the first chunk is fixed once whitespace follows it.
+# Stopping early never changes the word rule's prediction: the first chunk is fixed once whitespace
+# follows it.
+
+RULES = ("tokens", "word")
 
 
 @dataclass(frozen=True)
@@ -487,23 +497,69 @@ def lambada_opposing(setting: str) -> Opposing:
     raise ValueError(f"`opposing` has to be 'last-token' or 'empty', but is {setting!r}")
 
 
-def predict_word(model, tokenizer, context: str, scale: float, opposing: Opposing,
-                 max_tokens: int = MAX_WORD_TOKENS) -> str:
-    """The first word the model generates after `context`, greedy with CFG at `scale`."""
+def _lambada_generate(model, tokenizer, context: str, scale: float, opposing: Opposing, max_tokens: int,
+                      stopping_criteria=None) -> list:
+    """Greedy ids after `context` with CFG at `scale` through our `generate` plugin (a preset with
+    no samplers: CFG alone), ending at the story EOS rule (context.eos_ids)."""
     import torch
-    from transformers import StoppingCriteriaList
 
+    from .context import eos_ids
     from .guidance import padding_id
     from .presets import generate_kwargs, parse_preset
 
     preset = parse_preset({"name": "lambada", "do_sample": False, "max_new_tokens": max_tokens,
                            "cfg": {"scale": scale, "opposing_prompt": opposing.prompt,
                                    "opposing_mode": opposing.mode}}, source="eval lambada")
-    ids = torch.tensor([encode_prompt(tokenizer, context)], device=model.device)
-    stop = StoppingCriteriaList([_WordComplete(tokenizer, ids.shape[1])])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), stopping_criteria=stop,
-                         pad_token_id=padding_id(model, tokenizer), **generate_kwargs(preset, model, tokenizer))
-    return first_word(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    ids = torch.tensor([encode_prompt(tokenizer, context, model, reserve=max_tokens)], device=model.device)
+    extra = {} if stopping_criteria is None else {"stopping_criteria": stopping_criteria(ids.shape[1])}
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=sorted(eos_ids(model, tokenizer)),
+                         pad_token_id=padding_id(model, tokenizer), **extra,
+                         **generate_kwargs(preset, model, tokenizer))
+    return _strip_eos_padding(out[0, ids.shape[1]:].tolist(), model, tokenizer)
+
+
+def target_token_ids(tokenizer, target: str) -> list:
+    """The token rule's target: `tokenizer(" " + target)` without special tokens (lm-eval-harness)."""
+    return list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+
+
+def predict_tokens(model, tokenizer, context: str, target_ids: Sequence[int], scale: float,
+                   opposing: Opposing) -> list:
+    """The token rule: as many greedy tokens as the target has (fewer if EOS came)."""
+    return _lambada_generate(model, tokenizer, context, scale, opposing, max(1, len(target_ids)))
+
+
+def predict_word(model, tokenizer, context: str, scale: float, opposing: Opposing,
+                 max_tokens: int = MAX_WORD_TOKENS) -> str:
+    """The word rule: the first word the model generates after `context`, greedy with CFG."""
+    from transformers import StoppingCriteriaList
+
+    new = _lambada_generate(model, tokenizer, context, scale, opposing, max_tokens,
+                            lambda n: StoppingCriteriaList([_WordComplete(tokenizer, n)]))
+    return first_word(tokenizer.decode(new, skip_special_tokens=True))
+
+
+@dataclass
+class LambadaPrediction:
+    """One example at one scale, for `--out`."""
+
+    line: int
+    scale: float
+    rule: str
+    context: str
+    target: str
+    prediction: str
+    correct: bool
+    target_ids: list = field(default_factory=list)  # token rule only
+    predicted_ids: list = field(default_factory=list)  # token rule only
+
+    def to_dict(self) -> dict:
+        d = {"line": self.line, "scale": self.scale, "rule": self.rule, "target": self.target,
+             "prediction": self.prediction, "correct": self.correct}
+        if self.rule == "tokens":
+            d.update(target_ids=self.target_ids, predicted_ids=self.predicted_ids)
+        d["context"] = self.context
+        return d
 
 
 @dataclass
@@ -511,7 +567,8 @@ class LambadaResult:
     scale: float
     correct: int = 0
     total: int = 0
-    predictions: list = field(default_factory=list)  # predicted word per example
+    predictions: list = field(default_factory=list)  # predicted word (text of the predicted tokens)
+    details: list = field(default_factory=list)  # LambadaPrediction per example
 
     @property
     def accuracy(self) -> float:
@@ -520,15 +577,27 @@ class LambadaResult:
 
 def eval_lambada(model, tokenizer, examples: Sequence[LambadaExample], scales: Iterable[float],
                  opposing: Opposing = Opposing("", "last-token"), max_tokens: int = MAX_WORD_TOKENS,
-                 progress: Progress | None = None) -> list[LambadaResult]:
-    """Last-word accuracy per scale (the rule is at the top of this section)."""
+                 progress: Progress | None = None, rule: str = "tokens") -> list[LambadaResult]:
+    """Last-word accuracy per scale by `rule` ("tokens" or "word"; see the top of this section).
+    `max_tokens` bounds the word rule only (the token rule generates the target's length)."""
+    if rule not in RULES:
+        raise ValueError(f"`rule` has to be one of {RULES}, but is {rule!r}")
     results = [LambadaResult(float(s)) for s in scales]
     total, done = len(examples) * len(results), 0
     for ex in examples:
+        want = target_token_ids(tokenizer, ex.target) if rule == "tokens" else []
         for res in results:
-            word = predict_word(model, tokenizer, ex.context, res.scale, opposing, max_tokens)
-            res.predictions.append(word)
-            res.correct += word_matches(word, ex.target)
+            if rule == "tokens":
+                got = predict_tokens(model, tokenizer, ex.context, want, res.scale, opposing)
+                text = tokenizer.decode(got, skip_special_tokens=True)
+                ok = got == want
+            else:
+                got, text = [], predict_word(model, tokenizer, ex.context, res.scale, opposing, max_tokens)
+                ok = word_matches(text, ex.target)
+            res.predictions.append(text)
+            res.details.append(LambadaPrediction(ex.line, res.scale, rule, ex.context, ex.target, text, ok,
+                                                 want, got))
+            res.correct += ok
             res.total += 1
             done += 1
             if progress:

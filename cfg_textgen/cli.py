@@ -596,6 +596,30 @@ def eval_group():
     """Measure what guidance does on a benchmark (LAMBADA last-word accuracy)."""
 
 
+def _write_jsonl_atomically(rows, out: str) -> None:
+    """One JSON object per line into OUT, via a temp file in the same folder: never a partial file."""
+    import json
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=".cfg-textgen-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_out_folder(ctx, param, value):
+    if value is not None and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise click.BadParameter(f"{value}: its folder does not exist")
+    return value
+
+
 @eval_group.command("lambada")
 @click.argument("file", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
 @click.option("--scales", default="1,1.5", show_default=True, metavar="LIST",
@@ -605,25 +629,32 @@ def eval_group():
               show_default=True,
               help="Opposing branch: the last context token (the CFG paper's and transformers' "
                    "default) or a blank story (BOS alone).")
+@click.option("--rule", type=click.Choice(["tokens", "word"]), default="tokens", show_default=True,
+              help="tokens: the greedy tokens must equal tokenizer(\" \" + word) (lm-eval-harness, the "
+                   "paper's numbers); word: the first generated word, punctuation stripped.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=10, show_default=True,
-              help="At most this many tokens are generated for the word.")
+              help="Word rule: at most this many tokens are generated for the word.")
+@click.option("--out", "out_path", metavar="FILE.jsonl", default=None, callback=_check_out_folder,
+              type=click.Path(dir_okay=False),
+              help="Also write every example's prediction (one JSON object per example and scale).")
 @click.option("--model", "model_spec", metavar="PATH", default=None,
               help="A Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M).")
 @_verbose_option
-def eval_lambada_command(file, scales, limit, opposing, max_tokens, model_spec, verbose):
+def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, out_path, model_spec, verbose):
     """LAMBADA last-word accuracy per CFG scale (zero-shot, greedy), as in Table 1 of Sanchez et al.
     2023. FILE has one JSON object per line with a "text" field; the target is its last
     whitespace-separated word.
 
     \b
-    The rule: greedy decoding with CFG until the first generated word is followed by whitespace
-    (or EOS, or --max-tokens); the prediction is the first whitespace-separated word; it is correct
-    when it equals the target after stripping leading and trailing punctuation from both
-    (case-sensitive).
+    Rule "tokens" (default, lm-eval-harness'): generate greedily as many tokens as
+    tokenizer(" " + word) has; correct when the ids are exactly those.
+    Rule "word": generate until the first word is followed by whitespace (or EOS, or --max-tokens);
+    correct when that word equals the target after stripping leading and trailing punctuation
+    from both (case-sensitive).
 
     \b
     Example:
-      cfg-textgen eval lambada lambada_test.jsonl --scales 1,1.25,1.5 --limit 500
+      cfg-textgen eval lambada lambada_test.jsonl --scales 1,1.25,1.5 --limit 500 --out mistakes.jsonl
     """
     from .analysis import eval_lambada, lambada_opposing, parse_scales, read_lambada
     from .report import ProgressBar, format_lambada
@@ -632,10 +663,14 @@ def eval_lambada_command(file, scales, limit, opposing, max_tokens, model_spec, 
     examples = read_lambada(file, limit)
     model, tokenizer = _load(model_spec, verbose, backend_name=False)
     results = eval_lambada(model, tokenizer, examples, scale_list, lambada_opposing(opposing), max_tokens,
-                           progress=ProgressBar("lambada"))
+                           progress=ProgressBar("lambada"), rule=rule)
     click.echo(f"LAMBADA last-word accuracy: {file}, {len(examples)} examples, greedy, "
-               f"opposing: {opposing}")
+               f"opposing: {opposing}, rule: {rule}")
     click.echo(format_lambada(results))
+    if out_path:
+        rows = [res.details[i].to_dict() for i in range(len(examples)) for res in results]
+        _write_jsonl_atomically(rows, out_path)
+        click.echo(f"wrote {out_path} ({len(rows)} predictions)", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

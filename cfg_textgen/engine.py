@@ -398,6 +398,10 @@ class Scheduler:
     context has no room for them). On the transformers backend each active pair is its own
     forward (still one step for all). A job's tokens never depend on what else runs: greedy gives
     the text it gives alone, a seeded job samples from its own `torch.Generator`.
+
+    `model_handle` is a backend (`models.load_backend(spec, backend=None, pairs=max_parallel)`) or
+    a transformers (model, tokenizer). The Scheduler owns the backend while it runs: do not use it
+    from a `Stream` at the same time.
     """
 
     def __init__(self, model_handle, max_parallel: int = 1):

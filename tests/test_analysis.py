@@ -356,7 +356,8 @@ def test_eval_lambada_agrees_with_transformers_guidance_scale(tiny_tokenizer, op
     # so that the accuracies are not all zero
     targets = ref[1.5][:3] + ["zebra", "zebra"]
     examples = [A.LambadaExample(c, t, i + 1) for i, (c, t) in enumerate(zip(CONTEXTS, targets))]
-    results = A.eval_lambada(model, tiny_tokenizer, examples, scales, A.lambada_opposing(opposing), MAX_TOKENS)
+    results = A.eval_lambada(model, tiny_tokenizer, examples, scales, A.lambada_opposing(opposing), MAX_TOKENS,
+                             rule="word")
     for res in results:
         assert res.predictions == ref[res.scale]
         assert res.correct == sum(A.word_matches(w, t) for w, t in zip(ref[res.scale], targets))
@@ -384,7 +385,8 @@ def test_eval_lambada_agrees_with_transformers_on_the_default_model(default_mode
     model, tokenizer = default_model
     examples = [A.LambadaExample(*A.split_last_word(t), i + 1) for i, t in enumerate(LAMBADA_HANDWRITTEN)]
     scales = [1.0, 1.5]
-    results = A.eval_lambada(model, tokenizer, examples, scales, A.lambada_opposing(opposing), MAX_TOKENS)
+    results = A.eval_lambada(model, tokenizer, examples, scales, A.lambada_opposing(opposing), MAX_TOKENS,
+                             rule="word")
     for res in results:
         ref = [_transformers_word(model, tokenizer, e.context, res.scale, opposing) for e in examples]
         assert res.predictions == ref

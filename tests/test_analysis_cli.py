@@ -120,7 +120,7 @@ def test_eval_lambada_prints_a_row_per_scale(tiny_model_dir, tmp_path):
              "--limit", "2", "--opposing", "empty"])
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
-    assert lines[0] == f"LAMBADA last-word accuracy: {data}, 2 examples, greedy, opposing: empty"
+    assert lines[0] == f"LAMBADA last-word accuracy: {data}, 2 examples, greedy, opposing: empty, rule: tokens"
     assert lines[1].split() == ["scale", "correct", "accuracy"]
     rows = [ln.split() for ln in lines[3:]]
     assert [row[0] for row in rows] == ["1", "1.5", "2"]
