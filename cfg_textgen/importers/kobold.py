@@ -289,3 +289,36 @@ def _other(b: Builder) -> None:
         b.dropped(key, why)
     for key in METADATA:
         b.dropped(key, "KoboldAI preset metadata")
+
+
+# ---- the KoboldAI API as KoboldCpp serves it (server/kobold.py) ----------------------------
+
+# KoboldCpp's own defaults for a generate request's missing keys (koboldcpp.py `generate`), where
+# they are not "off"; a request from Kobold Lite or SillyTavern sends every key anyway
+API_DEFAULTS = {"temperature": 0.75, "top_k": 100, "top_p": 0.92, "rep_pen_range": 320,
+                "dry_penalty_last_n": 320, "xtc_threshold": 0.2}
+REQUEST_KEYS = {"temperature", "top_k", "top_a", "top_p", "min_p", "typical", "tfs", "dynatemp_range",
+                "dynatemp_exponent", "rep_pen", "rep_pen_range", "rep_pen_slope", "presence_penalty",
+                "sampler_order", "mirostat", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base",
+                "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold",
+                "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "nsigma"}
+CFG_KEYS = ("guidance_scale", "negative_prompt")  # our extension (SillyTavern sends them to KoboldCpp)
+
+
+def import_request(body: dict, source: str = "request"):
+    """The sampler fields of a KoboldAI API generate request as our preset dict and its report, by
+    the same `import_preset` that reads KoboldCpp settings files, with KoboldCpp's defaults for
+    missing keys. `guidance_scale` / `negative_prompt` become the preset's CFG settings."""
+    fields = dict(API_DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS}
+    # KoboldCpp's meaning of every key (rep_pen_slope: KoboldCpp's halves, not KoboldAI's curve)
+    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp settings")
+    b = Builder(source, "KoboldCpp API request", {k: body[k] for k in CFG_KEYS if k in body})
+    scale = b.num("guidance_scale", 1.0)
+    negative = b.string("negative_prompt", "")
+    if scale != 1:
+        preset["cfg"] = {"scale": scale, "opposing_prompt": negative}
+        b.mapped("guidance_scale", "cfg.scale")
+        b.mapped("negative_prompt", "cfg.opposing_prompt")
+    for key, entry in b.report.entries.items():
+        report.entries.setdefault(key, entry)
+    return preset, report

@@ -372,3 +372,22 @@ def _breakers(b: Builder, key: str) -> list[str]:
     if not all(isinstance(x, str) for x in value):
         raise b.error(key, f"must be a list of strings, got {value!r}")
     return value
+
+
+# ---- the web UI's HTTP API (server/webui.py): a request body is a preset in another envelope ----
+
+PRESET_KEYS = set(DEFAULTS) | {"sampler_priority", "negative_prompt", "dry_sequence_breakers"}
+
+
+def import_request(body: dict, source: str = "request"):
+    """The sampler fields of a text-generation-webui API request (`/v1/completions`) as our preset
+    dict and its report, by the same `ooba_chain` that imports the web UI's preset files.
+
+    Only keys a web UI preset holds are read; everything else in a request (the prompt, lengths,
+    SillyTavern's own keys) is the caller's and is not reported. Bad values raise PresetError
+    naming the key.
+    """
+    fields = {k: v for k, v in body.items() if k in PRESET_KEYS}
+    b = Builder(source, "text-generation-webui API request", fields)
+    ooba_chain(b, {k: k for k in PRESET_KEYS}, DEFAULTS)
+    return b.finish(None, "request", "A text-generation-webui API request."), b.report
