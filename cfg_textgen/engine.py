@@ -1,22 +1,34 @@
-"""The streaming decode loop behind the CLI: both CFG branches in ONE batched forward per token.
+"""The streaming decode loop over a backend: one step for every live generation at once.
 
-Per step (the same parts as the `model.generate` plugin, in the same order):
+Per step and generation (the same parts as the `model.generate` plugin, in the same order):
 
-    logits (2, vocab) = model([story row, opposing row])   # left-padded batch of 2, KV-cached
+    logits (rows, vocab) = backend.run(...)                   # story row (+ opposing row with CFG)
     scores = cfg_combine(logits[0], logits[1], scale)        # guidance.py: the one formula
     scores = chain(story_ids, scores)                        # presets.build_chain: the samplers
     token  = pick_token(scores, do_sample, generator)        # samplers.py: argmax / multinomial
-    append `token` to both rows
+    the backend appends `token` to the pair's rows
 
-At scale 1 the opposing row is not run (batch 1) and the scores are log_softmax(logits), which is
-what `CFGLogitsProcessor(scale=1)` returns, so the chain sees log-probabilities at every scale.
-`story_ids` is the prompt plus the generated tokens, exactly what `generate` gives its processors,
-so repetition penalties see the same history. Text comes out as soon as it is decodable: the
-pieces joined equal the one-shot decode of all new tokens (see `IncrementalDecoder`).
+At scale 1 the opposing row is not run (one sequence) and the scores are log_softmax(logits), which
+is what `CFGLogitsProcessor(scale=1)` returns. `story_ids` is the prompt plus the generated tokens,
+exactly what `generate` gives its processors, so repetition penalties see the same history. Text
+comes out as soon as it is final (the backend's decoder): the pieces joined equal the one-shot
+decode of all new tokens.
+
+Three ways in, one `Generation` (the per-generation state: settings, history, text, stop rules):
+- `Stream` (the CLI's): one generation, iterated in the caller's thread;
+- `Scheduler` + `Request` + `Job` (the server's, INTERFACE.md): a background thread decodes every
+  active job together, one `backend.run` per step; jobs join and leave between steps;
+- `generate_stream` / `stream_preset`: a `Stream` from settings or from a preset.
+Backends (backends/): transformers (any Hugging Face model) and llama.cpp (GGUF, many sequences
+in one batch). Pass a backend, or a transformers (model, tokenizer) as before.
 """
 
 from __future__ import annotations
 
+import collections
+import queue
+import secrets
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,77 +37,47 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .backends.transformers import (REPLACEMENT, IncrementalDecoder, TransformersBackend,  # noqa: F401
+                                    context_length)
 from .errors import CFGTextgenError
-from .guidance import (MODES, cfg_combine, check_scale, forward_kwargs, left_pad, opposing_token_ids,
-                       padding_id, positions_from_mask, run_model, split_head)
+from .guidance import MODES, cfg_combine, check_scale, opposing_token_ids
 from .samplers import pick_token
 
-REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that do not form a whole character (yet)
+
+def as_backend(model, tokenizer=None):
+    """A backend for `model`: itself when it is one, else a transformers model + its tokenizer."""
+    if hasattr(model, "run") and hasattr(model, "release"):
+        return model
+    if isinstance(model, tuple) and len(model) == 2 and tokenizer is None:
+        model, tokenizer = model
+    if tokenizer is None:
+        raise ValueError("a transformers model needs its `tokenizer` (or pass a backend)")
+    return TransformersBackend(model, tokenizer)
 
 
 @dataclass
 class Stats:
-    """What one generation cost: generated tokens, wall seconds, forward passes, context cut."""
+    """What one generation cost: generated tokens, wall seconds, decode calls, context cut."""
 
     tokens: int = 0
     seconds: float = 0.0
-    forwards: int = 0
+    forwards: int = 0  # backend decode calls this generation took part in
     prompt_tokens: int = 0  # story tokens before the cut
     kept_tokens: int = 0  # story tokens the model saw
-    batch: int = 1  # rows per forward: 2 with CFG, 1 without
+    batch: int = 1  # rows of this generation per step: 2 with CFG, 1 without
+    first_token_seconds: float | None = None  # from the start (or submit) to the first token
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def generated_tokens(self) -> int:
+        return self.tokens
 
-class IncrementalDecoder:
-    """Decode a growing list of new token ids and release only text that will not change.
-
-    The text of the new tokens is `decode(tail + new)` minus `decode(tail)`, where `tail` is the last
-    few context tokens: a SentencePiece decoder drops the leading space of the first token it sees,
-    and the tail keeps the join to the story right. (For byte-level BPE this equals
-    `decode(new)`.) Each call decodes the whole new list again and releases the new suffix, holding
-    back trailing U+FFFD: the first bytes of a character whose last bytes are still to come.
-    """
-
-    def __init__(self, tokenizer, context_ids: Sequence[int] = (), tail: int = 3):
-        self.tokenizer = tokenizer
-        context = list(context_ids)
-        self.tail = context[-tail:] if tail else []
-        # a tail that starts inside a multi-byte character would decode to U+FFFD: widen it
-        while self.tail and REPLACEMENT in self._decode(self.tail)[:1] and len(self.tail) < len(context):
-            self.tail = context[-(len(self.tail) + 1):]
-        self.base = self._decode(self.tail)
-        self.ids: list[int] = []
-        self.released = ""
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
-
-    def text(self) -> str:
-        """All the text of the new tokens so far, unstable end included."""
-        full = self._decode(self.tail + self.ids)
-        return full[len(self.base):] if full.startswith(self.base) else self._decode(self.ids)
-
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text that became stable (often "", never retracted)."""
-        self.ids.append(int(token_id))
-        return self._release(self.text().rstrip(REPLACEMENT))
-
-    def flush(self) -> str:
-        """The rest, unfinished characters included (U+FFFD), at the end of the generation."""
-        return self._release(self.text())
-
-    def _release(self, stable: str) -> str:
-        if not stable.startswith(self.released):
-            # the decoder changed text it already gave (rare; e.g. a normaliser): keep what was
-            # shown and continue after its length
-            stable = self.released + stable[len(self.released):]
-        piece = stable[len(self.released):]
-        self.released = stable
-        return piece
+    @property
+    def time_to_first_token(self) -> float | None:
+        return self.first_token_seconds
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -109,33 +91,23 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    """The ids that end a generation: generation_config's (as `generate` uses), else config's."""
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            return {eos} if isinstance(eos, int) else {int(e) for e in eos}
-    return set()
+class Generation:
+    """The state of one generation over a backend: settings, token history, text, stop rules.
 
-
-def context_length(model) -> int | None:
-    """The model's window in tokens (max_position_embeddings), or None if it does not say."""
-    n = getattr(model.config, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
-class Stream:
-    """One streaming generation. Iterate it for text pieces; afterwards read `token_ids` (every
-    generated token, EOS included), `text` (what was yielded), `stop_reason` ("eos", "max_tokens",
-    "stop") and `stats`. Setup (tokenizing, the context cut) happens in the constructor, so bad
-    settings fail before the first forward pass."""
+    Setup (tokenizing, the context cut) happens in the constructor, so bad settings fail before
+    any decoding. The decode loop (a `Stream` or the `Scheduler`) prefills `pair_ids()`, then per
+    step hands the pair's logits to `advance`, which picks the token and returns the text that
+    became final; when `done`, the loop releases the pair. Afterwards: `token_ids` (every
+    generated token, EOS included), `text` (what was given out), `stop_reason` ("eos",
+    "max_tokens", "stop"; the Scheduler adds "cancelled" and "error") and `stats`."""
 
     def __init__(self, model, tokenizer, prompt: str | Sequence[int], *, scale: float = 1.0,
                  opposing_prompt: str = "", opposing_mode: str = "text", chain=None,
                  max_new_tokens: int = 200, stop: Sequence[str] = (), do_sample: bool = True,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 on_cut: Callable[[int, int], None] | None = None):
-        self.model, self.tokenizer = model, tokenizer
+                 on_cut: Callable[[int, int], None] | None = None, ban_eos: bool = False,
+                 truncate: bool = True):
+        self.backend = backend = as_backend(model, tokenizer)
         self.scale = check_scale(scale)
         if opposing_mode not in MODES:
             raise ValueError(f"`opposing_mode` has to be one of {MODES}, but is {opposing_mode!r}")
@@ -149,15 +121,13 @@ class Stream:
         self.chain = chain if chain is not None else []
         self.do_sample = do_sample
         if generator is None and seed is not None:
-            generator = torch.Generator(device=model.device).manual_seed(int(seed))
+            generator = torch.Generator(device=backend.device).manual_seed(int(seed))
         self.generator = generator  # None: the global torch RNG, as `generate` uses
-        self.eos = _eos_ids(model, tokenizer)
-        bos = getattr(model.config, "bos_token_id", None)
-        if bos is None:
-            bos = tokenizer.bos_token_id
+        self.eos = set(backend.eos_ids)
+        self.ban_eos = bool(ban_eos)
+        bos = backend.bos_id
 
-        ids = (list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if isinstance(prompt, str)
-               else [int(t) for t in prompt])
+        ids = backend.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             if bos is None:
                 raise CFGTextgenError("the story is empty and this model has no BOS token to start "
@@ -165,22 +135,32 @@ class Stream:
             ids = [int(bos)]
         cfg = self.scale != 1.0
         if cfg and opposing_mode == "text":
-            self.opposing = opposing_token_ids(opposing_prompt, tokenizer, bos)[0]
+            self.opposing = opposing_token_ids(opposing_prompt, backend.tokenizer, bos)[0]
         else:
             self.opposing = None  # last-token: decided after the cut
-        self.prompt_ids = self._fit(ids, len(self.opposing) if self.opposing else int(cfg), on_cut)
+        self.prompt_ids = self._fit(ids, len(self.opposing) if self.opposing else int(cfg), on_cut,
+                                    truncate)
         if cfg and self.opposing is None:
             self.opposing = [self.prompt_ids[-1]]
         self.token_ids: list[int] = []
         self.text = ""
         self.stop_reason: str | None = None
+        self.done = False
         self.stats = Stats(prompt_tokens=len(ids), kept_tokens=len(self.prompt_ids),
                            batch=2 if cfg else 1)
-        self._iter = self._run()
+        device = backend.device
+        # story ids + room for every new token; the chain sees a view of the filled part
+        self._history = torch.zeros((1, len(self.prompt_ids) + max_new_tokens), dtype=torch.long,
+                                    device=device)
+        self._history[0, :len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.long)
+        self._filled = len(self.prompt_ids)
+        self._eos_index = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
+        self._decoder = backend.decoder(self.prompt_ids)
+        self._start = time.perf_counter()
 
-    def _fit(self, ids: list[int], opposing_len: int, on_cut) -> list[int]:
+    def _fit(self, ids: list[int], opposing_len: int, on_cut, truncate: bool) -> list[int]:
         """Keep the most recent story tokens that fit the window (and leading special tokens)."""
-        window = context_length(self.model)
+        window = self.backend.n_ctx
         if window is None:
             return ids
         budget = window - self.max_new_tokens - opposing_len
@@ -190,7 +170,11 @@ class Stream:
                 f"for the story in this model's context of {window} tokens: ask for fewer tokens")
         if len(ids) <= budget:
             return ids
-        special = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        if not truncate:
+            raise CFGTextgenError(
+                f"the story is {len(ids)} tokens; with {self.max_new_tokens} new tokens (+ {opposing_len} "
+                f"opposing-prompt tokens) at most {budget} fit this model's context of {window} tokens")
+        special = self.backend.special_ids
         head = []
         while len(head) < len(ids) and ids[len(head)] in special and len(head) < budget - 1:
             head.append(ids[len(head)])
@@ -199,74 +183,64 @@ class Stream:
             on_cut(len(kept), len(ids))
         else:
             warnings.warn(f"the story is {len(ids)} tokens; only the last {len(kept)} fit the "
-                          f"context and were used", stacklevel=3)
+                          f"context and were used", stacklevel=4)
         return kept
 
-    def __iter__(self) -> Iterator[str]:
-        return self
+    def pair_ids(self) -> tuple[list[int], list[int] | None]:
+        """What the backend prefills: (story ids, opposing ids or None at scale 1)."""
+        return self.prompt_ids, (self.opposing if self.stats.batch == 2 else None)
 
-    def __next__(self) -> str:
-        return next(self._iter)
+    @property
+    def cells(self) -> int:
+        """KV cells this generation may need at most (story + opposing + new tokens in each)."""
+        return (len(self.prompt_ids) + self.max_new_tokens
+                + (len(self.opposing) + self.max_new_tokens if self.stats.batch == 2 else 0))
 
-    def _run(self) -> Iterator[str]:
-        model = self.model
-        device = model.device
-        accepts = forward_kwargs(model)
-        split = split_head(model)
-        rows = [self.prompt_ids] + ([self.opposing] if self.stats.batch == 2 else [])
-        ids, mask = left_pad(rows, padding_id(model, self.tokenizer))
-        ids, mask = ids.to(device), mask.to(device)
-        positions = positions_from_mask(mask)
-        next_pos = mask.sum(-1, keepdim=True)  # (batch, 1)
-        history = torch.tensor([self.prompt_ids], dtype=torch.long, device=device)  # story row
-        decoder = IncrementalDecoder(self.tokenizer, self.prompt_ids)
-        cache = None
-        start = time.perf_counter()
-        try:
-            while True:
-                kwargs = dict(attention_mask=mask, past_key_values=cache, use_cache=True)
-                if "position_ids" in accepts:
-                    kwargs["position_ids"] = positions
-                logits, cache = run_model(model, split, ids, **kwargs)
-                self.stats.forwards += 1
-                logits = logits.to(dtype=torch.float32)  # (batch, vocab)
-                if self.stats.batch == 2:
-                    scores = cfg_combine(logits[:1], logits[1:], self.scale)
-                else:  # what CFGLogitsProcessor(scale=1) returns, without its second pass
-                    scores = F.log_softmax(logits, dim=-1)
-                for processor in self.chain:
-                    scores = processor(history, scores)
-                token = pick_token(scores, self.do_sample, self.generator)  # (1,)
-                history = torch.cat([history, token.view(1, 1)], dim=-1)
-                tok = int(token)
-                self.token_ids.append(tok)
-                self.stats.tokens += 1
-                if tok in self.eos:
-                    self.stop_reason = "eos"
-                    break
-                decoder.add(tok)
-                piece = self._emit(decoder.released, final=False)
-                if piece:
-                    yield piece
-                if self.stop_reason:
-                    return
-                if len(self.token_ids) >= self.max_new_tokens:
-                    self.stop_reason = "max_tokens"
-                    break
-                # the same token goes to both rows; each row continues at its own position
-                ids = token.view(1, 1).expand(len(rows), 1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-                positions, next_pos = next_pos, next_pos + 1
-            decoder.flush()
-            piece = self._emit(decoder.released, final=True)
-            if piece:
-                yield piece
-        finally:
-            self.stats.seconds = time.perf_counter() - start
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    def advance(self, logits: torch.Tensor) -> str:
+        """One step: the pair's logits (rows, vocab) -> pick a token; the text that became final."""
+        logits = logits.to(dtype=torch.float32)
+        if self.stats.batch == 2:
+            scores = cfg_combine(logits[:1], logits[1:2], self.scale)
+        else:  # what CFGLogitsProcessor(scale=1) returns, without its second pass
+            scores = F.log_softmax(logits[:1], dim=-1)
+        if self.ban_eos and len(self._eos_index):
+            scores = scores.index_fill(-1, self._eos_index, float("-inf"))
+        history = self._history[:, :self._filled]
+        for processor in self.chain:
+            scores = processor(history, scores)
+        tok = int(pick_token(scores, self.do_sample, self.generator))
+        if self.stats.first_token_seconds is None:
+            self.stats.first_token_seconds = time.perf_counter() - self._start
+        self._history[0, self._filled] = tok
+        self._filled += 1
+        self.token_ids.append(tok)
+        self.stats.tokens += 1
+        if tok in self.eos and not self.ban_eos:
+            self.stop_reason = "eos"
+            return self._finish()
+        self._decoder.add(tok)
+        piece = self._emit(self._decoder.released, final=False)
+        if self.stop_reason:  # a stop sequence
+            self.done = True
+            return piece
+        if len(self.token_ids) >= self.max_new_tokens:
+            self.stop_reason = "max_tokens"
+            return piece + self._finish()
+        return piece
+
+    def _finish(self) -> str:
+        self.done = True
+        self._decoder.flush()
+        return self._emit(self._decoder.released, final=True)
 
     def _emit(self, released: str, final: bool) -> str:
-        """Text to yield now, from the decoder's stable text: a stop sequence is cut off (and ends
-        the run); an end that may be the start of one is held back until the next tokens decide."""
+        """Text to give out now, from the decoder's stable text: a stop sequence is cut off (and
+        ends the run); an end that may be the start of one is held back until the next tokens
+        decide."""
         pending = released[len(self.text):]
         hits = [at for at in (pending.find(stop) for stop in self.stop) if at >= 0]
         if hits:
@@ -278,20 +252,285 @@ class Stream:
         return pending
 
 
+class Stream(Generation):
+    """One streaming generation in the caller's thread. Iterate it for text pieces; afterwards
+    read `token_ids`, `text`, `stop_reason` and `stats` (see `Generation`)."""
+
+    def __init__(self, model, tokenizer, prompt: str | Sequence[int], **settings):
+        super().__init__(model, tokenizer, prompt, **settings)
+        self._iter = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+    def _run(self) -> Iterator[str]:
+        backend = self.backend
+        pair = None
+        self._start = start = time.perf_counter()
+        try:
+            [pair] = backend.prefill([self.pair_ids()])
+            self.stats.forwards += 1
+            while True:
+                piece = self.advance(pair.logits)
+                if piece:
+                    yield piece
+                if self.done:
+                    return
+                backend.step([(pair, self.last_token)])
+                self.stats.forwards += 1
+        finally:
+            if pair is not None:
+                backend.release(pair)
+            self.stats.seconds = time.perf_counter() - start
+
+
 def generate_stream(model, tokenizer, prompt: str | Sequence[int], **settings) -> Stream:
-    """Stream a continuation of `prompt` (text or token ids); see `Stream` for the settings."""
+    """Stream a continuation of `prompt` (text or token ids); see `Generation` for the settings.
+    `model` is a backend, or a transformers model with its `tokenizer`."""
     return Stream(model, tokenizer, prompt, **settings)
+
+
+def _preset_settings(backend, preset, generator) -> dict:
+    from .presets import build_chain
+
+    return dict(scale=preset.cfg.scale, opposing_prompt=preset.cfg.opposing_prompt,
+                opposing_mode=preset.cfg.opposing_mode,
+                chain=build_chain(preset, backend.tokenizer, generator),
+                max_new_tokens=preset.max_new_tokens, stop=preset.stop, do_sample=preset.do_sample,
+                generator=generator)
 
 
 def stream_preset(model, tokenizer, prompt: str | Sequence[int], preset, *,
                   generator: torch.Generator | None = None, seed: int | None = None,
                   on_cut: Callable[[int, int], None] | None = None) -> Stream:
     """A `Stream` with a preset's settings and a fresh sampler chain from `presets.build_chain`."""
-    from .presets import build_chain
-
+    backend = as_backend(model, tokenizer)
     if generator is None and seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    return Stream(model, tokenizer, prompt, scale=preset.cfg.scale,
-                  opposing_prompt=preset.cfg.opposing_prompt, opposing_mode=preset.cfg.opposing_mode,
-                  chain=build_chain(preset, tokenizer, generator), max_new_tokens=preset.max_new_tokens,
-                  stop=preset.stop, do_sample=preset.do_sample, generator=generator, on_cut=on_cut)
+        generator = torch.Generator(device=backend.device).manual_seed(int(seed))
+    return Stream(backend, None, prompt, on_cut=on_cut, **_preset_settings(backend, preset, generator))
+
+
+# ---- the Scheduler: many jobs, one decode thread ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request for the `Scheduler` (see INTERFACE.md)."""
+
+    prompt: str | list[int]  # the story (text, or token ids)
+    preset: object  # presets.Preset: cfg, samplers, max_new_tokens, stop, do_sample
+    seed: int | None = None  # same seed + same request -> same text, whatever else runs
+    ban_eos: bool = False
+    truncate: bool = True  # False: a prompt longer than the window is an error
+
+
+_END = object()
+
+
+class Job:
+    """A submitted request: iterate `pieces()` for its text as it becomes final, or `wait()`."""
+
+    def __init__(self, request: Request, generation: Generation, submitted: float):
+        self.request = request
+        self.generation = generation
+        self.pair = None
+        self.error: BaseException | None = None
+        self._stop_reason: str | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._submitted = submitted
+        self._wake: Callable[[], None] = lambda: None
+
+    @property
+    def text(self) -> str:
+        return self.generation.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.generation.token_ids
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    @property
+    def stats(self) -> Stats:
+        return self.generation.stats
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def pieces(self) -> Iterator[str]:
+        """Text pieces as they become final (stop strings cut off); ends when the job ends."""
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                self._queue.put(_END)  # a second iterator ends too
+                return
+            yield item
+
+    def cancel(self) -> None:
+        """End the job within one decode step and free its sequences (no effect once done)."""
+        self._cancel.set()
+        self._wake()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has ended; False if `timeout` passed first."""
+        return self._done.wait(timeout)
+
+    def _put(self, piece: str) -> None:
+        if piece:
+            self._queue.put(piece)
+
+    def _end(self, reason: str | None, error: BaseException | None = None) -> None:
+        gen = self.generation
+        self._stop_reason = reason or gen.stop_reason
+        self.error = error
+        gen.stats.seconds = time.perf_counter() - self._submitted
+        self._queue.put(_END)
+        self._done.set()
+
+
+class Scheduler:
+    """Runs submitted requests on one background decode thread.
+
+    On the llama.cpp backend every active job's sequences go into ONE `llama_decode` per step, and
+    a job joins (its prompt prefilled in that same call) and leaves (its sequences removed) between
+    steps. Up to `max_parallel` jobs run at once; the rest wait in FIFO order (also while the
+    context has no room for them). On the transformers backend each active pair is its own
+    forward (still one step for all). A job's tokens never depend on what else runs: greedy gives
+    the text it gives alone, a seeded job samples from its own `torch.Generator`.
+    """
+
+    def __init__(self, model_handle, max_parallel: int = 1):
+        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
+            raise ValueError(f"`max_parallel` has to be an integer >= 1, but is {max_parallel!r}")
+        self.backend = as_backend(model_handle)
+        self.max_parallel = max_parallel
+        self.backend.reserve(max_parallel)
+        self._cv = threading.Condition()
+        self._setup = threading.Lock()  # tokenizers are not safe to call from several threads
+        self._pending: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._closing = False
+        self.steps = 0  # backend.run calls made
+        self._thread = threading.Thread(target=self._loop, name="cfg-textgen-decode", daemon=True)
+        self._thread.start()
+
+    # ---- client side (any thread) --------------------------------------------------------------
+
+    def submit(self, request: Request) -> Job:
+        """Queue a request; returns at once. A request that cannot run (bad settings, a prompt
+        too long with truncate=False) raises here, before it is queued."""
+        if not isinstance(request, Request):
+            raise ValueError(f"`request` has to be a Request, but is {type(request).__name__}")
+        submitted = time.perf_counter()
+        backend = self.backend
+        with self._setup:
+            seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
+            generator = torch.Generator(device=backend.device).manual_seed(int(seed))
+            gen = Generation(backend, None, request.prompt, ban_eos=request.ban_eos,
+                             truncate=request.truncate, on_cut=lambda kept, total: None,
+                             **_preset_settings(backend, request.preset, generator))
+        gen._start = submitted
+        job = Job(request, gen, submitted)
+        job._wake = self._notify
+        with self._cv:
+            if self._closing:
+                raise CFGTextgenError("the scheduler is closed and takes no new requests")
+            self._pending.append(job)
+            self._cv.notify()
+        return job
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def close(self, finish: bool = True) -> None:
+        """Take no new requests; finish what runs and waits (or cancel it); join the thread."""
+        with self._cv:
+            self._closing = True
+            if not finish:
+                for job in list(self._pending) + list(self._active):
+                    job._cancel.set()
+            self._cv.notify()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(finish=exc[0] is None)
+
+    # ---- the decode thread ---------------------------------------------------------------------
+
+    def _admit(self) -> list[Job]:
+        """Jobs that start this step: FIFO, within max_parallel and the backend's free room."""
+        cells = getattr(self.backend, "cells", None)
+        in_use = sum(job.generation.cells for job in self._active)
+        admit: list[Job] = []
+        while self._pending and len(self._active) + len(admit) < self.max_parallel:
+            job = self._pending[0]
+            if job._cancel.is_set():
+                self._pending.popleft()
+                job._end("cancelled")
+                continue
+            need = job.generation.cells
+            if cells is not None and in_use + need > cells and (self._active or admit):
+                break  # waits for room; alone it always fits (the window cut bounds it)
+            in_use += need
+            admit.append(self._pending.popleft())
+        return admit
+
+    def _drop(self, job: Job, reason: str | None, error: BaseException | None = None) -> None:
+        if job.pair is not None:
+            try:
+                self.backend.release(job.pair)
+            finally:
+                job.pair = None
+        if job in self._active:
+            self._active.remove(job)
+        job._end(reason, error)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending or self._active or self._closing):
+                    self._cv.wait()
+                if self._closing and not self._pending and not self._active:
+                    return
+                admit = self._admit()
+            for job in list(self._active):
+                if job._cancel.is_set():
+                    self._drop(job, "cancelled")
+            if not admit and not self._active:
+                continue
+            steps = [(job.pair, job.generation.last_token) for job in self._active]
+            try:
+                _, pairs = self.backend.run(steps=steps, new=[job.generation.pair_ids() for job in admit])
+            except Exception as err:  # a failed batch ends the jobs in it, never the thread
+                for job in list(self._active) + admit:
+                    self._drop(job, "error", err)
+                continue
+            self.steps += 1
+            for job, pair in zip(admit, pairs):
+                job.pair = pair
+                self._active.append(job)
+            for job in list(self._active):
+                if job._cancel.is_set():  # cancelled during the decode: no more text
+                    self._drop(job, "cancelled")
+                    continue
+                gen = job.generation
+                gen.stats.forwards += 1
+                try:
+                    job._put(gen.advance(job.pair.logits))
+                except Exception as err:  # one job's bad sampler must not end the others
+                    self._drop(job, "error", err)
+                    continue
+                if gen.done:
+                    self._drop(job, None)

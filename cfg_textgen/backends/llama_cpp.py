@@ -1,0 +1,404 @@
+"""The llama.cpp backend: GGUF models through llama-cpp-python's low-level API, many pairs at once.
+
+One llama.cpp context holds every live sequence: each story and each opposing prompt is its own
+sequence id (no padding, each at its own positions). A pair joins with ONE `llama_decode` of its
+story and opposing prompt side by side; each step is ONE `llama_decode` of the next token of
+every live sequence (up to STEP_CHUNK tokens: 16 pairs with CFG; more take further decodes),
+with an output at each sequence's last token. The logits are read as numpy views of llama.cpp's
+output buffer and handed to torch without a copy (`torch.from_numpy`); a pair's story and
+opposing rows are adjacent in that buffer, so `pair.logits` is one (rows, vocab) view. Releasing
+a pair removes its sequences from the KV cache (`llama_memory_seq_rm`) and frees the ids.
+
+Exactness: a step's logits are the same whatever else is in the batch (see `run`). A prompt
+longer than a few dozen tokens is prefilled by llama.cpp's large-batch kernels, which round
+differently from token-by-token decoding (up to ~0.4 in a logit on the default model);
+`n_ubatch=32` makes every micro-batch small, so a prefill equals decoding token by token
+exactly (for references; prefill then takes ~2x longer).
+
+    backend = LlamaCppBackend("model.gguf", n_ctx=4096, pairs=1, n_threads=None, n_ubatch=512)
+    [pair] = backend.prefill([(story_ids, opposing_ids or None)])
+    pair.logits                                   # (2 or 1, vocab) float32, zero-copy view
+    [logits] = backend.step([(pair, token)])      # one token into both of the pair's sequences
+    backend.release(pair)
+
+The KV cache is unified (any sequence may use any cell; llama.cpp's `kv_unified`): a pair's
+opposing sequence is usually a few tokens, and a unified cache lets the story use the room.
+Its size is `n_ctx * (pairs + 1)` cells: a single pair fits even when both its story and its
+opposing prompt fill the window; several pairs share the rest (a pair that does not fit is
+reported by `fits`, so the Scheduler queues it until others finish).
+
+Text: `tokenize` is llama.cpp's own tokenizer (special tokens in the text are parsed, as
+transformers' tokenizers do); `decoder` turns each token's bytes (`llama_token_to_piece`) into
+text through an incremental UTF-8 decoder, so no transformers tokenizer is ever converted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CFGTextgenError, ModelNotFoundError
+from . import require_llama_cpp
+
+DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
+STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads slow llama.cpp's matmuls)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            proc = phys = None
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    proc = int(value)
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id" and proc in allowed:
+                    cores.add((phys, value))
+    except OSError:
+        pass
+    return max(1, len(cores) or len(allowed))
+
+
+class LlamaCppError(CFGTextgenError):
+    """llama.cpp refused a batch (context full, bad input)."""
+
+
+class LlamaCppPair:
+    """One live (story, opposing) pair: its sequence ids and next positions."""
+
+    def __init__(self, seqs: list[int], lengths: list[int]):
+        self.seqs = seqs  # [story] or [story, opposing]
+        self.rows = len(seqs)
+        self.next_pos = list(lengths)
+        self.logits: torch.Tensor | None = None  # (rows, vocab) view, valid until the next decode
+        self.live = True
+
+    @property
+    def cells(self) -> int:
+        return sum(self.next_pos)
+
+
+class ByteDecoder:
+    """Text of new tokens from their bytes: `add` returns the characters completed by this token
+    (a character split over tokens comes out whole with its last byte); `flush` the rest, an
+    unfinished character as U+FFFD. `released` is all text given so far."""
+
+    def __init__(self, piece_bytes):
+        self._piece = piece_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.released = ""
+
+    def add(self, token_id: int) -> str:
+        piece = self._utf8.decode(self._piece(int(token_id)))
+        self.released += piece
+        return piece
+
+    def flush(self) -> str:
+        piece = self._utf8.decode(b"", final=True)
+        self.released += piece
+        return piece
+
+
+class LlamaTokenizer:
+    """The little of a transformers tokenizer that samplers use (DRY's breakers, XTC's newline),
+    over llama.cpp's own vocabulary."""
+
+    def __init__(self, backend: "LlamaCppBackend"):
+        self._b = backend
+        self.bos_token_id = backend.bos_id
+        eos = backend.lib.llama_vocab_eos(backend.vocab)
+        self.eos_token_id = int(eos) if eos >= 0 else None
+        self.all_special_ids = sorted(backend.special_ids)
+        self.vocab_size = backend.n_vocab
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._b.tokenize(text, add_special=add_special_tokens)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, **_) -> str:
+        data = b"".join(self._b.piece_bytes(int(t), special=not skip_special_tokens) for t in ids)
+        return data.decode("utf-8", errors="replace")
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | Path, *, n_ctx: int | None = None, pairs: int = 1,
+                 n_threads: int | None = None, n_ubatch: int = 512, torch_threads: int | None = 1,
+                 verbose: bool = False):
+        L = self.lib = require_llama_cpp()
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: no such GGUF file")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16):
+            raise ValueError(f"`n_ctx` has to be an integer >= 16, but is {n_ctx!r}")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                      or n_threads < 1):
+            raise ValueError(f"`n_threads` has to be an integer >= 1, but is {n_threads!r}")
+        if not verbose:  # llama.cpp logs every load detail to stderr; keep its errors only
+            from llama_cpp import _logger
+            _logger.set_verbose(False)
+        L.llama_backend_init()
+        self.path = path
+        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        if not self.model:
+            raise ModelNotFoundError(f"{path}: llama.cpp could not load this GGUF file")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        train = int(L.llama_model_n_ctx_train(self.model))
+        self.n_ctx = n_ctx or (min(train, DEFAULT_WINDOW) if train > 0 else DEFAULT_WINDOW)
+        self.n_threads = n_threads or physical_cores()
+        if torch_threads is not None:
+            # torch only combines and samples (1-2 rows of the vocabulary per pair and step): its
+            # thread pool gains nothing there, and its waiting threads take the cores from
+            # llama.cpp's (measured on 2 loaded cores: cfg_combine 0.3 ms with 1 thread, 80 ms
+            # with 2). llama.cpp does the heavy work with its own `n_threads`.
+            torch.set_num_threads(torch_threads)
+        self.n_ubatch = n_ubatch
+        bos = L.llama_vocab_bos(self.vocab)
+        self.bos_id = int(bos) if bos >= 0 else None
+        # llama.cpp's end-of-generation set (EOS, EOT, <|im_end|>, ...): what its own server and
+        # KoboldCpp stop at; control tokens are the special ids a context cut keeps at the start
+        self.eos_ids = {t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t)}
+        self.special_ids = {t for t in range(self.n_vocab) if L.llama_vocab_is_control(self.vocab, t)}
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.forwards = 0
+        self.ctx = None
+        self._batch = None
+        self._pairs = 0
+        self._make_context(max(1, pairs))
+        self.tokenizer = LlamaTokenizer(self)
+
+    # ---- context ---------------------------------------------------------------------------
+
+    def _make_context(self, pairs: int) -> None:
+        L = self.lib
+        self._free_context()
+        params = L.llama_context_default_params()
+        cells = self.n_ctx * (pairs + 1)
+        params.n_ctx = cells
+        params.n_batch = cells  # a whole prompt (all joining pairs) goes into one llama_decode
+        params.n_seq_max = 2 * pairs
+        params.n_ubatch = self.n_ubatch
+        params.n_outputs_max = 2 * pairs  # one output row per sequence and decode
+        params.n_outputs_max_per_seq = 1
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.kv_unified = True
+        params.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise LlamaCppError(f"llama.cpp could not create a context of {cells} tokens for "
+                                f"{pairs} pairs (out of memory?)")
+        self.cells = int(L.llama_n_ctx(self.ctx))
+        self.memory = L.llama_get_memory(self.ctx)
+        self._batch = L.llama_batch_init(cells, 0, 1)
+        b = self._batch
+        self._tok = np.ctypeslib.as_array(b.token, shape=(cells,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(cells,))
+        self._nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(cells,))
+        self._out = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)),
+                                          shape=(cells,))
+        self._nseq[:] = 1
+        self._seq_ptrs = [b.seq_id[i] for i in range(cells)]
+        self._free_seqs = list(range(2 * pairs))
+        self._pairs = pairs
+        self.used_cells = 0
+
+    def _free_context(self) -> None:
+        L = self.lib
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx:
+            L.llama_free(self.ctx)
+            self.ctx = None
+
+    def reserve(self, pairs: int) -> None:
+        """Make room for `pairs` live pairs; a bigger context is made only when none is live."""
+        if pairs <= self._pairs:
+            return
+        if len(self._free_seqs) != 2 * self._pairs:
+            raise LlamaCppError("cannot grow the llama.cpp context while sequences are live")
+        self._make_context(pairs)
+
+    def fits(self, cells: int, pairs: int = 1) -> bool:
+        """Whether `pairs` more pairs needing `cells` KV cells in all can start now."""
+        return len(self._free_seqs) >= 2 * pairs and self.used_cells + cells <= self.cells
+
+    def close(self) -> None:
+        self._free_context()
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """llama.cpp's tokenizer, with the model's own BOS/EOS convention; special tokens written
+        in the text (e.g. <|im_start|>) become their ids, as in transformers' tokenizers."""
+        L = self.lib
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (L.llama_token * size)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, True)
+        if n < 0:
+            size = -n
+            buf = (L.llama_token * size)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, size, add_special, True)
+        if n < 0:
+            raise LlamaCppError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+        return list(buf[:n])
+
+    def piece_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token as text continues (a SentencePiece word start keeps its space);
+        control tokens are empty unless `special`."""
+        key = (token, special)
+        piece = self._pieces.get(key)
+        if piece is None:
+            if not 0 <= token < self.n_vocab:
+                raise ValueError(f"`token` has to be in [0, {self.n_vocab}), but is {token}")
+            buf = ctypes.create_string_buffer(64)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            piece = self._pieces[key] = buf.raw[:n]
+        return piece
+
+    def decoder(self, context_ids: Sequence[int] = ()) -> ByteDecoder:
+        return ByteDecoder(self.piece_bytes)
+
+    # ---- decoding --------------------------------------------------------------------------
+
+    def prefill(self, pairs) -> list[LlamaCppPair]:
+        return self.run(new=pairs)[1]
+
+    def step(self, tokens) -> list[torch.Tensor]:
+        return self.run(steps=tokens)[0]
+
+    def run(self, steps=(), new=()):
+        """The next token of every pair in `steps` [(pair, token)] and the prompts of the pairs in
+        `new` [(story, opposing or None)]; outputs at each sequence's last token. Returns (logits
+        per step pair, new pairs).
+
+        Why not everything in one llama_decode: llama.cpp's CPU kernels round differently once a
+        micro-batch holds more than a few dozen tokens (measured on the default model: identical
+        logits up to 34 tokens, up to 0.4 apart from 64), so a step's tokens must never share a
+        decode with a joining prompt, and steps go in decodes of at most `STEP_CHUNK` tokens. Then
+        a pair's logits never depend on what else runs (greedy: the same text as alone). Each new
+        pair's story and opposing prompt are prefilled together in one decode of their own; all
+        live pairs' steps share one decode up to STEP_CHUNK tokens (16 pairs with CFG)."""
+        steps, new = list(steps), list(new)
+        for pair, _ in steps:
+            if not pair.live:
+                raise ValueError("`step` got a released pair")
+        checked = []
+        for story, opposing in new:
+            rows = [list(story)] + ([list(opposing)] if opposing is not None else [])
+            if any(not ids for ids in rows):
+                raise ValueError("`prefill` got an empty token list")
+            bad = [t for ids in rows for t in ids if not 0 <= int(t) < self.n_vocab]
+            if bad:
+                raise ValueError(f"token ids have to be in [0, {self.n_vocab}), but one is {bad[0]}")
+            checked.append(rows)
+        if len(self._free_seqs) < sum(len(rows) for rows in checked):
+            raise LlamaCppError(f"no free llama.cpp sequence for {len(new)} more pairs "
+                                f"(the context holds {self._pairs}); call reserve() first")
+        need = sum(len(ids) for rows in checked for ids in rows) + sum(p.rows for p, _ in steps)
+        if self.used_cells + need > self.cells:
+            raise LlamaCppError(f"the llama.cpp context is full ({self.used_cells} of {self.cells} "
+                                f"tokens in use, {need} more needed)")
+        last = not steps
+        fresh = []
+        for k, rows in enumerate(checked):
+            seqs = [self._free_seqs.pop(0) for _ in rows]
+            pair = LlamaCppPair(seqs, [len(ids) for ids in rows])
+            try:
+                view = self._decode([(seq, ids, 0) for seq, ids in zip(seqs, rows)])
+            except BaseException:
+                self._free_seqs[:0] = seqs  # llama.cpp restored its memory
+                pair.live = False
+                raise
+            # later decodes overwrite llama.cpp's output buffer: keep a copy unless this is the last
+            pair.logits = view if last and k == len(checked) - 1 else view.clone()
+            fresh.append(pair)
+        out_steps = []
+        chunk: list = []
+        for i, (pair, token) in enumerate(steps):
+            chunk.append((pair, int(token)))
+            tokens = sum(p.rows for p, _ in chunk)
+            end = i == len(steps) - 1
+            if end or tokens + steps[i + 1][0].rows > STEP_CHUNK:
+                view = self._decode([(seq, (tok,), p.next_pos[r]) for p, tok in chunk
+                                     for r, seq in enumerate(p.seqs)])
+                j = 0
+                for p, _ in chunk:
+                    p.next_pos = [n + 1 for n in p.next_pos]
+                    p.logits = view[j:j + p.rows] if end else view[j:j + p.rows].clone()
+                    j += p.rows
+                    out_steps.append(p.logits)
+                chunk = []
+        return out_steps, fresh
+
+    def _decode(self, entries) -> torch.Tensor:
+        """One llama_decode of [(sequence id, token ids, first position)], an output at the last
+        token of each entry; the outputs as a (entries, vocab) zero-copy view in entry order."""
+        L = self.lib
+        tok, pos, out, ptrs = self._tok, self._pos, self._out, self._seq_ptrs
+        n = 0
+        for seq, ids, start in entries:
+            k = len(ids)
+            tok[n:n + k] = ids
+            pos[n:n + k] = np.arange(start, start + k, dtype=np.int32)
+            out[n:n + k] = 0
+            out[n + k - 1] = 1
+            for i in range(n, n + k):
+                ptrs[i][0] = seq
+            n += k
+        self._batch.n_tokens = n
+        ret = L.llama_decode(self.ctx, self._batch)
+        if ret != 0:
+            raise LlamaCppError(f"llama_decode failed with code {ret} (1: the context is full)")
+        self.forwards += 1
+        self.used_cells += n
+        # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
+        base = L.llama_get_logits(self.ctx)
+        return torch.from_numpy(np.ctypeslib.as_array(base, shape=(len(entries), self.n_vocab)))
+
+    def release(self, pair: LlamaCppPair) -> None:
+        """Remove the pair's sequences from the KV cache and free their ids (idempotent)."""
+        if not pair.live:
+            return
+        for seq in pair.seqs:
+            self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self._free_seqs.append(seq)
+        self.used_cells -= pair.cells
+        pair.live = False
+        pair.logits = None
