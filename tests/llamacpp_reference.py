@@ -90,10 +90,11 @@ class LlamaRef:
 
     `n_seq_max` sequences share one unified KV cache of `n_ctx` cells (the two-sequence loop
     needs 2). Every public method starts from a cleared KV cache, so calls never see each other.
+    `n_ubatch` (default: n_batch) decides which kernels round the prompt: see the comment below.
     """
 
     def __init__(self, gguf: str | Path | None = None, n_ctx: int = 4096, n_threads: int = 2,
-                 n_seq_max: int = 2, n_batch: int = 512):
+                 n_seq_max: int = 2, n_batch: int = 512, n_ubatch: int | None = None):
         import llama_cpp as L
 
         self.L = L
@@ -109,7 +110,11 @@ class LlamaRef:
         cp = L.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
-        cp.n_ubatch = n_batch
+        # llama.cpp splits a batch into micro-batches of n_ubatch tokens; on the CPU its matmul
+        # kernels change from 64 tokens per micro-batch on (measured on the default model: logits
+        # identical for any split into micro-batches of <= 63 tokens, up to ~0.8 apart from 64),
+        # so n_ubatch=32 makes a from-scratch decode round exactly like token-by-token decoding
+        cp.n_ubatch = n_ubatch or n_batch
         cp.n_seq_max = n_seq_max
         cp.kv_unified = True  # every sequence may use the whole window
         cp.n_threads = n_threads
