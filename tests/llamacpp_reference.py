@@ -94,7 +94,8 @@ class LlamaRef:
     """
 
     def __init__(self, gguf: str | Path | None = None, n_ctx: int = 4096, n_threads: int = 2,
-                 n_seq_max: int = 2, n_batch: int = 512, n_ubatch: int | None = None):
+                 n_seq_max: int = 2, n_batch: int = 512, n_ubatch: int | None = None,
+                 kv_unified: bool = True):
         import llama_cpp as L
 
         self.L = L
@@ -116,7 +117,7 @@ class LlamaRef:
         # so n_ubatch=32 makes a from-scratch decode round exactly like token-by-token decoding
         cp.n_ubatch = n_ubatch or n_batch
         cp.n_seq_max = n_seq_max
-        cp.kv_unified = True  # every sequence may use the whole window
+        cp.kv_unified = kv_unified  # True: every sequence may use the whole window
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         cp.no_perf = True
