@@ -239,6 +239,11 @@ def _generation_options(f):
         click.option("--seed", type=int, metavar="S", help="Random seed, for repeatable sampling."),
         click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
                      help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+        click.option("--backend", "backend_name", type=click.Choice(["transformers", "llama.cpp"]), default=None,
+                     help="Where the model runs (default: llama.cpp for .gguf files and the default "
+                          "model when llama-cpp-python is installed, else transformers)."),
+        click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                     help="CPU threads for llama.cpp (default: the physical cores)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -272,30 +277,30 @@ def _echo_story(piece):
     click.echo(piece, nl=False)  # click flushes stdout after every echo
 
 
-def _start(model_spec, seed):
-    """Load the model (with a message on stderr) and make the random generator."""
+def _start(model_spec, seed, backend_name=None, threads=None):
+    """Load the model on its backend (with a message on stderr) and make the random generator."""
     import time
 
     import torch
 
-    from .models import load_model
+    from .models import load_backend
 
     _say(f"loading model {model_spec or 'default (SmolLM2-135M-Instruct)'} ...")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_spec, log=_say)
-    _say(f"model ready in {time.perf_counter() - t0:.1f} s")
-    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
-    return model, tokenizer, generator
+    backend = load_backend(model_spec, backend_name, n_threads=threads, log=_say)
+    _say(f"model ready in {time.perf_counter() - t0:.1f} s ({backend.name})")
+    generator = torch.Generator(device=backend.device).manual_seed(seed) if seed is not None else None
+    return backend, generator
 
 
-def _stream_factory(model, tokenizer, generator):
+def _stream_factory(backend, generator):
     from .engine import stream_preset
 
     def on_cut(kept, total):
         _say(f"warning: the text is {total} tokens, more than fits the model's context; older text "
              f"was cut: the model sees the last {kept} tokens")
 
-    return lambda prompt, preset: stream_preset(model, tokenizer, prompt, preset, generator=generator,
+    return lambda prompt, preset: stream_preset(backend, None, prompt, preset, generator=generator,
                                                 on_cut=on_cut)
 
 
@@ -314,7 +319,7 @@ def _exit_interrupted(ctx, err):
               help="After each continuation, read a line: Enter continues, text is added, /help.")
 @click.pass_context
 def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
-          interactive):
+          backend_name, threads, interactive):
     """Continue the story in STORY.txt, streaming the new text to the screen and into the file.
 
     A missing file starts a new story. Every piece is in the file before it is shown, so after
@@ -334,9 +339,9 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
     story = Story.open(story_file)  # not UTF-8 / not writable: an error before any generation
     with SignalGuard() as guard:
         try:
-            model, tokenizer, generator = _start(model_spec, seed)
+            backend, generator = _start(model_spec, seed, backend_name, threads)
             _say(describe(preset))
-            session = WriteSession(story, preset, _stream_factory(model, tokenizer, generator),
+            session = WriteSession(story, preset, _stream_factory(backend, generator),
                                    _echo_story, _say, guard, load_preset=load_preset)
             if interactive:
                 session.interactive(iter(sys.stdin.readline, ""))
@@ -351,7 +356,8 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
 @click.argument("prompt")
 @_generation_options
 @click.pass_context
-def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec):
+def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
+             backend_name, threads):
     """Stream one continuation of PROMPT to stdout (nothing is written to disk).
 
     \b
@@ -365,9 +371,9 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
     preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens)
     with SignalGuard() as guard:
         try:
-            model, tokenizer, generator = _start(model_spec, seed)
+            backend, generator = _start(model_spec, seed, backend_name, threads)
             _say(describe(preset))
-            stream = _stream_factory(model, tokenizer, generator)(prompt, preset)
+            stream = _stream_factory(backend, generator)(prompt, preset)
             try:
                 for piece in stream:
                     with guard.critical():

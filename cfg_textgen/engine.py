@@ -217,6 +217,7 @@ class Generation:
             self.stats.first_token_seconds = time.perf_counter() - self._start
         self._history[0, self._filled] = tok
         self._filled += 1
+        self.stats.seconds = time.perf_counter() - self._start  # live: a summary after Ctrl-C is right
         self.token_ids.append(tok)
         self.stats.tokens += 1
         if tok in self.eos and not self.ban_eos:

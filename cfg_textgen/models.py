@@ -1,4 +1,10 @@
-"""Load a model and its tokenizer: the embedded default, a local Hugging Face folder, or a GGUF file.
+"""Load a model: the embedded default, a local Hugging Face folder, or a GGUF file.
+
+`load_backend` gives the engine's backend: a GGUF file (and the embedded default) runs on
+llama.cpp when llama-cpp-python is installed, else on transformers; a Hugging Face folder runs on
+transformers; `backend=` overrides. `load_model` gives a transformers (model, tokenizer), which the
+`model.generate` plugin and the analysis commands use.
+
 
 Converting a GGUF file through transformers (dequantise to float32, convert the tokenizer) takes
 ~30 s on 2 CPU cores, so the converted model is kept in a cache folder and later loads take a few
@@ -130,21 +136,71 @@ def load_default(use_cache: bool = True, log: Log = _stderr):
     return load_gguf(default_gguf_path(), use_cache=use_cache, log=log)
 
 
-def load_model(spec: str | Path | None = None, use_cache: bool = True, log: Log = _stderr):
-    """(model, tokenizer) for a model spec: None or "default" = the embedded default model; a path to
-    a Hugging Face model folder; or a path to a .gguf file."""
+def _model_kind(spec) -> tuple[str, Path | None]:
+    """("default" | "gguf" | "folder", path), or ModelNotFoundError naming the spec."""
     if spec is None or str(spec) in ("default", DEFAULT_NAME):
-        return load_default(use_cache=use_cache, log=log)
+        return "default", None
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
-        return _from_folder(path)
+        return "folder", path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return load_gguf(path, use_cache=use_cache, log=log)
+        return "gguf", path
     if path.is_file():
         raise ModelNotFoundError(f"{path}: not a model: give a .gguf file or a Hugging Face model folder")
     raise ModelNotFoundError(
         f"{spec}: no such model file or folder (the model hub is not used; give a local path, "
         f"or leave --model out for the embedded default)"
     )
+
+
+def choose_backend(spec: str | Path | None = None, backend: str | None = None, log: Log = _stderr) -> str:
+    """The backend a model runs on: `backend` if given (checked), else llama.cpp for GGUF files and
+    the default model when llama-cpp-python is installed, transformers otherwise."""
+    from .backends import LLAMA_CPP_INSTALL, check_backend_name, llama_cpp_available, require_llama_cpp
+
+    kind, path = _model_kind(spec)
+    if backend is not None:
+        check_backend_name(backend)
+        if backend == "llama.cpp":
+            if kind == "folder":
+                raise ModelNotFoundError(f"{path}: the llama.cpp backend runs .gguf files, not Hugging "
+                                         f"Face folders: use --backend transformers")
+            require_llama_cpp()  # says the install command
+        return backend
+    if kind == "folder":
+        return "transformers"
+    if llama_cpp_available():
+        return "llama.cpp"
+    log(f"llama-cpp-python is not installed: running on transformers (slower; the GGUF is converted "
+        f"once). For llama.cpp speed: {LLAMA_CPP_INSTALL}")
+    return "transformers"
+
+
+def load_backend(spec: str | Path | None = None, backend: str | None = None, *, pairs: int = 1,
+                 n_ctx: int | None = None, n_threads: int | None = None, use_cache: bool = True,
+                 log: Log = _stderr):
+    """The engine's backend for a model spec (see `load_model`), on `choose_backend`'s backend.
+    `pairs`, `n_ctx` and `n_threads` size the llama.cpp context (ignored on transformers)."""
+    name = choose_backend(spec, backend, log)
+    if name == "llama.cpp":
+        from .backends.llama_cpp import LlamaCppBackend
+
+        kind, path = _model_kind(spec)
+        return LlamaCppBackend(default_gguf_path() if kind == "default" else path, pairs=pairs,
+                               n_ctx=n_ctx, n_threads=n_threads)
+    from .backends.transformers import TransformersBackend
+
+    return TransformersBackend(*load_model(spec, use_cache=use_cache, log=log))
+
+
+def load_model(spec: str | Path | None = None, use_cache: bool = True, log: Log = _stderr):
+    """transformers (model, tokenizer) for a model spec: None or "default" = the embedded default
+    model; a path to a Hugging Face model folder; or a path to a .gguf file."""
+    kind, path = _model_kind(spec)
+    if kind == "default":
+        return load_default(use_cache=use_cache, log=log)
+    if kind == "folder":
+        return _from_folder(path)
+    return load_gguf(path, use_cache=use_cache, log=log)

@@ -197,13 +197,24 @@ class ScriptedStdin(io.RawIOBase):
         return len(data)
 
 
-def test_write_interactive_session_end_to_end(tmp_path, endless_model_dir):
+@pytest.fixture(params=["transformers", "llama.cpp"])
+def story_model_args(request, endless_model_dir):
+    """--model/--backend for the story-safety tests: the tiny endless model on transformers, and
+    the real default model on llama.cpp (fast there; its end-of-text never comes this early at
+    these seeds)."""
+    if request.param == "transformers":
+        return model_args(endless_model_dir) + ["--backend", "transformers"]
+    pytest.importorskip("llama_cpp")
+    return ["--backend", "llama.cpp"]
+
+
+def test_write_interactive_session_end_to_end(tmp_path, story_model_args):
     path = tmp_path / "story.txt"
     path.write_text(STORY, encoding="utf-8")
-    typed = "The dragon woke."
+    typed = "The dragon woke and"  # not a sentence end: a real model may end its text there
     script = ScriptedStdin([typed, "", "/retry", "/undo", "/undo", "/scale 2", "/show", "", "/quit"], path)
     r = run(["write", str(path), "--interactive", "--preset", "plain", "--tokens", "8", "--seed", "4",
-             *model_args(endless_model_dir)], input=io.BufferedReader(script))
+             *story_model_args], input=io.BufferedReader(script))
     assert r.exit_code == 0, r.output
     s = script.snapshots
     assert len(s) == 9  # one read per line; /quit ends the session
@@ -263,12 +274,12 @@ def test_join_typed_rule(story, typed, want):
 
 # ---- a real process: SIGTERM keeps exactly what was shown ------------------------------------
 
-def test_write_sigterm_keeps_exactly_the_text_shown(tmp_path, endless_model_dir):
+def test_write_sigterm_keeps_exactly_the_text_shown(tmp_path, story_model_args):
     path = tmp_path / "story.txt"
     path.write_text(STORY, encoding="utf-8")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cfg_textgen.cli", "write", str(path), "--tokens", "200", "--preset",
-         "plain", "--model", str(endless_model_dir)],
+         "plain", "--seed", "2", *story_model_args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         os.set_blocking(proc.stdout.fileno(), False)

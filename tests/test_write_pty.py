@@ -30,7 +30,10 @@ def _read_available(fd: int, timeout: float) -> bytes:
 
 
 @pytest.mark.slow
-def test_write_pty_streams_pieces_and_sigint_keeps_exactly_what_was_shown(tmp_path):
+@pytest.mark.parametrize("backend", ["llama.cpp", "transformers"])
+def test_write_pty_streams_pieces_and_sigint_keeps_exactly_what_was_shown(tmp_path, backend):
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
     path = tmp_path / "story.txt"
     path.write_text(STORY, encoding="utf-8")
     master, slave = pty.openpty()
@@ -38,7 +41,7 @@ def test_write_pty_streams_pieces_and_sigint_keeps_exactly_what_was_shown(tmp_pa
     # start on a machine converts it (~30 s), later ones load in seconds
     # a fixed seed: an unseeded run may sample the model's end-of-turn token after a few words
     proc = subprocess.Popen([sys.executable, "-m", "cfg_textgen.cli", "write", str(path), "--tokens", "200",
-                             "--seed", "1"],
+                             "--seed", "1", "--backend", backend],
                             cwd=REPO, stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=os.environ.copy())
     os.close(slave)
     chunks = []

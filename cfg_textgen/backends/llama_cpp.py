@@ -34,9 +34,12 @@ text through an incremental UTF-8 decoder, so no transformers tokenizer is ever 
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import ctypes
 import os
+import sys
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -72,6 +75,40 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, len(cores) or len(allowed))
+
+
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_log_state = {"callback": None, "last": 0}
+
+
+def _quiet_logs(L) -> None:
+    """Show llama.cpp's errors only. (llama-cpp-python's own filter maps ggml's levels as they were
+    before WARN moved to 3, so it lets warnings through as errors.)"""
+    if _log_state["callback"] is not None:
+        return
+
+    def log(level, text, user_data):
+        if level != _GGML_LOG_CONT:
+            _log_state["last"] = level
+        if _log_state["last"] == _GGML_LOG_ERROR:
+            os.write(2, text or b"")
+
+    # the ctypes callback must outlive every llama.cpp call: keep it in the module
+    _log_state["callback"] = L.llama_log_callback(log)
+    L.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
+_open_backends: "weakref.WeakSet[LlamaCppBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free every llama.cpp context and model while Python (and the log callback) still works."""
+    for backend in list(_open_backends):
+        try:
+            backend.close()
+        except Exception:
+            pass
 
 
 class LlamaCppError(CFGTextgenError):
@@ -157,8 +194,7 @@ class LlamaCppBackend:
                                       or n_threads < 1):
             raise ValueError(f"`n_threads` has to be an integer >= 1, but is {n_threads!r}")
         if not verbose:  # llama.cpp logs every load detail to stderr; keep its errors only
-            from llama_cpp import _logger
-            _logger.set_verbose(False)
+            _quiet_logs(L)
         L.llama_backend_init()
         self.path = path
         self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
@@ -189,6 +225,7 @@ class LlamaCppBackend:
         self._pairs = 0
         self._make_context(max(1, pairs))
         self.tokenizer = LlamaTokenizer(self)
+        _open_backends.add(self)
 
     # ---- context ---------------------------------------------------------------------------
 
@@ -227,6 +264,7 @@ class LlamaCppBackend:
 
     def _free_context(self) -> None:
         L = self.lib
+        self.memory = None
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
@@ -253,6 +291,10 @@ class LlamaCppBackend:
             self.model = None
 
     def __del__(self):
+        # at interpreter exit llama.cpp's free functions would log through a ctypes callback that
+        # may already be gone (a segfault after Ctrl-C); `_close_all` runs before that instead
+        if sys.is_finalizing():
+            return
         try:
             self.close()
         except Exception:
@@ -395,6 +437,9 @@ class LlamaCppBackend:
     def release(self, pair: LlamaCppPair) -> None:
         """Remove the pair's sequences from the KV cache and free their ids (idempotent)."""
         if not pair.live:
+            return
+        if not self.ctx:  # closed (e.g. at exit, before a generator's cleanup): nothing to free
+            pair.live = False
             return
         for seq in pair.seqs:
             self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
