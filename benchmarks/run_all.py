@@ -6,10 +6,13 @@
     python3 benchmarks/run_all.py --quick    smoke run (short lengths, no cold start); writes
                                              results/<UTC time>-quick.json only
     --only decode,growth  --threads 1  --reps 6  --profile-startup
+    --only llamacpp --llama-threads 2    just the llama.cpp section
 
 Sections: decode (tokens/s of the CFG paths, with token-for-token checks), growth (CFG overhead vs
 generated length), samplers (the full chain per token), memory (peak RSS, child processes),
-startup (first streamed token, child processes). Exit code 1 if two paths that must agree gave
+startup (first streamed token, child processes), llamacpp (issue 11: our llama.cpp backend vs
+bare llama.cpp loops and the transformers engine, sampler chains per preset, time to first token,
+memory, CLI start; `--only llamacpp` runs just that). Exit code 1 if two paths that must agree gave
 different tokens (nothing is written then) or a section crashed; a missed target is reported in
 the table, not in the exit code (these are measurements on a shared machine, not tests).
 """
@@ -26,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("decode", "growth", "samplers", "memory", "startup")
+SECTIONS = ("decode", "growth", "samplers", "memory", "startup", "llamacpp")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -36,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--reps", type=int, help="repetitions of the decode comparison (default 4; 2 quick)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own, = cores)")
+    ap.add_argument("--llama-threads", type=int, default=2,
+                    help="llama.cpp threads in the llamacpp section (default 2, as in issue 11)")
     ap.add_argument("--profile-startup", action="store_true",
                     help="also profile the warm start (-X importtime, py-spy)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -133,6 +138,10 @@ def run_section(name, args):
         import bench_memory
 
         return bench_memory.run(args.quick)
+    if name == "llamacpp":  # last: our llama.cpp backend sets torch to 1 thread in this process
+        import bench_llamacpp
+
+        return bench_llamacpp.run(args.quick, args.reps, args.llama_threads)
     import bench_startup
 
     return bench_startup.run(args.quick, args.profile_startup)

@@ -29,6 +29,7 @@ Computed here in float64 from llama.cpp's float32 logits.
 from __future__ import annotations
 
 import ctypes
+import os
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class LlamaRef:
     def __init__(self, gguf: str | Path | None = None, n_ctx: int = 4096, n_threads: int = 2,
                  n_seq_max: int = 2, n_batch: int = 512, n_ubatch: int | None = None,
                  kv_unified: bool = True):
+        # ggml's OpenMP threads spin while idle unless told otherwise; on cores shared with other
+        # processes that costs several times the work (cfg_textgen sets the same before torch)
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         import llama_cpp as L
 
         self.L = L
