@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     if args.threads:  # before torch is imported, so child processes get the same
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    # as `import cfg_textgen` does before torch: idle OpenMP threads (torch's, and llama.cpp's ggml,
+    # which shares the runtime) wait passively instead of spinning on cores others use
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     sys.path.insert(0, str(HERE))
     import torch
 
