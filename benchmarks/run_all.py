@@ -6,7 +6,8 @@
     python3 benchmarks/run_all.py --quick    smoke run (short lengths, no cold start); writes
                                              results/<UTC time>-quick.json only
     --only decode,growth  --threads 1  --reps 6  --profile-startup
-    --only llamacpp --llama-threads 2    just the llama.cpp section
+    --only llamacpp --llama-threads 2    just the llama.cpp section (a partial run writes
+                                         results/<UTC time>-llamacpp.json only)
 
 Sections: decode (tokens/s of the CFG paths, with token-for-token checks), growth (CFG overhead vs
 generated length), samplers (the full chain per token), memory (peak RSS, child processes),
@@ -120,7 +121,10 @@ def main(argv=None) -> int:
     if checks:
         print("\nchecked before timing (token for token):\n  " + "\n  ".join(checks))
     if not args.no_write:
-        write(record, rows, checks, args.quick, markdown_table)
+        # a partial run (--only) must not replace the full record and README table with a subset
+        partial = set(args.only) != set(SECTIONS)
+        write(record, rows, checks, args.quick, markdown_table,
+              suffix="-quick" if args.quick else ("-" + "-".join(args.only) if partial else ""))
     return 1 if failed else 0
 
 
@@ -150,14 +154,14 @@ def run_section(name, args):
     return bench_startup.run(args.quick, args.profile_startup)
 
 
-def write(record, rows, checks, quick, markdown_table) -> None:
+def write(record, rows, checks, quick, markdown_table, suffix="") -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + suffix
     text = json.dumps(record, indent=1, default=str) + "\n"
     (out / f"{stamp}.json").write_text(text)
     written = [out / f"{stamp}.json"]
-    if not quick:
+    if not suffix:  # a full run: the committed record and the README table
         (out / "latest.json").write_text(text)
         written.append(out / "latest.json")
         readme = HERE / "README.md"
