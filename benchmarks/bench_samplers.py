@@ -68,7 +68,7 @@ class Profiled:
 
 
 def run(quick: bool = False) -> Section:
-    from cfg_textgen.guidance import cfg_combine
+    from cfg_textgen.guidance import cache_keyword, cfg_combine, returned_cache
     from cfg_textgen.presets import build_chain, parse_preset
     from cfg_textgen.samplers import SAMPLERS, pick_token
 
@@ -88,7 +88,7 @@ def run(quick: bool = False) -> Section:
         hist = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=calls,
                               min_new_tokens=calls, do_sample=False)
         out = model(hist, use_cache=True, logits_to_keep=1)
-    cache, scores = out.past_key_values, out.logits[:, -1].float()
+    cache, scores = returned_cache(out), out.logits[:, -1].float()
     opposing = scores.roll(1, dims=-1)  # any second row of logits, for timing the combine
     L0 = ids.shape[1]
 
@@ -101,7 +101,7 @@ def run(quick: bool = False) -> Section:
         if i % 4 == 0:  # a decode step every 4 chain calls, interleaved
             t0 = now()
             with torch.no_grad():
-                model(step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True,
+                model(step_ids, attention_mask=step_mask, **{cache_keyword(model): cache}, use_cache=True,
                       logits_to_keep=1)
             step_s.append(now() - t0)
             cache.crop(-1)

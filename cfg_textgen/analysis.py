@@ -114,18 +114,19 @@ class Opposing:
 def encode_prompt(tokenizer, prompt: str, model=None, reserve: int = 0,
                   log: Callable[[str], None] | None = None) -> list[int]:
     """Token ids of the prompt; a prompt longer than the model's context (minus `reserve` tokens for
-    the continuation) keeps its most recent tokens, and says so through `log`."""
+    the continuation) keeps its most recent tokens by the engine's rule (context.fit_context: the
+    story row's own length only, leading special tokens kept), and says so through `log`."""
+    from .context import context_length, fit_context
+
     ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     if not ids:
         raise CFGTextgenError("the prompt is empty: give some story text to continue")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit and len(ids) + reserve > limit:
-        keep = max(1, limit - reserve)
-        if log:
-            log(f"warning: the prompt has {len(ids)} tokens; kept the last {keep} "
-                f"(context {limit}, {reserve} tokens for the continuation)")
-        ids = ids[-keep:]
-    return ids
+    limit = context_length(model) if model is not None else None
+    kept = fit_context(ids, limit, reserve, getattr(tokenizer, "all_special_ids", ()) or ())
+    if len(kept) < len(ids) and log:
+        log(f"warning: the prompt has {len(ids)} tokens; kept the last {len(kept)} "
+            f"(context {limit}, {reserve} tokens for the continuation)")
+    return kept
 
 
 # ---- scoring a continuation by teacher forcing ----------------------------------------------
@@ -136,7 +137,7 @@ def _next_token_logits(model, ids: Sequence[int], count: int):
     import torch
 
     with torch.no_grad():
-        logits = model(torch.tensor([list(ids)], device=model.device)).logits[0].float()
+        logits = model(torch.tensor([list(ids)], device=model.device), use_cache=False).logits[0].float()
     n = len(ids)
     return logits[n - count - 1:n - 1]
 
@@ -181,6 +182,7 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
     """
     import torch
 
+    from .context import eos_ids
     from .guidance import padding_id
     from .presets import generate_kwargs, load_preset
 
@@ -191,11 +193,12 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
 
     def generate(prompt_ids: list, scale: float) -> list:
         p = replace(base, cfg=replace(cfg, scale=float(scale)), max_new_tokens=int(max_new_tokens), stop=())
-        generator = torch.Generator().manual_seed(seed)
+        # the samplers' own draws (xtc) come from a generator on the scores' device
+        generator = torch.Generator(device=model.device).manual_seed(seed)
         kwargs = generate_kwargs(p, model, tokenizer, generator=generator)
         ids = torch.tensor([list(prompt_ids)], device=model.device)
         torch.manual_seed(seed)  # generate samples with the global RNG
-        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=sorted(eos_ids(model, tokenizer)),
                              pad_token_id=padding_id(model, tokenizer), **kwargs)
         return out[0, ids.shape[1]:].tolist()
 
@@ -203,9 +206,11 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
 
 
 def _strip_eos_padding(ids: list, model, tokenizer) -> list:
-    """Generated ids up to and including the first EOS (generate pads after it in batches)."""
-    eos = getattr(model.config, "eos_token_id", None)
-    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos, tokenizer.eos_token_id} - {None}
+    """Generated ids up to and including the first EOS (context.eos_ids, the engine's rule;
+    generate pads after it in batches)."""
+    from .context import eos_ids
+
+    eos = eos_ids(model, tokenizer)
     for i, t in enumerate(ids):
         if t in eos:
             return ids[:i + 1]
@@ -271,7 +276,7 @@ def score_row(model, tokenizer, prompt_ids, new_ids, scale, opposing_ids) -> Swe
     if new_ids:
         import torch
 
-        idx = torch.tensor(new_ids).view(-1, 1)
+        idx = torch.tensor(new_ids, device=plain.device).view(-1, 1)  # gather needs both on one device
         fluency = float(plain.gather(1, idx).mean())
         ent = float(entropy(guided).mean())
     else:

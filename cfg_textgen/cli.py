@@ -244,6 +244,7 @@ def _generation_options(f):
                           "model when llama-cpp-python is installed, else transformers)."),
         click.option("--threads", type=click.IntRange(min=1), metavar="N",
                      help="CPU threads for llama.cpp (default: the physical cores)."),
+        _verbose_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -277,18 +278,59 @@ def _echo_story(piece):
     click.echo(piece, nl=False)  # click flushes stdout after every echo
 
 
-def _start(model_spec, seed, backend_name=None, threads=None):
-    """Load the model on its backend (with a message on stderr) and make the random generator."""
+def _verbose_option(f):
+    return click.option("--verbose", is_flag=True,
+                        help="Show transformers' own loading progress bars (default: one status line).")(f)
+
+
+def _load(model_spec, verbose=False, backend_name=None, threads=None):
+    """Load the model with ONE status line on stderr ("loading model X ... ready in 1.2 s").
+
+    transformers draws a "Loading weights" progress bar (and "Writing model shards" when the
+    converted default model is cached) on every start; to a writer that is noise around the story,
+    so the bars show only with --verbose (transformers.utils.logging.disable_progress_bar, which
+    also silences huggingface_hub's bars)."""
     import time
 
+    from .models import choose_backend, load_backend, load_model
+
+    name = "transformers" if backend_name is False else choose_backend(model_spec, backend_name, _say)
+    if name == "transformers":  # (llama.cpp loads without bars)
+        from transformers.utils import logging as hf_logging
+
+        if verbose:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
+    open_line = [not verbose]  # with --verbose the bars get lines of their own
+
+    def log(msg):  # a message while loading (a first-time GGUF conversion) starts its own line
+        if open_line[0]:
+            _say("")
+            open_line[0] = False
+        _say(msg)
+
+    _say(f"loading model {model_spec or 'default (SmolLM2-135M-Instruct)'} ...", nl=verbose)
+    t0 = time.perf_counter()
+    try:
+        if backend_name is False:  # the analysis commands: a transformers (model, tokenizer)
+            loaded = load_model(model_spec, log=log)
+        else:
+            loaded = load_backend(model_spec, name, n_threads=threads, log=log)
+    except BaseException:
+        if open_line[0]:
+            _say("")
+        raise
+    where = "" if backend_name is False else f" ({loaded.name})"
+    _say(f"{' ' if open_line[0] else ''}model ready in {time.perf_counter() - t0:.1f} s{where}")
+    return loaded
+
+
+def _start(model_spec, seed, backend_name=None, threads=None, verbose=False):
+    """Load the model on its backend (one status line on stderr) and make the random generator."""
     import torch
 
-    from .models import load_backend
-
-    _say(f"loading model {model_spec or 'default (SmolLM2-135M-Instruct)'} ...")
-    t0 = time.perf_counter()
-    backend = load_backend(model_spec, backend_name, n_threads=threads, log=_say)
-    _say(f"model ready in {time.perf_counter() - t0:.1f} s ({backend.name})")
+    backend = _load(model_spec, verbose, backend_name=backend_name, threads=threads)
     generator = torch.Generator(device=backend.device).manual_seed(seed) if seed is not None else None
     return backend, generator
 
@@ -319,7 +361,7 @@ def _exit_interrupted(ctx, err):
               help="After each continuation, read a line: Enter continues, text is added, /help.")
 @click.pass_context
 def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
-          backend_name, threads, interactive):
+          backend_name, threads, verbose, interactive):
     """Continue the story in STORY.txt, streaming the new text to the screen and into the file.
 
     A missing file starts a new story. Every piece is in the file before it is shown, so after
@@ -339,7 +381,7 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
     story = Story.open(story_file)  # not UTF-8 / not writable: an error before any generation
     with SignalGuard() as guard:
         try:
-            backend, generator = _start(model_spec, seed, backend_name, threads)
+            backend, generator = _start(model_spec, seed, backend_name, threads, verbose)
             _say(describe(preset))
             session = WriteSession(story, preset, _stream_factory(backend, generator),
                                    _echo_story, _say, guard, load_preset=load_preset)
@@ -357,7 +399,7 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
 @_generation_options
 @click.pass_context
 def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
-             backend_name, threads):
+             backend_name, threads, verbose):
     """Stream one continuation of PROMPT to stdout (nothing is written to disk).
 
     \b
@@ -371,7 +413,7 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
     preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens)
     with SignalGuard() as guard:
         try:
-            backend, generator = _start(model_spec, seed, backend_name, threads)
+            backend, generator = _start(model_spec, seed, backend_name, threads, verbose)
             _say(describe(preset))
             stream = _stream_factory(backend, generator)(prompt, preset)
             try:
@@ -407,19 +449,19 @@ def _analysis_model_options(default_tokens: int):
             click.option("--tokens", type=click.IntRange(min=1), default=None,
                          help=f"Tokens per continuation (default: {default_tokens}; the preset's "
                               "max_new_tokens is not used)."),
+            _verbose_option,
         ]):
             f = opt(f)
         return f
     return decorate
 
 
-def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tokens, prompt):
+def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tokens, prompt, verbose=False):
     """Load the preset and the model, pick the seed, encode the prompt: everything sweep and
     explain share."""
     import secrets
 
     from .analysis import Opposing, encode_prompt, make_generate_fn
-    from .models import load_model
     from .presets import load_preset
 
     preset = load_preset(preset_name or "plain")
@@ -429,7 +471,7 @@ def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tok
     if seed is None:
         seed = secrets.randbelow(2**31)
         click.echo(f"seed {seed} (repeat with --seed {seed})", err=True)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = _load(model_spec, verbose, backend_name=False)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     prompt_ids = encode_prompt(tokenizer, prompt, model, reserve=tokens, log=log)
     generate_fn = make_generate_fn(model, tokenizer, preset, seed=seed, max_new_tokens=tokens, opposing=opp)
@@ -444,7 +486,7 @@ def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tok
 @_analysis_model_options(default_tokens=60)
 @click.option("--report", "report_path", metavar="FILE.html", default=None,
               help="Also write a self-contained HTML report with a plot (needs matplotlib).")
-def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, tokens, report_path):
+def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, tokens, verbose, report_path):
     """Continue PROMPT once per CFG scale with the same seed, show the texts side by side, and
     measure each: fluency under the plain model, entropy of the guided distribution, distinct-2,
     repeated 3-grams, and how far it is from the scale-1 text.
@@ -461,7 +503,7 @@ def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, token
     if report_path:
         report.require_matplotlib()  # fail before minutes of generation, not after
     preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
-        model_spec, seed, preset_name, opposing, tokens, 60, prompt)
+        model_spec, seed, preset_name, opposing, tokens, 60, prompt, verbose)
     rows = sweep(model, tokenizer, prompt_ids, scale_list, generate_fn, opp,
                  progress=report.ProgressBar("sweep"))
     click.echo(report.format_texts(rows))
@@ -484,7 +526,7 @@ def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, token
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Candidates shown before and after guidance.")
 @_analysis_model_options(default_tokens=20)
-def explain_command(prompt, scale, top, model_spec, seed, preset_name, opposing, tokens):
+def explain_command(prompt, scale, top, model_spec, seed, preset_name, opposing, tokens, verbose):
     """Continue PROMPT with CFG and show, for every generated token, the top candidates before
     guidance (the plain model) and after it, marking the candidate CFG promoted most (+) and the one
     it demoted most (-). "After" is the guided distribution before the preset's samplers.
@@ -498,7 +540,7 @@ def explain_command(prompt, scale, top, model_spec, seed, preset_name, opposing,
     from .report import format_explain, printable
 
     preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
-        model_spec, seed, preset_name, opposing, tokens, 20, prompt)
+        model_spec, seed, preset_name, opposing, tokens, 20, prompt, verbose)
     if scale is None:
         scale = preset.cfg.scale if preset_name and preset.cfg.active else 1.5
     try:
@@ -529,7 +571,8 @@ def eval_group():
               help="At most this many tokens are generated for the word.")
 @click.option("--model", "model_spec", metavar="PATH", default=None,
               help="A Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M).")
-def eval_lambada_command(file, scales, limit, opposing, max_tokens, model_spec):
+@_verbose_option
+def eval_lambada_command(file, scales, limit, opposing, max_tokens, model_spec, verbose):
     """LAMBADA last-word accuracy per CFG scale (zero-shot, greedy), as in Table 1 of Sanchez et al.
     2023. FILE has one JSON object per line with a "text" field; the target is its last
     whitespace-separated word.
@@ -545,12 +588,11 @@ def eval_lambada_command(file, scales, limit, opposing, max_tokens, model_spec):
       cfg-textgen eval lambada lambada_test.jsonl --scales 1,1.25,1.5 --limit 500
     """
     from .analysis import eval_lambada, lambada_opposing, parse_scales, read_lambada
-    from .models import load_model
     from .report import ProgressBar, format_lambada
 
     scale_list = parse_scales(scales)
     examples = read_lambada(file, limit)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = _load(model_spec, verbose, backend_name=False)
     results = eval_lambada(model, tokenizer, examples, scale_list, lambada_opposing(opposing), max_tokens,
                            progress=ProgressBar("lambada"))
     click.echo(f"LAMBADA last-word accuracy: {file}, {len(examples)} examples, greedy, "

@@ -8,8 +8,9 @@ Per step and generation (the same parts as the `model.generate` plugin, in the s
     token  = pick_token(scores, do_sample, generator)        # samplers.py: argmax / multinomial
     the backend appends `token` to the pair's rows
 
-At scale 1 the opposing row is not run (one sequence) and the scores are log_softmax(logits), which
-is what `CFGLogitsProcessor(scale=1)` returns. `story_ids` is the prompt plus the generated tokens,
+At scale 1 the opposing row is not run (one sequence) and the scores are the raw logits, which is
+what `CFGLogitsProcessor(scale=1)` returns; with CFG the guided scores are on the same raw-logit
+scale (guidance.cfg_combine), so a repetition penalty acts as in the reference apps. `story_ids` is the prompt plus the generated tokens,
 exactly what `generate` gives its processors, so repetition penalties see the same history. Text
 comes out as soon as it is final (the backend's decoder): the pieces joined equal the one-shot
 decode of all new tokens.
@@ -35,10 +36,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .backends.transformers import (REPLACEMENT, IncrementalDecoder, TransformersBackend,  # noqa: F401
-                                    context_length)
+from .backends.transformers import REPLACEMENT, IncrementalDecoder, TransformersBackend  # noqa: F401
+from .context import context_length, eos_ids, fit_context  # noqa: F401  (context_length, eos_ids: API)
 from .errors import CFGTextgenError
 from .guidance import MODES, cfg_combine, check_scale, opposing_token_ids
 from .samplers import pick_token
@@ -134,13 +134,18 @@ class Generation:
                                       "from: write a first line")
             ids = [int(bos)]
         cfg = self.scale != 1.0
-        if cfg and opposing_mode == "text":
-            self.opposing = opposing_token_ids(opposing_prompt, backend.tokenizer, bos)[0]
-        else:
-            self.opposing = None  # last-token: decided after the cut
-        self.prompt_ids = self._fit(ids, len(self.opposing) if self.opposing else int(cfg), on_cut,
-                                    truncate)
-        if cfg and self.opposing is None:
+        # each row is cut on its own (context.fit_context): the opposing row has its own positions
+        self.prompt_ids = self._fit(ids, on_cut, truncate)
+        if not cfg:
+            self.opposing = None
+        elif opposing_mode == "text":
+            full = opposing_token_ids(opposing_prompt, backend.tokenizer, bos)[0]
+            self.opposing = fit_context(full, backend.n_ctx, max_new_tokens, backend.special_ids,
+                                        "the opposing prompt")
+            if len(self.opposing) < len(full):
+                warnings.warn(f"the opposing prompt is {len(full)} tokens; only its last {len(self.opposing)} "
+                              f"fit the context and were used", stacklevel=3)
+        else:  # last-token: the story's last token after the cut
             self.opposing = [self.prompt_ids[-1]]
         self.token_ids: list[int] = []
         self.text = ""
@@ -158,32 +163,19 @@ class Generation:
         self._decoder = backend.decoder(self.prompt_ids)
         self._start = time.perf_counter()
 
-    def _fit(self, ids: list[int], opposing_len: int, on_cut, truncate: bool) -> list[int]:
-        """Keep the most recent story tokens that fit the window (and leading special tokens)."""
-        window = self.backend.n_ctx
-        if window is None:
-            return ids
-        budget = window - self.max_new_tokens - opposing_len
-        if budget < 1:
-            raise CFGTextgenError(
-                f"{self.max_new_tokens} new tokens (+ {opposing_len} opposing-prompt tokens) leave no room "
-                f"for the story in this model's context of {window} tokens: ask for fewer tokens")
-        if len(ids) <= budget:
-            return ids
-        if not truncate:
-            raise CFGTextgenError(
-                f"the story is {len(ids)} tokens; with {self.max_new_tokens} new tokens (+ {opposing_len} "
-                f"opposing-prompt tokens) at most {budget} fit this model's context of {window} tokens")
-        special = self.backend.special_ids
-        head = []
-        while len(head) < len(ids) and ids[len(head)] in special and len(head) < budget - 1:
-            head.append(ids[len(head)])
-        kept = head + ids[len(ids) - (budget - len(head)):]
-        if on_cut is not None:
-            on_cut(len(kept), len(ids))
-        else:
-            warnings.warn(f"the story is {len(ids)} tokens; only the last {len(kept)} fit the "
-                          f"context and were used", stacklevel=4)
+    def _fit(self, ids: list[int], on_cut, truncate: bool) -> list[int]:
+        """The most recent story tokens that fit the window with the new tokens (context.fit_context)."""
+        kept = fit_context(ids, self.backend.n_ctx, self.max_new_tokens, self.backend.special_ids)
+        if len(kept) < len(ids):
+            if not truncate:
+                raise CFGTextgenError(
+                    f"the story is {len(ids)} tokens; with {self.max_new_tokens} new tokens at most "
+                    f"{len(kept)} fit this model's context of {self.backend.n_ctx} tokens")
+            if on_cut is not None:
+                on_cut(len(kept), len(ids))
+            else:
+                warnings.warn(f"the story is {len(ids)} tokens; only the last {len(kept)} fit the "
+                              f"context and were used", stacklevel=4)
         return kept
 
     def pair_ids(self) -> tuple[list[int], list[int] | None]:
@@ -205,8 +197,8 @@ class Generation:
         logits = logits.to(dtype=torch.float32)
         if self.stats.batch == 2:
             scores = cfg_combine(logits[:1], logits[1:2], self.scale)
-        else:  # what CFGLogitsProcessor(scale=1) returns, without its second pass
-            scores = F.log_softmax(logits[:1], dim=-1)
+        else:  # what CFGLogitsProcessor(scale=1) returns: the raw logits
+            scores = logits[:1]
         if self.ban_eos and len(self._eos_index):
             scores = scores.index_fill(-1, self._eos_index, float("-inf"))
         history = self._history[:, :self._filled]
@@ -499,6 +491,9 @@ class Scheduler:
         job._end(reason, error)
 
     def _loop(self) -> None:
+        threads = getattr(self.backend, "torch_threads", None)
+        if threads is not None:  # OpenMP's thread count is per thread: set it here too
+            torch.set_num_threads(threads)
         while True:
             with self._cv:
                 while not (self._pending or self._active or self._closing):
@@ -522,16 +517,21 @@ class Scheduler:
             for job, pair in zip(admit, pairs):
                 job.pair = pair
                 self._active.append(job)
-            for job in list(self._active):
+            # every job reads its logits (views into the backend's output buffer) before any
+            # sequence is released: llama.cpp may reuse that buffer when its memory changes
+            leaving: list[tuple[Job, str | None, BaseException | None]] = []
+            for job in self._active:
                 if job._cancel.is_set():  # cancelled during the decode: no more text
-                    self._drop(job, "cancelled")
+                    leaving.append((job, "cancelled", None))
                     continue
                 gen = job.generation
                 gen.stats.forwards += 1
                 try:
                     job._put(gen.advance(job.pair.logits))
                 except Exception as err:  # one job's bad sampler must not end the others
-                    self._drop(job, "error", err)
+                    leaving.append((job, "error", err))
                     continue
                 if gen.done:
-                    self._drop(job, None)
+                    leaving.append((job, None, None))
+            for job, reason, err in leaving:
+                self._drop(job, reason, err)

@@ -1,12 +1,19 @@
 """Classifier-free guidance: the combine formula and the opposing branch that feeds it.
 
-    guided = u + scale * (c - u)        c, u = log_softmax of the story / opposing-prompt logits
+    guided = c_raw + (scale - 1) * (c - u)     c, u = log_softmax of the story / opposing-prompt logits
+
+This is the distribution of the paper's `u + scale * (c - u)` (the two differ by the per-row
+constant logsumexp(c_raw), which softmax ignores), written on the story's raw-logit scale: at scale 1
+it IS the model's raw logits, and it moves continuously with the scale. Samplers after CFG therefore
+see what they see in every reference app without CFG (raw logits), and a multiplicative repetition
+penalty keeps its tuned strength when the CFG slider moves off 1 (docs/preset-format.md, "Where
+penalties act").
 
 `cfg_combine` is the formula, used by both ways in: `CFGLogitsProcessor` (a transformers
 LogitsProcessor that runs the opposing branch itself, for `model.generate`) and the streaming engine
 (which runs both branches in one batched forward pass). References: Sanchez et al. 2023, "Stay on
 topic with Classifier-Free Guidance" (arXiv 2306.17806); NovelAI's CFG sampler (`cfg_scale`,
-`cfg_uc`); transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (same formula).
+`cfg_uc`); transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (same distribution).
 """
 
 from __future__ import annotations
@@ -25,31 +32,22 @@ MODES = ("text", "last-token")
 
 
 def cfg_combine(cond_logits: torch.Tensor, opposing_logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Guided log-probabilities `u + scale * (c - u)`, both inputs (batch, vocab) raw logits.
+    """Guided scores `c_raw + (scale - 1) * (c - u)`, both inputs (batch, vocab) raw logits.
 
-    Computed in float32 (half-precision log-probs lose the small differences CFG amplifies) and
-    returned in the dtype of `cond_logits`. A token at -inf in the story's scores (removed by an
-    earlier processor, e.g. a minimum length) stays at -inf.
+    softmax of the result is softmax(u + scale * (c - u)), the CFG distribution; its values are on
+    the story's raw-logit scale (exactly `cond_logits` at scale 1). Computed in float32 (half
+    precision loses the small differences CFG amplifies) and returned in the dtype of
+    `cond_logits`. A token at -inf in the story's scores (removed by an earlier processor, e.g. a
+    minimum length) stays at -inf.
     """
-    c = F.log_softmax(cond_logits.float(), dim=-1)
+    raw = cond_logits.float()
+    c = F.log_softmax(raw, dim=-1)
     u = F.log_softmax(opposing_logits.float(), dim=-1)
-    guided = u + scale * (c - u)
+    guided = raw + (scale - 1.0) * (c - u)
     # a token that a processor before us removed from the story (-inf) stays removed at every scale
-    # (the formula would give NaN at scale 0 and +inf below it)
+    # (the formula would give NaN at scale 1 or below)
     guided = torch.where(torch.isneginf(c), c, guided)
     return guided.to(cond_logits.dtype)
-
-
-class LogProbs(LogitsProcessor):
-    """Scores to log-probabilities: what CFG returns at scale 1, without any second pass.
-
-    A preset without CFG starts its chain with this, so that its samplers always see
-    log-probabilities, with or without guidance, on the `generate` path as in the engine
-    (multiplicative samplers such as the repetition penalty depend on it).
-    """
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return F.log_softmax(scores.float(), dim=-1).to(scores.dtype)
 
 
 def check_scale(scale) -> float:
@@ -174,16 +172,35 @@ def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, cols.t()).t()[:rows].contiguous()
 
 
-def run_model(model, split, ids: torch.Tensor, **kwargs):
-    """One forward pass; (last-position logits (batch, vocab), past_key_values)."""
+def cache_keyword(module) -> str:
+    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24,
+    which still accepts `past_key_values` until 5.40 but warns on every call) or `past_key_values`
+    (5.20-5.23, which know no `cache`)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned, from the field this transformers version has (5.24
+    names it `cache`; reading the old `past_key_values` property there warns)."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
+
+
+def run_model(model, split, ids: torch.Tensor, cache=None, **kwargs):
+    """One forward pass with the KV cache `cache` (None: start one); (last-position logits
+    (batch, vocab), the returned cache)."""
     with torch.no_grad():
         if split is None:
             if "logits_to_keep" in forward_kwargs(model):
                 kwargs["logits_to_keep"] = 1
-            out = model(ids, **kwargs)
-            return out.logits[:, -1], out.past_key_values
-        out = split[0](ids, **kwargs)
-        return head_logits(split[1], out.last_hidden_state[:, -1]), out.past_key_values
+            out = model(ids, **{cache_keyword(model): cache}, **kwargs)
+            return out.logits[:, -1], returned_cache(out)
+        out = split[0](ids, **{cache_keyword(split[0]): cache}, **kwargs)
+        return head_logits(split[1], out.last_hidden_state[:, -1]), returned_cache(out)
 
 
 class OpposingBranch:
@@ -201,7 +218,7 @@ class OpposingBranch:
         self.logits = self._forward(ids.to(model.device), positions_from_mask(self.mask))
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        kwargs = dict(attention_mask=self.mask, cache=self.cache, use_cache=True)
         if "position_ids" in self._accepts:
             kwargs["position_ids"] = positions
         # the model's own forward, so that our scores equal transformers' CFG to the last bits
@@ -231,9 +248,11 @@ class CFGLogitsProcessor(LogitsProcessor):
     r"""Classifier-free guidance as a `LogitsProcessor` for `model.generate`.
 
     For every step it runs the model a second time on the *opposing prompt* followed by the tokens
-    generated so far (KV-cached: one new token per step) and returns the guided log-probabilities
-    `u + scale * (c - u)`, where `c` and `u` are the log_softmax of the story's and the opposing
-    branch's logits. Put it first in `logits_processor`: everything after it sees guided scores.
+    generated so far (KV-cached: one new token per step) and returns the guided scores
+    `c_raw + (scale - 1) * (c - u)`, where `c_raw` are the story's scores and `c`, `u` the
+    log_softmax of the story's and the opposing branch's logits: the distribution of
+    `u + scale * (c - u)` on the story's raw-logit scale. Put it first in `logits_processor`:
+    everything after it sees guided scores.
     See Sanchez et al. 2023 (https://arxiv.org/abs/2306.17806).
 
     Args:
@@ -249,10 +268,17 @@ class CFGLogitsProcessor(LogitsProcessor):
         pad_token_id (`int`, optional): id used to left-pad opposing prompts of different lengths
             (masked out; defaults to the model's pad, EOS or 0).
 
-    The opposing branch lives per generation: a call whose `input_ids` do not continue the previous
-    call's rows (a new `generate` call) starts a fresh branch. Rows that beam search reorders are
-    followed by matching each row's history to the previous step's rows. When `generate` expands the
-    batch (`num_beams`, `num_return_sequences`), per-row opposing prompts are expanded with it.
+    The opposing branch lives per generation. The processor cannot see where one `generate` call
+    ends, only the `input_ids` of each call: a call whose rows are the previous call's rows plus one
+    token continues the branch; any other call starts a fresh one. So reusing one processor for
+    `model.generate(previous_output)` CONTINUES the previous generation (the opposing branch is the
+    opposing prompt followed by every token generated so far, in both calls), which is what a
+    "continue" button wants. For a fresh generation (e.g. the previous output as a new prompt in
+    mode "last-token", or the same prompt again), start one explicitly:
+    `logits_processor=[cfg.new_generation()]` (or call `reset()`), or build a new processor.
+    Rows that beam search moves are followed by their history and opposing prompt; a row whose
+    history did not change keeps its own branch. When `generate` expands the batch (`num_beams`,
+    `num_return_sequences`), per-row opposing prompts are expanded with it.
 
     Example:
 
@@ -284,21 +310,35 @@ class CFGLogitsProcessor(LogitsProcessor):
                               else opposing_token_ids(opposing_prompt, tokenizer, self.bos_token_id))
         self.branch: OpposingBranch | None = None
         self._history: torch.Tensor | None = None  # input_ids of the previous call
+        # per row, which opposing prompt it started from (an index into the distinct start rows):
+        # two rows are interchangeable only when both their history and this match
+        self._row_prompt: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget the opposing branch; the next call starts a new generation."""
         self.branch = None
         self._history = None
+        self._row_prompt = None
+
+    def new_generation(self) -> "CFGLogitsProcessor":
+        """Start a new generation with the next call, whatever its input; returns the processor, for
+        `model.generate(ids, logits_processor=[cfg.new_generation()])`."""
+        self.reset()
+        return self
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.scale == 1.0:  # plain generation: no second pass at all
-            return LogProbs()(input_ids, scores)
+        if self.scale == 1.0:  # plain generation: the raw scores, no second pass at all
+            return scores
         source = self._source_rows(input_ids)
         if source is None:
-            self.branch = OpposingBranch(self.model, self._start_rows(input_ids), self.pad_token_id)
+            rows = self._start_rows(input_ids)
+            distinct = {tuple(r): i for i, r in reversed(list(enumerate(rows)))}
+            self._row_prompt = torch.tensor([distinct[tuple(r)] for r in rows], dtype=torch.long)
+            self.branch = OpposingBranch(self.model, rows, self.pad_token_id)
         else:
             if not torch.equal(source, torch.arange(len(source), device=source.device)):
                 self.branch.reorder(source)
+                self._row_prompt = self._row_prompt.index_select(0, source.cpu())
             self.branch.step(input_ids[:, -1])
         self._history = input_ids.detach().clone()
         return cfg_combine(scores, self.branch.logits.to(scores.device), self.scale)
@@ -314,15 +354,28 @@ class CFGLogitsProcessor(LogitsProcessor):
         return [row for row in rows for _ in range(batch // len(rows))]
 
     def _source_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """For each row, the previous call's row it continues; None if this is a new generation."""
+        """For each row, the previous call's row it continues; None if this is a new generation.
+
+        A row keeps its own branch when its history is the one that row had (greedy, sampling, and
+        beams that stayed put): identical histories are no evidence of a move, and two rows of one
+        batch may share a story but not their opposing prompt. Only a row whose history changed
+        (beam search moved another beam there) looks for its source: an old row with that history
+        AND the same opposing prompt, which then has exactly the same opposing state.
+        """
         prev = self._history
         if self.branch is None or prev is None or input_ids.shape[1] != prev.shape[1] + 1:
             return None
         if input_ids.shape[0] != prev.shape[0]:
             return None
         body = input_ids[:, :-1].to(prev.device)
-        same = (body[:, None, :] == prev[None, :, :]).all(-1)  # (new rows, old rows)
-        if not bool(same.any(-1).all()):
-            return None
-        # first matching old row (identical histories give identical opposing states)
-        return same.int().argmax(-1)
+        own = (body == prev).all(-1)  # (rows,): row i continues old row i
+        source = torch.arange(len(own), device=prev.device)
+        if bool(own.all()):
+            return source
+        prompt = self._row_prompt.to(prev.device)
+        for i in torch.nonzero(~own).flatten().tolist():
+            match = (body[i] == prev).all(-1) & (prompt == prompt[i])
+            if not bool(match.any()):
+                return None  # no old row has this history: a new generation
+            source[i] = int(match.int().argmax())
+        return source

@@ -612,11 +612,12 @@ def build_chain(preset: Preset, tokenizer=None, generator=None):
 
 
 def build_processors(preset: Preset, model=None, tokenizer=None, generator=None):
-    """`CFGLogitsProcessor` first (scale != 1; needs the model), else `LogProbs`, then a fresh
-    `build_chain`: the samplers see log-probabilities with and without CFG, as in the engine."""
+    """`CFGLogitsProcessor` first (scale != 1; needs the model), then a fresh `build_chain`: the
+    samplers see the story's raw logits without CFG and the guided scores on that scale with it,
+    as in the engine."""
     from transformers import LogitsProcessorList
 
-    from .guidance import CFGLogitsProcessor, LogProbs
+    from .guidance import CFGLogitsProcessor
 
     processors = LogitsProcessorList()
     if preset.cfg.active:
@@ -626,8 +627,6 @@ def build_processors(preset: Preset, model=None, tokenizer=None, generator=None)
         processors.append(CFGLogitsProcessor(
             model, scale=preset.cfg.scale, opposing_prompt=preset.cfg.opposing_prompt,
             tokenizer=tokenizer, mode=preset.cfg.opposing_mode))
-    else:
-        processors.append(LogProbs())
     processors.extend(build_chain(preset, tokenizer, generator))
     return processors
 

@@ -32,7 +32,7 @@ def _preset(scale, opposing="", mode="text", do_sample=True, name="balanced-stor
 
 def _plugin_tokens(model, tok, preset, seed):
     """Reference: model.generate with CFGLogitsProcessor first (also at scale 1, where it returns
-    log_softmax without a second pass), then a fresh chain; transformers' own warpers neutralised."""
+    the raw scores without a second pass), then a fresh chain; transformers' own warpers neutralised."""
     ids = tok(PROMPT, return_tensors="pt").input_ids
     kwargs = generate_kwargs(dataclasses.replace(preset, cfg=dataclasses.replace(preset.cfg, scale=1.0)))
     cfg = CFGLogitsProcessor(model, preset.cfg.scale, preset.cfg.opposing_prompt, tok,
@@ -185,19 +185,22 @@ def test_stream_cuts_old_text_to_fit_the_context(tiny_tokenizer):
     cuts = []
     s = generate_stream(model, tok, story, scale=1.5, opposing_prompt="", max_new_tokens=20,
                         do_sample=False, on_cut=lambda kept, total: cuts.append((kept, total)))
-    assert cuts == [(256 - 20 - 1, len(ids))]  # window - new tokens - opposing prompt (BOS alone)
-    assert s.prompt_ids == ids[-(256 - 20 - 1):]
+    # window - new tokens: the opposing row is a row of its own (issue 10 item 5; it was - 1 more)
+    assert cuts == [(256 - 20, len(ids))]
+    assert s.prompt_ids == ids[-(256 - 20):]
     list(s)
-    assert len(s.token_ids) == 20 and s.stats.kept_tokens == 235 and s.stats.prompt_tokens == len(ids)
+    assert len(s.token_ids) == 20 and s.stats.kept_tokens == 236 and s.stats.prompt_tokens == len(ids)
     # the same as continuing the kept tokens directly
-    ref = generate_stream(model, tok, ids[-235:], scale=1.5, max_new_tokens=20, do_sample=False)
+    ref = generate_stream(model, tok, ids[-236:], scale=1.5, max_new_tokens=20, do_sample=False)
     list(ref)
     assert ref.token_ids == s.token_ids
 
 
 def test_stream_refuses_more_new_tokens_than_the_context(tiny_tokenizer):
     with pytest.raises(CFGTextgenError, match="context of 256 tokens"):
-        generate_stream(make_tiny_model("llama"), tiny_tokenizer, PROMPT, scale=1.5, max_new_tokens=255)
+        # 256 new tokens fill the window (255 leave one story token now that the opposing row no
+        # longer counts against the story)
+        generate_stream(make_tiny_model("llama"), tiny_tokenizer, PROMPT, scale=1.5, max_new_tokens=256)
 
 
 def test_stream_empty_story_starts_from_bos(tiny_tokenizer):

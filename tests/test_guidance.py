@@ -17,7 +17,12 @@ STEPS = 48
 
 
 class BruteForceCFG(LogitsProcessor):
-    """Reference: every step, run opposing prompt + generated tokens from scratch, row by row."""
+    """Reference: every step, run opposing prompt + generated tokens from scratch, row by row.
+
+    It returns the guided scores on the story's scale, `scores + (s-1)(c-u)` (issue 10 item 2), so
+    that beam search, which sums the processed scores without renormalising them, ranks beams as
+    ours does when an earlier processor (min_new_tokens) removed a token; the formula itself is
+    checked against the paper's `u + s(c-u)` in the cfg_combine tests."""
 
     def __init__(self, model, scale, opposing_rows, rows_per_prompt=1):
         self.model, self.scale, self.rows, self.k = model, scale, opposing_rows, rows_per_prompt
@@ -33,7 +38,7 @@ class BruteForceCFG(LogitsProcessor):
                 u.append(self.model(torch.tensor([seq])).logits[0, -1])
         u = F.log_softmax(torch.stack(u), -1)
         c = F.log_softmax(scores, -1)
-        return torch.where(torch.isneginf(c), c, u + self.scale * (c - u))  # removed tokens stay removed
+        return torch.where(torch.isneginf(c), c, scores + (self.scale - 1) * (c - u))  # removed stay removed
 
 
 def _generate(model, ids, processors, steps=STEPS, **kw):
@@ -45,7 +50,13 @@ def _generate(model, ids, processors, steps=STEPS, **kw):
 
 
 def assert_scores_close(a, b, tol):
-    """Same -inf positions, finite values within tol (removed tokens are -inf on both sides)."""
+    """The same distributions: same -inf positions, finite log-probabilities within tol (removed
+    tokens are -inf on both sides).
+
+    Distributions, not raw scores: our CFG returns `c_raw + (s-1)(c-u)` on the story's raw-logit
+    scale (issue 10 item 2), transformers' processor and the brute-force reference `u + s(c-u)`;
+    the two differ by the per-row constant logsumexp(c_raw), which log_softmax removes."""
+    a, b = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
     assert torch.equal(torch.isneginf(a), torch.isneginf(b))
     finite = torch.isfinite(a)
     assert finite.any() and (a[finite] - b[finite]).abs().max() < tol
@@ -66,7 +77,28 @@ def test_cfg_combine_matches_hand_computed_values():
     assert torch.allclose(got, torch.tensor([want]), atol=1e-6)
     # scale 0 is the opposing branch alone, scale 1 the story alone
     assert torch.allclose(cfg_combine(c, u, 0.0), u, atol=1e-6)
-    assert torch.allclose(cfg_combine(c + 3.0, u, 1.0), c, atol=1e-6)  # log_softmax removes the shift
+    # issue 10 item 2: the result stays on the story's raw-logit scale: at scale 1 it is exactly the
+    # raw logits (a shift included), at 2 it is c_raw + (c - u) (lead's decision, BRIEF.md)
+    assert torch.equal(cfg_combine(c + 3.0, u, 1.0), c + 3.0)
+    assert torch.allclose(cfg_combine(c + 3.0, u, 2.0), torch.tensor([want]) + 3.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, 0.5, 1.5, 3.0])
+def test_cfg_combine_is_the_paper_distribution_on_the_raw_logit_scale(scale):
+    gen = torch.Generator().manual_seed(3)
+    raw, opp = torch.randn(2, 50, generator=gen) * 4 + 7, torch.randn(2, 50, generator=gen) * 4 - 2
+    c, u = F.log_softmax(raw, -1), F.log_softmax(opp, -1)
+    got = cfg_combine(raw, opp, scale)
+    paper = u + scale * (c - u)  # Sanchez et al. 2023, eq. 6 on log-probs
+    torch.testing.assert_close(F.log_softmax(got, -1), F.log_softmax(paper, -1), atol=1e-5, rtol=0)
+    # the constant between the two is logsumexp(raw) per row
+    torch.testing.assert_close(got - paper, raw.logsumexp(-1, keepdim=True).expand_as(got), atol=1e-4, rtol=0)
+
+
+def test_cfg_combine_is_continuous_in_the_scale():
+    gen = torch.Generator().manual_seed(4)
+    raw, opp = torch.randn(1, 50, generator=gen) * 4 + 7, torch.randn(1, 50, generator=gen) * 4
+    assert (cfg_combine(raw, opp, 1.001) - raw).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("scale", [-1.0, 0.0, 0.5, 3.0])
@@ -199,6 +231,56 @@ def test_cfg_processor_batch_rows_equal_rows_run_alone(arch, tiny_tokenizer):
         assert_scores_close(batch_scores[row], alone_scores[0], 1e-4)
 
 
+# ---- issue 10 item 1: identical stories with different opposing prompts -------------------------
+# Each row keeps its own opposing branch: the old `_source_rows` mapped every row to the FIRST row
+# with the same history, so row 1 ran on row 0's opposing cache (the issue's repro is the first test).
+
+SAME_STORY = [5, 9, 11, 13]
+TWO_OPPOSING = [[7, 8, 9], [20, 21, 30]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_identical_stories_greedy_each_row_equals_the_row_alone(arch):
+    model = make_tiny_model(arch)
+    ids = torch.tensor([SAME_STORY, SAME_STORY])
+    seqs, scores = _generate(model, ids, [CFGLogitsProcessor(model, 3.0, opposing_prompt=TWO_OPPOSING)],
+                             steps=16)
+    for row, opp in enumerate(TWO_OPPOSING):
+        alone, alone_scores = _generate(model, ids[:1], [CFGLogitsProcessor(model, 3.0, opposing_prompt=opp)],
+                                        steps=16)
+        assert torch.equal(seqs[row], alone[0])
+        assert_scores_close(scores[row], alone_scores[0], 1e-4)
+    assert not torch.equal(seqs[0], seqs[1])  # the two opposing prompts really lead apart
+
+
+def test_identical_stories_sampling_equals_brute_force():
+    model = make_tiny_model("llama")
+    ids = torch.tensor([SAME_STORY] * 4)
+    opposing = TWO_OPPOSING * 2  # rows 0 and 2 (1 and 3) share story AND opposing prompt
+    torch.manual_seed(11)
+    a, sa = _generate(model, ids, [CFGLogitsProcessor(model, 3.0, opposing_prompt=opposing)], steps=20,
+                      do_sample=True)
+    torch.manual_seed(11)
+    b, sb = _generate(model, ids, [BruteForceCFG(model, 3.0, opposing)], steps=20, do_sample=True)
+    assert torch.equal(a, b)
+    assert_scores_close(sa, sb, 1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_identical_stories_beam_search_equals_each_item_alone(arch):
+    model = make_tiny_model(arch)
+    ids = torch.tensor([SAME_STORY, SAME_STORY])
+    kw = dict(max_new_tokens=16, min_new_tokens=16, num_beams=3, num_return_sequences=3, do_sample=False,
+              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    ours = model.generate(ids, attention_mask=torch.ones_like(ids),
+                          logits_processor=[CFGLogitsProcessor(model, 3.0, opposing_prompt=TWO_OPPOSING)], **kw)
+    for i, opp in enumerate(TWO_OPPOSING):
+        ref = model.generate(ids[:1], logits_processor=[BruteForceCFG(model, 3.0, [opp], rows_per_prompt=3)],
+                             **kw)
+        assert torch.equal(ours.sequences[3 * i: 3 * i + 3], ref.sequences)
+        assert torch.allclose(ours.sequences_scores[3 * i: 3 * i + 3], ref.sequences_scores, atol=1e-4)
+
+
 # ---- acceptance 4: beam search and several return sequences -----------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -293,6 +375,27 @@ def test_cfg_processor_reused_equals_two_fresh_processors(tiny_tokenizer):
     assert_scores_close(s3, t1, 1e-6)
 
 
+def test_cfg_processor_reused_on_the_previous_output_is_a_continuation(tiny_tokenizer):
+    """Documented (docstring, README): generate(previous_output) with the same processor continues
+    the opposing branch, i.e. equals ONE generation of both lengths; new_generation() starts afresh,
+    equal to a new processor."""
+    model = make_tiny_model("llama")
+    ids = _prompt(tiny_tokenizer)
+    for mode, opp in (("text", [1, 40]), ("last-token", "")):
+        cfg = CFGLogitsProcessor(model, 2.0, opp, mode=mode)
+        first, _ = _generate(model, ids, [cfg], steps=8)
+        cont, cont_scores = _generate(model, first, [cfg], steps=8)
+        whole, whole_scores = _generate(model, ids, [CFGLogitsProcessor(model, 2.0, opp, mode=mode)], steps=16)
+        assert torch.equal(cont, whole)
+        assert_scores_close(cont_scores, whole_scores[:, 8:], 1e-5)
+        fresh, fresh_scores = _generate(model, first, [cfg.new_generation()], steps=8)
+        want, want_scores = _generate(model, first, [CFGLogitsProcessor(model, 2.0, opp, mode=mode)], steps=8)
+        assert torch.equal(fresh, want)
+        assert_scores_close(fresh_scores, want_scores, 1e-5)
+        if mode == "last-token":  # the two readings really differ
+            assert not torch.allclose(F.log_softmax(fresh_scores[:, 0], -1), F.log_softmax(cont_scores[:, 0], -1))
+
+
 def test_transformers_processor_reuse_is_stale_but_ours_is_not(tiny_tokenizer):
     """Documents why we track generations: transformers' processor keeps its cache across calls."""
     model = make_tiny_model("llama")
@@ -316,4 +419,5 @@ def test_cfg_processor_follows_the_model_dtype(tiny_tokenizer):
     got = CFGLogitsProcessor(model, 2.0)(ids, cond)
     assert got.dtype == torch.bfloat16
     c, u = F.log_softmax(cond.float(), -1), F.log_softmax(opp.float(), -1)
-    assert torch.allclose(got.float(), (u + 2.0 * (c - u)).bfloat16().float())
+    # the formula on the story's raw-logit scale (issue 10 item 2; was u + 2(c - u))
+    assert torch.allclose(got.float(), (cond.float() + (2.0 - 1) * (c - u)).bfloat16().float())

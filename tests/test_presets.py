@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cfg_textgen.errors import PresetError
+from cfg_textgen.guidance import cache_keyword, returned_cache
 from cfg_textgen.presets import (
     FORMAT, MAX_PRESET_BYTES, Preset, SamplerSpec, build_chain, build_processors, builtin_names,
     generate_kwargs, list_presets, load_preset, parse_preset, preset_schema,
@@ -489,10 +490,12 @@ def test_build_processors_puts_cfg_first_only_when_scale_is_not_one(tiny_tokeniz
     plain = parse_preset({"name": "x", "samplers": [{"sampler": "repetition_penalty", "penalty": 1.3}]},
                          "t.json")
     procs = build_processors(plain, model, tiny_tokenizer)
-    # without CFG the chain still starts from log-probabilities, as CFG at scale 1 gives them
-    assert [type(p).__name__ for p in procs] == ["LogProbs", "RepetitionPenalty"]
-    scores = torch.tensor([[2.0, 1.0, 0.5]])
-    assert torch.allclose(procs[0](None, scores), torch.log_softmax(scores, -1))
+    # without CFG the samplers see the model's raw logits, as in every reference app (issue 10 item 2:
+    # the LogProbs chain start is gone); the penalty then acts on raw logits as transformers' does
+    assert [type(p).__name__ for p in procs] == ["RepetitionPenalty"]
+    scores = torch.tensor([[2.0, -1.0, 0.5]])
+    got = procs(torch.tensor([[0, 1]]), scores.clone())
+    assert torch.allclose(got, torch.tensor([[2.0 / 1.3, -1.0 * 1.3, 0.5]]))  # HF: x/p if x>0 else x*p
     with_cfg = parse_preset({"name": "x", "cfg": {"scale": 1.5}}, "t.json")
     procs = build_processors(with_cfg, model, tiny_tokenizer)
     assert len(procs) == 1 and isinstance(procs[0], guidance.CFGLogitsProcessor)
@@ -525,8 +528,8 @@ def manual_decode(model, input_ids, processors, steps, do_sample, eos_token_id):
     step_input = input_ids
     with torch.no_grad():
         for _ in range(steps):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_input, **{cache_keyword(model): past}, use_cache=True)
+            past = returned_cache(out)
             scores = processors(ids, out.logits[:, -1, :].float())
             scores_seen.append(scores)
             token = _pick(scores, do_sample)

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from ..context import context_length, eos_ids
 from ..guidance import (forward_kwargs, left_pad, padding_id, positions_from_mask, run_model,
                         split_head)
 
@@ -71,21 +72,6 @@ class IncrementalDecoder:
         return piece
 
 
-def eos_ids(model) -> set[int]:
-    """The ids that end a generation: generation_config's (as `generate` uses), else config's."""
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            return {eos} if isinstance(eos, int) else {int(e) for e in eos}
-    return set()
-
-
-def context_length(model) -> int | None:
-    """The model's window in tokens (max_position_embeddings), or None if it does not say."""
-    n = getattr(model.config, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
 class TransformersPair:
     """One (story, opposing) pair: its left-padded rows' cache, mask and next positions."""
 
@@ -106,7 +92,7 @@ class TransformersBackend:
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
         self.n_ctx = context_length(model)
-        self.eos_ids = eos_ids(model)
+        self.eos_ids = eos_ids(model, tokenizer)  # context.py: one EOS rule everywhere
         bos = getattr(model.config, "bos_token_id", None)
         self.bos_id = bos if bos is not None else tokenizer.bos_token_id
         self.special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
@@ -125,10 +111,10 @@ class TransformersBackend:
         """Nothing to allocate: each pair owns its cache."""
 
     def _forward(self, pair: TransformersPair, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(attention_mask=pair.mask, past_key_values=pair.cache, use_cache=True)
+        kwargs = dict(attention_mask=pair.mask, use_cache=True)
         if "position_ids" in self._accepts:
             kwargs["position_ids"] = positions
-        logits, pair.cache = run_model(self.model, self._split, ids, **kwargs)
+        logits, pair.cache = run_model(self.model, self._split, ids, cache=pair.cache, **kwargs)
         self.forwards += 1
         pair.logits = logits.to(dtype=torch.float32)  # (rows, vocab)
         return pair.logits
