@@ -6,10 +6,14 @@
     python3 benchmarks/run_all.py --quick    smoke run (short lengths, no cold start); writes
                                              results/<UTC time>-quick.json only
     --only decode,growth  --threads 1  --reps 6  --profile-startup
+    --only llamacpp --llama-threads 2    just the llama.cpp section (a partial run writes
+                                         results/<UTC time>-llamacpp.json only)
 
 Sections: decode (tokens/s of the CFG paths, with token-for-token checks), growth (CFG overhead vs
 generated length), samplers (the full chain per token), memory (peak RSS, child processes),
-startup (first streamed token, child processes). Exit code 1 if two paths that must agree gave
+startup (first streamed token, child processes), llamacpp (issue 11: our llama.cpp backend vs
+bare llama.cpp loops and the transformers engine, sampler chains per preset, time to first token,
+memory, CLI start; `--only llamacpp` runs just that). Exit code 1 if two paths that must agree gave
 different tokens (nothing is written then) or a section crashed; a missed target is reported in
 the table, not in the exit code (these are measurements on a shared machine, not tests).
 """
@@ -26,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("decode", "growth", "samplers", "memory", "startup")
+SECTIONS = ("decode", "growth", "samplers", "memory", "startup", "llamacpp")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -36,6 +40,8 @@ def parse_args(argv=None):
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--reps", type=int, help="repetitions of the decode comparison (default 4; 2 quick)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own, = cores)")
+    ap.add_argument("--llama-threads", type=int, default=2,
+                    help="llama.cpp threads in the llamacpp section (default 2, as in issue 11)")
     ap.add_argument("--profile-startup", action="store_true",
                     help="also profile the warm start (-X importtime, py-spy)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -52,6 +58,9 @@ def main(argv=None) -> int:
     if args.threads:  # before torch is imported, so child processes get the same
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    # as `import cfg_textgen` does before torch: idle OpenMP threads (torch's, and llama.cpp's ggml,
+    # which shares the runtime) wait passively instead of spinning on cores others use
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     sys.path.insert(0, str(HERE))
     import torch
 
@@ -112,7 +121,10 @@ def main(argv=None) -> int:
     if checks:
         print("\nchecked before timing (token for token):\n  " + "\n  ".join(checks))
     if not args.no_write:
-        write(record, rows, checks, args.quick, markdown_table)
+        # a partial run (--only) must not replace the full record and README table with a subset
+        partial = set(args.only) != set(SECTIONS)
+        write(record, rows, checks, args.quick, markdown_table,
+              suffix="-quick" if args.quick else ("-" + "-".join(args.only) if partial else ""))
     return 1 if failed else 0
 
 
@@ -133,19 +145,23 @@ def run_section(name, args):
         import bench_memory
 
         return bench_memory.run(args.quick)
+    if name == "llamacpp":  # last: our llama.cpp backend sets torch to 1 thread in this process
+        import bench_llamacpp
+
+        return bench_llamacpp.run(args.quick, args.reps, args.llama_threads)
     import bench_startup
 
     return bench_startup.run(args.quick, args.profile_startup)
 
 
-def write(record, rows, checks, quick, markdown_table) -> None:
+def write(record, rows, checks, quick, markdown_table, suffix="") -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + ("-quick" if quick else "")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + suffix
     text = json.dumps(record, indent=1, default=str) + "\n"
     (out / f"{stamp}.json").write_text(text)
     written = [out / f"{stamp}.json"]
-    if not quick:
+    if not suffix:  # a full run: the committed record and the README table
         (out / "latest.json").write_text(text)
         written.append(out / "latest.json")
         readme = HERE / "README.md"
