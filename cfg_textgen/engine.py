@@ -183,12 +183,6 @@ class Generation:
         return self.prompt_ids, (self.opposing if self.stats.batch == 2 else None)
 
     @property
-    def cells(self) -> int:
-        """KV cells this generation may need at most (story + opposing + new tokens in each)."""
-        return (len(self.prompt_ids) + self.max_new_tokens
-                + (len(self.opposing) + self.max_new_tokens if self.stats.batch == 2 else 0))
-
-    @property
     def last_token(self) -> int:
         return self.token_ids[-1]
 
@@ -467,9 +461,10 @@ class Scheduler:
     # ---- the decode thread ---------------------------------------------------------------------
 
     def _admit(self) -> list[Job]:
-        """Jobs that start this step: FIFO, within max_parallel and the backend's free room."""
-        cells = getattr(self.backend, "cells", None)
-        in_use = sum(job.generation.cells for job in self._active)
+        """Jobs that start this step: FIFO, within max_parallel and the backend's free sequences
+        (llama.cpp: each sequence has its own stream of a full window, so a free slot is room)."""
+        fits = getattr(self.backend, "fits", None)
+        rows = 0  # sequences the jobs admitted so far take
         admit: list[Job] = []
         while self._pending and len(self._active) + len(admit) < self.max_parallel:
             job = self._pending[0]
@@ -477,10 +472,10 @@ class Scheduler:
                 self._pending.popleft()
                 job._end("cancelled")
                 continue
-            need = job.generation.cells
-            if cells is not None and in_use + need > cells and (self._active or admit):
-                break  # waits for room; alone it always fits (the window cut bounds it)
-            in_use += need
+            need = job.generation.stats.batch  # 2 with CFG, 1 at scale 1
+            if fits is not None and not fits(rows + need):
+                break  # waits until a job leaves and frees its sequences
+            rows += need
             admit.append(self._pending.popleft())
         return admit
 

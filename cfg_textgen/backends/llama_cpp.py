@@ -21,11 +21,22 @@ exactly (for references; prefill then takes ~2x longer).
     [logits] = backend.step([(pair, token)])      # one token into both of the pair's sequences
     backend.release(pair)
 
-The KV cache is unified (any sequence may use any cell; llama.cpp's `kv_unified`): a pair's
-opposing sequence is usually a few tokens, and a unified cache lets the story use the room.
-Its size is `n_ctx * (pairs + 1)` cells: a single pair fits even when both its story and its
-opposing prompt fill the window; several pairs share the rest (a pair that does not fit is
-reported by `fits`, so the Scheduler queues it until others finish).
+The KV cache is split: one stream of `n_ctx` cells per sequence (llama.cpp's `kv_unified=False`;
+llama.cpp gives each of the `n_seq_max` sequences `n_ctx / n_seq_max` cells of the context, so the
+context is sized `n_ctx * 2 * pairs`). A unified cache (any sequence in any cell) is NOT exact:
+after a pair is released (`llama_memory_seq_rm`), llama.cpp puts the other sequences' next tokens
+into the freed cells, out of position order, and their logits move by up to ~1.4 on the default
+model (greedy tokens part; tests/test_llamacpp_batching.py, the staggered case). With one stream
+per sequence a sequence's cells hold only its own tokens in order, whatever else joins or leaves.
+Each pair takes two sequence slots (one at scale 1), each with the full window, so a pair that
+has a free slot always fits (the engine's context cut bounds story/opposing + new tokens by the
+window); `fits` says whether one can start now, and the Scheduler queues a job until it can.
+
+Memory: the default model (SmolLM2-135M: 30 layers, 3 KV heads of 64, f16 K and V) takes
+30 * 2 * 3 * 64 * 2 bytes = 22.5 KiB per cell, 90 MiB per 4096-token window. Split, a context
+for `pairs` holds 2 * pairs windows: 180 MiB at pairs=1 (as the unified cache of pairs + 1
+windows), 720 MiB at the server's default of 4 (the unified cache had 5 windows, 450 MiB). The
+price buys exactness and a full window for every story and opposing prompt at once.
 
 Text: `tokenize` is llama.cpp's own tokenizer (special tokens in the text are parsed, as
 transformers' tokenizers do); `decoder` turns each token's bytes (`llama_token_to_piece`) into
@@ -235,34 +246,41 @@ class LlamaCppBackend:
         L = self.lib
         self._free_context()
         params = L.llama_context_default_params()
-        cells = self.n_ctx * (pairs + 1)
-        params.n_ctx = cells
-        params.n_batch = cells  # a whole prompt (all joining pairs) goes into one llama_decode
-        params.n_seq_max = 2 * pairs
+        streams = 2 * pairs  # a story and an opposing sequence per pair
+        cells = self.n_ctx * streams
+        batch = 2 * self.n_ctx  # the largest decode: one pair's story and opposing prompt
+        params.n_ctx = cells  # split among the streams: n_ctx cells each
+        params.n_batch = batch
+        params.n_seq_max = streams
         params.n_ubatch = self.n_ubatch
-        params.n_outputs_max = 2 * pairs  # one output row per sequence and decode
+        params.n_outputs_max = streams  # one output row per sequence and decode
         params.n_outputs_max_per_seq = 1
         params.n_threads = params.n_threads_batch = self.n_threads
-        params.kv_unified = True
+        # one KV stream per sequence: see the module docstring (a unified cache is not exact)
+        params.kv_unified = False
         params.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise LlamaCppError(f"llama.cpp could not create a context of {cells} tokens for "
                                 f"{pairs} pairs (out of memory?)")
         self.cells = int(L.llama_n_ctx(self.ctx))
+        self.seq_cells = int(L.llama_n_ctx_seq(self.ctx))
+        if self.seq_cells < self.n_ctx:
+            raise LlamaCppError(f"llama.cpp gave each sequence {self.seq_cells} cells, not the "
+                                f"window of {self.n_ctx}")
         self.memory = L.llama_get_memory(self.ctx)
-        self._batch = L.llama_batch_init(cells, 0, 1)
+        self._batch = L.llama_batch_init(batch, 0, 1)
         b = self._batch
-        self._tok = np.ctypeslib.as_array(b.token, shape=(cells,))
-        self._pos = np.ctypeslib.as_array(b.pos, shape=(cells,))
-        self._nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(cells,))
+        self._tok = np.ctypeslib.as_array(b.token, shape=(batch,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(batch,))
+        self._nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(batch,))
         self._out = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)),
-                                          shape=(cells,))
+                                          shape=(batch,))
         self._nseq[:] = 1
-        self._seq_ptrs = [b.seq_id[i] for i in range(cells)]
-        self._free_seqs = list(range(2 * pairs))
+        self._seq_ptrs = [b.seq_id[i] for i in range(batch)]
+        self._free_seqs = list(range(streams))
         self._pairs = pairs
-        self.used_cells = 0
+        self.used_cells = 0  # over all streams (a leak check for tests)
 
     def _free_context(self) -> None:
         L = self.lib
@@ -282,9 +300,10 @@ class LlamaCppBackend:
             raise LlamaCppError("cannot grow the llama.cpp context while sequences are live")
         self._make_context(pairs)
 
-    def fits(self, cells: int, pairs: int = 1) -> bool:
-        """Whether `pairs` more pairs needing `cells` KV cells in all can start now."""
-        return len(self._free_seqs) >= 2 * pairs and self.used_cells + cells <= self.cells
+    def fits(self, rows: int = 2) -> bool:
+        """Whether pairs with `rows` sequences in all (2 per CFG pair, 1 at scale 1) can start
+        now: each sequence has its own stream of a full window, so only free slots count."""
+        return len(self._free_seqs) >= rows
 
     def close(self) -> None:
         self._free_context()
@@ -375,10 +394,15 @@ class LlamaCppBackend:
         if len(self._free_seqs) < sum(len(rows) for rows in checked):
             raise LlamaCppError(f"no free llama.cpp sequence for {len(new)} more pairs "
                                 f"(the context holds {self._pairs}); call reserve() first")
-        need = sum(len(ids) for rows in checked for ids in rows) + sum(p.rows for p, _ in steps)
-        if self.used_cells + need > self.cells:
-            raise LlamaCppError(f"the llama.cpp context is full ({self.used_cells} of {self.cells} "
-                                f"tokens in use, {need} more needed)")
+        # each sequence has its own stream of `seq_cells`: a prompt or a step past it cannot go in
+        longest = max((len(ids) for rows in checked for ids in rows), default=0)
+        if longest > self.seq_cells:
+            raise LlamaCppError(f"a prompt of {longest} tokens does not fit a sequence's "
+                                f"{self.seq_cells} cells of the llama.cpp context")
+        full = [p for p, _ in steps if max(p.next_pos) >= self.seq_cells]
+        if full:
+            raise LlamaCppError(f"a sequence's {self.seq_cells} cells of the llama.cpp context are "
+                                f"full ({max(full[0].next_pos)} tokens in use)")
         last = not steps
         fresh = []
         for k, rows in enumerate(checked):
