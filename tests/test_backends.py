@@ -203,6 +203,49 @@ def test_scheduler_job_joining_and_leaving_mid_run_changes_nobody(backend):
         assert job.error is None and job.token_ids == ids and job.text == text
 
 
+def _bench_story() -> str:
+    """The benchmarks' long story (~250 tokens), as the server helper submitted it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_common", REPO / "benchmarks" / "_common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.STORY
+
+
+@pytest.mark.slow
+def test_scheduler_identical_long_prompt_greedy_jobs_at_once_equal_alone():
+    """Two and four identical greedy requests on a ~250-token story submitted at once: each text
+    is the one the request gives alone (the reference: the same request, nothing else running).
+
+    Failed before the fix (2 of 2 and 4 of 4 texts parted at token 20): a lone scale-1 job steps
+    one token, and with 2 threads ggml's CPU flash attention splits that query's keys (512+ cells
+    once the story passes 256 tokens) into one chunk per thread, while several jobs' step runs
+    each query whole. The backend now decodes single tokens on one thread (n_threads=2 here so the
+    split would happen)."""
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
+    from cfg_textgen.models import default_gguf_path
+    from cfg_textgen.presets import parse_preset
+
+    story = _bench_story()
+    preset = parse_preset({"name": "t", "samplers": [], "do_sample": False, "max_new_tokens": 48})
+    b = LlamaCppBackend(default_gguf_path(), pairs=4, n_threads=2)
+    try:
+        assert len(b.tokenize(story)) > 256  # past the first 256 cells: the 512-key kernels
+        with Scheduler(b, max_parallel=4) as sched:
+            alone = sched.submit(Request(prompt=story, preset=preset))
+            assert alone.wait(300) and alone.error is None, alone.error
+            for n in (2, 4):
+                jobs = [sched.submit(Request(prompt=story, preset=preset)) for _ in range(n)]
+                for job in jobs:
+                    assert job.wait(300) and job.error is None, job.error
+                parted = [next((i for i, (x, y) in enumerate(zip(job.token_ids, alone.token_ids))
+                                if x != y), None) for job in jobs]
+                assert [job.text for job in jobs] == [alone.text] * n, (n, parted)
+    finally:
+        b.close()
+
+
 def test_scheduler_seeded_sampling_repeats_whatever_else_runs(backend):
     preset = dataclasses.replace(load_preset("balanced-story"), max_new_tokens=20)
     with Scheduler(backend, max_parallel=4) as sched:
@@ -234,9 +277,10 @@ def test_scheduler_cancel_ends_within_one_step_and_frees_the_sequences(backend):
 
 
 def test_scheduler_long_run_of_submit_and_cancel_never_exhausts_the_context():
-    """A small context (2 pairs of a 256-token window: 768 cells) and 40 jobs of ~100-token stories
-    started and cancelled in a row, mid-prefill, mid-run or before they start: 4,000+ cells in all,
-    so a release that leaked cells or sequence ids would exhaust the context within a few jobs."""
+    """A small context (2 pairs of a 256-token window: 4 streams of 256 cells) and 40 jobs of
+    ~100-token stories started and cancelled in a row, mid-prefill, mid-run or before they start:
+    4,000+ cells in all, so a release that leaked cells or sequence ids would fill a stream or run
+    out of sequences within a few jobs."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
 

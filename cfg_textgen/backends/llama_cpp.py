@@ -255,7 +255,16 @@ class LlamaCppBackend:
         params.n_ubatch = self.n_ubatch
         params.n_outputs_max = streams  # one output row per sequence and decode
         params.n_outputs_max_per_seq = 1
-        params.n_threads = params.n_threads_batch = self.n_threads
+        # llama.cpp runs a decode of ONE token on `n_threads`, larger ones on `n_threads_batch`.
+        # One token is a lone sequence stepping (a scale-1 job alone): there ggml's CPU flash
+        # attention splits the keys (512+ cells) into one chunk per thread and merges the partial
+        # sums, while a step of several sequences runs each query row whole; with 2 threads a
+        # job's logits moved by up to ~1 with what else ran once its story passed ~256 tokens
+        # (greedy texts parted). On one thread the split is one chunk: the same sums as in a
+        # crowd. (Plain attention would avoid the split but rounds a prefill differently from
+        # token-by-token steps, up to ~1 in a logit: the exact reference checks need flash.)
+        params.n_threads = 1
+        params.n_threads_batch = self.n_threads
         # one KV stream per sequence: see the module docstring (a unified cache is not exact)
         params.kv_unified = False
         params.no_perf = True
