@@ -13,7 +13,10 @@ Exactness: a step's logits are the same whatever else is in the batch (see `run`
 longer than a few dozen tokens is prefilled by llama.cpp's large-batch kernels, which round
 differently from token-by-token decoding (up to ~0.4 in a logit on the default model);
 `n_ubatch=32` makes every micro-batch small, so a prefill equals decoding token by token
-exactly (for references; prefill then takes ~2x longer).
+exactly (for references; prefill then takes ~2x longer). A decode of a single token (a scale-1
+job stepping alone) runs on one llama.cpp thread (`_make_context` says why: with more, flash
+attention splits a lone query's keys per thread and the job's logits depend on whether others ran;
+measured on 2 loaded cores the lone scale-1 rate was no lower, 150 vs 53 tokens/s with 2 threads).
 
     backend = LlamaCppBackend("model.gguf", n_ctx=4096, pairs=1, n_threads=None, n_ubatch=512)
     [pair] = backend.prefill([(story_ids, opposing_ids or None)])
