@@ -1,12 +1,21 @@
 """See what the guidance scale does: text metrics, a sweep over scales, a per-token explanation of
 what CFG changed, and LAMBADA last-word accuracy (Table 1 of Sanchez et al. 2023).
 
+Everything runs on a backend (backends/: transformers, or llama.cpp for GGUF files) through its
+`prefill` / `step` / `release` API, so the same code measures on both. A transformers model (with
+its tokenizer) is wrapped in the transformers backend. Many (story, opposing) pairs run side by
+side (`run_side_by_side`): a sweep's scales, and LAMBADA's examples, share each decode step on
+llama.cpp (one `llama_decode` for every live sequence).
+
 Generation is kept apart from measurement. A *generate function* `fn(prompt_ids, scale) -> new ids`
-produces a continuation (`make_generate_fn` builds one on `model.generate` with a preset's sampler
-chain; the engine can supply its own); the continuation is then scored by teacher forcing: one
-forward pass of the story + continuation and one of the opposing prompt + continuation give, for
-every generated token, the plain model's distribution `c` and the guided one `u + scale * (c - u)`
-(`cfg_combine`, the same formula generation used).
+produces a continuation: `make_engine_generate_fn` is the engine's own loop on the backend (the
+same `cfg_combine`, `presets.build_chain` and token pick as `write`; its `many` runs several
+scales side by side); `make_generate_fn` is the `model.generate` plugin (transformers only). The
+continuation is then scored by teacher forcing on the backend: the story and the opposing prompt
+are prefilled as one pair and fed the generated tokens one step at a time, which gives, for every
+generated token, the plain model's distribution `c` and the guided one `u + scale * (c - u)`
+(`cfg_combine`, the formula generation used). On llama.cpp these are the very logits the engine
+decoded while generating (a pair's logits do not depend on what else is in the batch).
 
 Metric definitions (words = `text.split()`, i.e. whitespace-separated, case kept):
 
@@ -24,6 +33,7 @@ A metric over too few words (e.g. distinct-2 of one word) is NaN, shown as "n/a"
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import unicodedata
@@ -38,6 +48,9 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 DEFAULT_SCALES = (0.0, 1.0, 1.5, 3.0, 6.0, 12.0)
 MAX_WORD_TOKENS = 10  # LAMBADA: a word longer than this many tokens is cut here
+LANES = 8  # pairs decoded side by side (llama.cpp: 16 sequences, one decode per step with CFG)
+MAX_LANES = 16  # llama.cpp's step decodes hold 32 tokens (backends/llama_cpp.py STEP_CHUNK)
+WINDOW_STEP = 256  # llama.cpp windows are sized in these (its attention pads the cells it reads to 256)
 
 
 # ---- text metrics (pure functions on sequences) -----------------------------------------------
@@ -88,6 +101,104 @@ def entropy(logits):
     return row_entropy(logits.float()).squeeze(-1)
 
 
+# ---- the backend and the side-by-side decode loop -------------------------------------------
+
+
+def is_backend(obj) -> bool:
+    return hasattr(obj, "run") and hasattr(obj, "release")
+
+
+def as_backend(model, tokenizer=None):
+    """`model` itself when it is a backend, else a transformers model (and its tokenizer, which
+    scoring alone may leave out) in the transformers backend."""
+    if is_backend(model):
+        return model
+    from .backends.transformers import TransformersBackend
+
+    return TransformersBackend(model, tokenizer)
+
+
+def _size_llama_window(backend, jobs, lanes: int) -> None:
+    """llama.cpp keeps a full window of KV cells for every sequence of every lane (90 MiB per
+    4096-token window on the default model, 512 MiB on a 7B): make each sequence's window just
+    what these jobs need (their longest row plus their new tokens, rounded up to WINDOW_STEP so
+    that attention reads the same cells as in a full window), never more than the model's."""
+    need = max(len(ids) + job.max_new_tokens for job in jobs for ids in job.pair_ids() if ids is not None)
+    window = min(backend.n_ctx, -(-need // WINDOW_STEP) * WINDOW_STEP)
+    backend.reserve(lanes, window=window)
+
+
+def run_side_by_side(backend, jobs: Sequence, lanes: int = LANES,
+                     on_done: Callable[[int], None] | None = None) -> None:
+    """Decode `jobs` to the end with up to `lanes` of them live at once, each step of every live
+    job in one `backend.run` (on llama.cpp: one decode); a job joins as soon as another leaves.
+
+    A job is an engine `Generation` or anything with its protocol: `pair_ids()` (story ids,
+    opposing ids or None), `advance(logits)` with the pair's logits (rows, vocab), `done`,
+    `last_token`, `max_new_tokens`. `on_done(index)` is called as each job ends."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f"`lanes` has to be an integer >= 1, but is {lanes!r}")
+    jobs = list(jobs)
+    if not jobs:
+        return
+    lanes = min(lanes, len(jobs), MAX_LANES)
+    if getattr(backend, "name", None) == "llama.cpp":
+        _size_llama_window(backend, jobs, lanes)
+    else:
+        backend.reserve(lanes)
+    pending = collections.deque(enumerate(jobs))
+    active: list = []  # [index, job, pair]
+    try:
+        while pending or active:
+            admit = [pending.popleft() for _ in range(min(len(pending), lanes - len(active)))]
+            _, pairs = backend.run(steps=[(pair, job.last_token) for _, job, pair in active],
+                                   new=[job.pair_ids() for _, job in admit])
+            active += [[i, job, pair] for (i, job), pair in zip(admit, pairs)]
+            # every job reads its logits (views into llama.cpp's output buffer) before any
+            # sequence is released
+            for _, job, pair in active:
+                job.advance(pair.logits)
+            leaving = [entry for entry in active if entry[1].done]
+            for entry in leaving:
+                active.remove(entry)
+                backend.release(entry[2])
+                if on_done:
+                    on_done(entry[0])
+    finally:
+        for _, _, pair in active:
+            backend.release(pair)
+
+
+class Forced:
+    """A teacher-forcing job for `run_side_by_side`: the pair (story, opposing or None) is fed
+    `new_ids` one per step, and `values[i] = measure(logits)` is kept for the logits (rows, vocab)
+    that predict `new_ids[i]` (they are a view valid for this step only: `measure` must copy)."""
+
+    def __init__(self, story: Sequence[int], opposing: Sequence[int] | None, new_ids: Sequence[int],
+                 measure: Callable):
+        if not new_ids:
+            raise ValueError("`new_ids` has to hold at least one token to score")
+        self.story, self.opposing = list(story), (list(opposing) if opposing is not None else None)
+        self.new_ids = [int(t) for t in new_ids]
+        self.measure = measure
+        self.max_new_tokens = len(self.new_ids)
+        self.values: list = []
+
+    def pair_ids(self):
+        return self.story, self.opposing
+
+    def advance(self, logits) -> None:
+        self.values.append(self.measure(logits, self.new_ids[len(self.values)]))
+
+    @property
+    def done(self) -> bool:
+        return len(self.values) >= len(self.new_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.new_ids[len(self.values) - 1]
+
+
 # ---- prompt and opposing branch -------------------------------------------------------------
 
 
@@ -99,30 +210,34 @@ class Opposing:
     prompt: str = ""
     mode: str = "text"
 
-    def start_ids(self, prompt_ids: Sequence[int], model, tokenizer) -> list[int]:
-        """The ids the opposing branch starts from, before the generated tokens."""
+    def start_ids(self, prompt_ids: Sequence[int], model, tokenizer=None) -> list[int]:
+        """The ids the opposing branch starts from, before the generated tokens (`model`: a
+        backend, or a transformers model and its tokenizer)."""
         from .guidance import opposing_token_ids
 
         if self.mode == "last-token":
             return [int(prompt_ids[-1])]
-        bos = getattr(model.config, "bos_token_id", None)
-        if bos is None:
-            bos = tokenizer.bos_token_id
-        return opposing_token_ids(self.prompt, tokenizer, bos)[0]
+        backend = as_backend(model, tokenizer)
+        return opposing_token_ids(self.prompt, backend.tokenizer, backend.bos_id)[0]
 
 
 def encode_prompt(tokenizer, prompt: str, model=None, reserve: int = 0,
                   log: Callable[[str], None] | None = None) -> list[int]:
     """Token ids of the prompt; a prompt longer than the model's context (minus `reserve` tokens for
     the continuation) keeps its most recent tokens by the engine's rule (context.fit_context: the
-    story row's own length only, leading special tokens kept), and says so through `log`."""
+    story row's own length only, leading special tokens kept), and says so through `log`. `model`
+    may be a backend (its own tokenizer and window; `tokenizer` is then unused)."""
     from .context import context_length, fit_context
 
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if model is not None and is_backend(model):
+        ids, limit, special = model.tokenize(prompt), model.n_ctx, model.special_ids
+    else:
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        limit = context_length(model) if model is not None else None
+        special = getattr(tokenizer, "all_special_ids", ()) or ()
     if not ids:
         raise CFGTextgenError("the prompt is empty: give some story text to continue")
-    limit = context_length(model) if model is not None else None
-    kept = fit_context(ids, limit, reserve, getattr(tokenizer, "all_special_ids", ()) or ())
+    kept = fit_context(ids, limit, reserve, special)
     if len(kept) < len(ids) and log:
         log(f"warning: the prompt has {len(ids)} tokens; kept the last {len(kept)} "
             f"(context {limit}, {reserve} tokens for the continuation)")
@@ -132,39 +247,39 @@ def encode_prompt(tokenizer, prompt: str, model=None, reserve: int = 0,
 # ---- scoring a continuation by teacher forcing ----------------------------------------------
 
 
-def _next_token_logits(model, ids: Sequence[int], count: int):
-    """Logits (count, vocab) that predict the last `count` tokens of `ids`."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(torch.tensor([list(ids)], device=model.device), use_cache=False).logits[0].float()
-    n = len(ids)
-    return logits[n - count - 1:n - 1]
-
-
-def score_continuation(model, prompt_ids: Sequence[int], new_ids: Sequence[int], scale: float,
-                       opposing_ids: Sequence[int]):
-    """Per generated token, the plain and the guided log-probabilities over the vocabulary.
-
-    Returns two (steps, vocab) float tensors: log_softmax of the story's logits (`c`), and
-    log_softmax of `u + scale * (c - u)` (`u` from the opposing prompt followed by the same
-    generated tokens). At scale 1 both are the plain distribution and the opposing pass is skipped.
-    """
+def _plain_and_guided(logits, scale: float):
+    """(plain, guided) log-probs (1, vocab) from a pair's logits: row 0 the story's, row 1 (when
+    there is one) the opposing prompt's."""
     import torch
 
     from .guidance import cfg_combine
 
-    steps = len(new_ids)
-    if steps == 0:
+    cond = logits[:1].float()
+    plain = torch.log_softmax(cond, dim=-1)
+    if logits.shape[0] < 2:
+        return plain, plain
+    return plain, torch.log_softmax(cfg_combine(cond, logits[1:2], scale), dim=-1)
+
+
+def score_continuation(model, prompt_ids: Sequence[int], new_ids: Sequence[int], scale: float,
+                       opposing_ids: Sequence[int], tokenizer=None):
+    """Per generated token, the plain and the guided log-probabilities over the vocabulary.
+
+    Returns two (steps, vocab) float tensors: log_softmax of the story's logits (`c`), and
+    log_softmax of `u + scale * (c - u)` (`u` from the opposing prompt followed by the same
+    generated tokens). At scale 1 both are the plain distribution and the opposing row is not run.
+    `model` is a backend, or a transformers model (with its `tokenizer`).
+    """
+    import torch
+
+    if not new_ids:
         empty = torch.zeros((0, 0))
         return empty, empty
-    cond = _next_token_logits(model, list(prompt_ids) + list(new_ids), steps)
-    plain = torch.log_softmax(cond, dim=-1)
-    if scale == 1.0:
-        return plain, plain
-    opp = _next_token_logits(model, list(opposing_ids) + list(new_ids), steps)
-    guided = torch.log_softmax(cfg_combine(cond, opp, scale), dim=-1)
-    return plain, guided
+    backend = as_backend(model, tokenizer)
+    job = Forced(prompt_ids, None if scale == 1.0 else opposing_ids, new_ids,
+                 lambda logits, token: _plain_and_guided(logits, scale))
+    run_side_by_side(backend, [job], lanes=1)
+    return torch.cat([p for p, _ in job.values]), torch.cat([g for _, g in job.values])
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -172,9 +287,9 @@ def score_continuation(model, prompt_ids: Sequence[int], new_ids: Sequence[int],
 
 def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_tokens: int = 60,
                      opposing: Opposing | None = None) -> GenerateFn:
-    """A generate function on `model.generate`: CFG at the given scale first, then the preset's
-    sampler chain (transformers' own warpers neutralised), seeded with `seed` before every call so
-    that every scale starts from the same random state.
+    """A generate function on `model.generate` (the transformers plugin): CFG at the given scale
+    first, then the preset's sampler chain (transformers' own warpers neutralised), seeded with
+    `seed` before every call so that every scale starts from the same random state.
 
     `preset` is a `Preset` (default: the built-in "plain": sampling at temperature 1, no samplers);
     its scale is replaced by the call's scale and its opposing prompt by `opposing` when given.
@@ -205,12 +320,64 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
     return generate
 
 
-def _strip_eos_padding(ids: list, model, tokenizer) -> list:
-    """Generated ids up to and including the first EOS (context.eos_ids, the engine's rule;
-    generate pads after it in batches)."""
+class EngineGenerate:
+    """The engine's generate function on a backend: `fn(prompt_ids, scale) -> new ids`, and
+    `fn.many(prompt_ids, scales)` for several scales side by side. Every scale is an engine
+    `Generation` with the preset's settings (engine._preset_settings: `presets.build_chain`, the
+    preset's do_sample) and its own `torch.Generator` seeded with `seed`, so every scale starts
+    from the same random state, alone or beside the others. Stop sequences are not applied: every
+    scale gets the same budget of tokens (EOS still ends)."""
+
+    def __init__(self, backend, preset=None, seed: int = 0, max_new_tokens: int = 60,
+                 opposing: Opposing | None = None, lanes: int = LANES):
+        from .presets import load_preset
+
+        self.backend, self.seed, self.lanes = backend, int(seed), lanes
+        self.max_new_tokens = int(max_new_tokens)
+        base = preset if preset is not None else load_preset("plain")
+        cfg = base.cfg
+        if opposing is not None:
+            cfg = replace(cfg, opposing_prompt=opposing.prompt, opposing_mode=opposing.mode)
+        self.base = replace(base, cfg=cfg, max_new_tokens=self.max_new_tokens, stop=())
+
+    def generation(self, prompt_ids: Sequence[int], scale: float):
+        import torch
+
+        from .engine import Generation, _preset_settings
+
+        preset = replace(self.base, cfg=replace(self.base.cfg, scale=float(scale)))
+        generator = torch.Generator(device=self.backend.device).manual_seed(self.seed)
+        return Generation(self.backend, None, [int(t) for t in prompt_ids], on_cut=lambda kept, total: None,
+                          **_preset_settings(self.backend, preset, generator))
+
+    def many(self, prompt_ids: Sequence[int], scales: Sequence[float],
+             on_done: Callable[[int], None] | None = None) -> list[list]:
+        gens = [self.generation(prompt_ids, s) for s in scales]
+        run_side_by_side(self.backend, gens, self.lanes, on_done)
+        return [list(g.token_ids) for g in gens]
+
+    def __call__(self, prompt_ids: list, scale: float) -> list:
+        return self.many(prompt_ids, [scale])[0]
+
+
+def make_engine_generate_fn(backend, preset=None, seed: int = 0, max_new_tokens: int = 60,
+                            opposing: Opposing | None = None, lanes: int = LANES) -> EngineGenerate:
+    """A generate function on the engine over `backend` (see `EngineGenerate`)."""
+    return EngineGenerate(backend, preset, seed, max_new_tokens, opposing, lanes)
+
+
+def _eos(model, tokenizer=None) -> set:
+    if is_backend(model):
+        return set(model.eos_ids)
     from .context import eos_ids
 
-    eos = eos_ids(model, tokenizer)
+    return eos_ids(model, tokenizer)
+
+
+def _strip_eos_padding(ids: list, model, tokenizer=None) -> list:
+    """Generated ids up to and including the first EOS (the backend's EOS set: context.eos_ids
+    on transformers; generate pads after it in batches)."""
+    eos = _eos(model, tokenizer)
     for i, t in enumerate(ids):
         if t in eos:
             return ids[:i + 1]
@@ -269,36 +436,76 @@ def text_metrics(text: str) -> tuple[float, float]:
     return distinct_n(w, 2), repeated_ngram_rate(w, 3)
 
 
-def score_row(model, tokenizer, prompt_ids, new_ids, scale, opposing_ids) -> SweepRow:
-    """Decode and measure one continuation."""
-    plain, guided = score_continuation(model, prompt_ids, new_ids, scale, opposing_ids)
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    if new_ids:
-        import torch
+def _sweep_measure(scale: float):
+    """Per step: (log p of the forced token under the plain model, entropy of the guided
+    distribution), as floats (nothing of the step's logits is kept)."""
+    def measure(logits, token):
+        plain, guided = _plain_and_guided(logits, scale)
+        return float(plain[0, token]), float(entropy(guided)[0])
 
-        idx = torch.tensor(new_ids, device=plain.device).view(-1, 1)  # gather needs both on one device
-        fluency = float(plain.gather(1, idx).mean())
-        ent = float(entropy(guided).mean())
-    else:
-        fluency = ent = math.nan
-    d2, r3 = text_metrics(text)
-    return SweepRow(scale, text, list(new_ids), fluency, ent, d2, r3)
+    return measure
+
+
+def score_rows(model, prompt_ids: Sequence[int], continuations: Sequence[tuple[float, list]],
+               opposing_ids: Sequence[int], tokenizer=None, lanes: int = LANES,
+               on_done: Callable[[int], None] | None = None) -> list[SweepRow]:
+    """Decode and measure continuations [(scale, new ids)], all teacher-forced side by side."""
+    backend = as_backend(model, tokenizer)
+    jobs = {i: Forced(prompt_ids, None if scale == 1.0 else opposing_ids, ids, _sweep_measure(scale))
+            for i, (scale, ids) in enumerate(continuations) if ids}
+    order = list(jobs)
+    run_side_by_side(backend, [jobs[i] for i in order], lanes,
+                     None if on_done is None else (lambda k: on_done(order[k])))
+    rows = []
+    for i, (scale, ids) in enumerate(continuations):
+        text = backend.tokenizer.decode(list(ids), skip_special_tokens=True)
+        if i in jobs:
+            values = jobs[i].values
+            fluency = sum(v[0] for v in values) / len(values)
+            ent = sum(v[1] for v in values) / len(values)
+        else:
+            fluency = ent = math.nan
+        d2, r3 = text_metrics(text)
+        rows.append(SweepRow(scale, text, list(ids), fluency, ent, d2, r3))
+    return rows
+
+
+def score_row(model, tokenizer, prompt_ids, new_ids, scale, opposing_ids) -> SweepRow:
+    """Decode and measure one continuation (`model`: a backend, or a transformers model)."""
+    return score_rows(model, prompt_ids, [(scale, list(new_ids))], opposing_ids, tokenizer)[0]
 
 
 def sweep(model, tokenizer, prompt_ids: Sequence[int], scales: Iterable[float], generate_fn: GenerateFn,
-          opposing: Opposing = Opposing(), progress: Progress | None = None) -> list[SweepRow]:
+          opposing: Opposing = Opposing(), progress: Progress | None = None,
+          lanes: int = MAX_LANES) -> list[SweepRow]:
     """One continuation per scale (the generate function seeds itself), scored; rows in `scales`
     order. The scale-1 text is the reference for diff-vs-1: it is generated even when 1 is not
-    among `scales` (and then not returned)."""
+    among `scales` (and then not returned). A generate function with `many` (EngineGenerate)
+    generates every scale side by side; the scoring always runs them side by side."""
+    backend = as_backend(model, tokenizer)
     scales = list(scales)
     todo = scales if 1.0 in scales else scales + [1.0]
-    opposing_ids = opposing.start_ids(prompt_ids, model, tokenizer)
-    rows = {}
-    for i, scale in enumerate(todo):
-        new_ids = _strip_eos_padding(list(generate_fn(list(prompt_ids), scale)), model, tokenizer)
-        rows[scale] = score_row(model, tokenizer, prompt_ids, new_ids, scale, opposing_ids)
+    total, done = 2 * len(todo), [0]
+
+    def tick(_=None):
+        done[0] += 1
         if progress:
-            progress(i + 1, len(todo))
+            progress(done[0], total)
+
+    many = getattr(generate_fn, "many", None)
+    if many is not None:
+        outs = many(list(prompt_ids), todo, tick)
+    else:
+        outs = []
+        for scale in todo:
+            outs.append(generate_fn(list(prompt_ids), scale))
+            tick()
+    new = [_strip_eos_padding(list(ids), backend) for ids in outs]
+    opposing_ids = opposing.start_ids(prompt_ids, backend)
+    scored = score_rows(backend, prompt_ids, list(zip(todo, new)), opposing_ids, lanes=lanes, on_done=tick)
+    if done[0] < total and progress:  # a continuation without tokens has nothing to score
+        progress(total, total)
+    rows = dict(zip(todo, scored))
     plain_words = rows[1.0].text.split()
     for row in rows.values():
         row.diff_vs_plain = normalized_edit_distance(row.text.split(), plain_words)
@@ -359,11 +566,14 @@ def explain_steps(plain_logp, guided_logp, new_ids: Sequence[int], top: int = 5)
 
 def explain(model, tokenizer, prompt_ids: Sequence[int], scale: float, generate_fn: GenerateFn,
             opposing: Opposing = Opposing(), top: int = 5) -> tuple[str, list[ExplainStep]]:
-    """Generate at `scale` and explain every token: (the generated text, the steps)."""
-    new_ids = _strip_eos_padding(list(generate_fn(list(prompt_ids), scale)), model, tokenizer)
-    opposing_ids = opposing.start_ids(prompt_ids, model, tokenizer)
-    plain, guided = score_continuation(model, prompt_ids, new_ids, scale, opposing_ids)
-    return tokenizer.decode(new_ids, skip_special_tokens=True), explain_steps(plain, guided, new_ids, top)
+    """Generate at `scale` and explain every token: (the generated text, the steps). `model` is a
+    backend, or a transformers model with its `tokenizer`."""
+    backend = as_backend(model, tokenizer)
+    new_ids = _strip_eos_padding(list(generate_fn(list(prompt_ids), scale)), backend)
+    opposing_ids = opposing.start_ids(prompt_ids, backend)
+    plain, guided = score_continuation(backend, prompt_ids, new_ids, scale, opposing_ids)
+    text = backend.tokenizer.decode(new_ids, skip_special_tokens=True)
+    return text, explain_steps(plain, guided, new_ids, top)
 
 
 # ---- LAMBADA --------------------------------------------------------------------------------
@@ -474,20 +684,6 @@ def read_lambada(path: str | Path, limit: int | None = None) -> list[LambadaExam
     return examples
 
 
-class _WordComplete:
-    """A stopping criterion for `generate`: stop once the first generated word is complete."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        done = [word_complete(self.tokenizer.decode(row[self.prompt_len:], skip_special_tokens=True))
-                for row in input_ids.tolist()]
-        return torch.tensor(done, device=input_ids.device)
-
-
 def lambada_opposing(setting: str) -> Opposing:
     """`--opposing` of `eval`: "last-token" (the paper's / transformers' default) or "empty" (BOS)."""
     if setting == "last-token":
@@ -497,46 +693,50 @@ def lambada_opposing(setting: str) -> Opposing:
     raise ValueError(f"`opposing` has to be 'last-token' or 'empty', but is {setting!r}")
 
 
-def _lambada_generate(model, tokenizer, context: str, scale: float, opposing: Opposing, max_tokens: int,
-                      stopping_criteria=None) -> list:
-    """Greedy ids after `context` with CFG at `scale` through our `generate` plugin (a preset with
-    no samplers: CFG alone), ending at the story EOS rule (context.eos_ids)."""
-    import torch
-
-    from .context import eos_ids
-    from .guidance import padding_id
-    from .presets import generate_kwargs, parse_preset
-
-    preset = parse_preset({"name": "lambada", "do_sample": False, "max_new_tokens": max_tokens,
-                           "cfg": {"scale": scale, "opposing_prompt": opposing.prompt,
-                                   "opposing_mode": opposing.mode}}, source="eval lambada")
-    ids = torch.tensor([encode_prompt(tokenizer, context, model, reserve=max_tokens)], device=model.device)
-    extra = {} if stopping_criteria is None else {"stopping_criteria": stopping_criteria(ids.shape[1])}
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=sorted(eos_ids(model, tokenizer)),
-                         pad_token_id=padding_id(model, tokenizer), **extra,
-                         **generate_kwargs(preset, model, tokenizer))
-    return _strip_eos_padding(out[0, ids.shape[1]:].tolist(), model, tokenizer)
-
-
 def target_token_ids(tokenizer, target: str) -> list:
     """The token rule's target: `tokenizer(" " + target)` without special tokens (lm-eval-harness)."""
     return list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
 
 
-def predict_tokens(model, tokenizer, context: str, target_ids: Sequence[int], scale: float,
-                   opposing: Opposing) -> list:
-    """The token rule: as many greedy tokens as the target has (fewer if EOS came)."""
-    return _lambada_generate(model, tokenizer, context, scale, opposing, max(1, len(target_ids)))
+def lambada_generation(backend, context: str, scale: float, opposing: Opposing, max_tokens: int):
+    """An engine `Generation` for one example at one scale: greedy after `context` (cut to the
+    window by the engine's rule) with CFG at `scale` and no samplers, ending at the backend's EOS
+    set or after `max_tokens`."""
+    from .engine import Generation
+
+    return Generation(backend, None, context, scale=scale, opposing_prompt=opposing.prompt,
+                      opposing_mode=opposing.mode, chain=[], max_new_tokens=max_tokens, do_sample=False,
+                      on_cut=lambda kept, total: None)
 
 
-def predict_word(model, tokenizer, context: str, scale: float, opposing: Opposing,
-                 max_tokens: int = MAX_WORD_TOKENS) -> str:
-    """The word rule: the first word the model generates after `context`, greedy with CFG."""
-    from transformers import StoppingCriteriaList
+class UntilWord:
+    """The word rule's job: a `Generation` that also ends once its first word is complete (the
+    decoded new tokens, after leading whitespace, hold a whitespace character)."""
 
-    new = _lambada_generate(model, tokenizer, context, scale, opposing, max_tokens,
-                            lambda n: StoppingCriteriaList([_WordComplete(tokenizer, n)]))
-    return first_word(tokenizer.decode(new, skip_special_tokens=True))
+    def __init__(self, generation, decode: Callable[[list], str]):
+        self.generation, self.decode = generation, decode
+        self.max_new_tokens = generation.max_new_tokens
+        self._word = False
+
+    def pair_ids(self):
+        return self.generation.pair_ids()
+
+    def advance(self, logits) -> None:
+        self.generation.advance(logits)
+        if not self.generation.done and word_complete(self.decode(self.generation.token_ids)):
+            self._word = True
+
+    @property
+    def done(self) -> bool:
+        return self.generation.done or self._word
+
+    @property
+    def last_token(self) -> int:
+        return self.generation.last_token
+
+    @property
+    def token_ids(self) -> list:
+        return self.generation.token_ids
 
 
 @dataclass
@@ -577,29 +777,52 @@ class LambadaResult:
 
 def eval_lambada(model, tokenizer, examples: Sequence[LambadaExample], scales: Iterable[float],
                  opposing: Opposing = Opposing("", "last-token"), max_tokens: int = MAX_WORD_TOKENS,
-                 progress: Progress | None = None, rule: str = "tokens") -> list[LambadaResult]:
+                 progress: Progress | None = None, rule: str = "tokens", lanes: int = LANES) -> list[LambadaResult]:
     """Last-word accuracy per scale by `rule` ("tokens" or "word"; see the top of this section).
-    `max_tokens` bounds the word rule only (the token rule generates the target's length)."""
+    `max_tokens` bounds the word rule only (the token rule generates the target's length). Every
+    (example, scale) is one greedy generation; `lanes` of them decode side by side. `model` is a
+    backend, or a transformers model with its `tokenizer`."""
     if rule not in RULES:
         raise ValueError(f"`rule` has to be one of {RULES}, but is {rule!r}")
+    backend = as_backend(model, tokenizer)
+    tok = backend.tokenizer
+
+    def decode(ids):
+        return tok.decode(list(ids), skip_special_tokens=True)
+
     results = [LambadaResult(float(s)) for s in scales]
-    total, done = len(examples) * len(results), 0
+    jobs, wants = [], []
     for ex in examples:
-        want = target_token_ids(tokenizer, ex.target) if rule == "tokens" else []
+        want = target_token_ids(tok, ex.target) if rule == "tokens" else []
+        wants.append(want)
         for res in results:
             if rule == "tokens":
-                got = predict_tokens(model, tokenizer, ex.context, want, res.scale, opposing)
-                text = tokenizer.decode(got, skip_special_tokens=True)
+                jobs.append(lambada_generation(backend, ex.context, res.scale, opposing, max(1, len(want))))
+            else:
+                jobs.append(UntilWord(lambada_generation(backend, ex.context, res.scale, opposing, max_tokens),
+                                      decode))
+    done = [0]
+
+    def tick(_):
+        done[0] += 1
+        if progress:
+            progress(done[0], len(jobs))
+
+    run_side_by_side(backend, jobs, lanes, tick)
+    jobs_iter = iter(jobs)
+    for ex, want in zip(examples, wants):
+        for res in results:
+            got = _strip_eos_padding(list(next(jobs_iter).token_ids), backend)
+            if rule == "tokens":
+                text = decode(got)
                 ok = got == want
             else:
-                got, text = [], predict_word(model, tokenizer, ex.context, res.scale, opposing, max_tokens)
+                text = first_word(decode(got))
+                got = []
                 ok = word_matches(text, ex.target)
             res.predictions.append(text)
             res.details.append(LambadaPrediction(ex.line, res.scale, rule, ex.context, ex.target, text, ok,
                                                  want, got))
             res.correct += ok
             res.total += 1
-            done += 1
-            if progress:
-                progress(done, total)
     return results
