@@ -239,16 +239,22 @@ def _generation_options(f):
         click.option("--seed", type=int, metavar="S", help="Random seed, for repeatable sampling."),
         click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
                      help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
-        click.option("--backend", "backend_name", type=click.Choice(["transformers", "llama.cpp"]), default=None,
-                     help="Where the model runs (default: llama.cpp for .gguf files and the default "
-                          "model when llama-cpp-python is installed, else transformers)."),
-        click.option("--threads", type=click.IntRange(min=1), metavar="N",
-                     help="CPU threads for llama.cpp (default: the physical cores)."),
+        _backend_options,
         _verbose_option,
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _backend_options(f):
+    """--backend / --threads: every command that runs the model (write, generate, sweep, explain, eval)."""
+    f = click.option("--threads", type=click.IntRange(min=1), metavar="N",
+                     help="CPU threads for llama.cpp (default: the physical cores).")(f)
+    return click.option("--backend", "backend_name", type=click.Choice(["transformers", "llama.cpp"]),
+                        default=None,
+                        help="Where the model runs (default: llama.cpp for .gguf files and the default "
+                             "model when llama-cpp-python is installed, else transformers).")(f)
 
 
 def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens):
@@ -292,9 +298,13 @@ def _load(model_spec, verbose=False, backend_name=None, threads=None):
     also silences huggingface_hub's bars)."""
     import time
 
-    from .models import choose_backend, load_backend, load_model
+    from .backends import BackendUnavailable
+    from .models import choose_backend, load_backend
 
-    name = "transformers" if backend_name is False else choose_backend(model_spec, backend_name, _say)
+    try:
+        name = choose_backend(model_spec, backend_name, _say)
+    except BackendUnavailable as err:  # only an explicit --backend llama.cpp gets here: name the flag
+        raise BackendUnavailable(f"--backend {backend_name}: {err}") from None
     if name == "transformers":  # (llama.cpp loads without bars)
         from transformers.utils import logging as hf_logging
 
@@ -313,16 +323,12 @@ def _load(model_spec, verbose=False, backend_name=None, threads=None):
     _say(f"loading model {model_spec or 'default (SmolLM2-135M-Instruct)'} ...", nl=verbose)
     t0 = time.perf_counter()
     try:
-        if backend_name is False:  # the analysis commands: a transformers (model, tokenizer)
-            loaded = load_model(model_spec, log=log)
-        else:
-            loaded = load_backend(model_spec, name, n_threads=threads, log=log)
+        loaded = load_backend(model_spec, name, n_threads=threads, log=log)
     except BaseException:
         if open_line[0]:
             _say("")
         raise
-    where = "" if backend_name is False else f" ({loaded.name})"
-    _say(f"{' ' if open_line[0] else ''}model ready in {time.perf_counter() - t0:.1f} s{where}")
+    _say(f"{' ' if open_line[0] else ''}model ready in {time.perf_counter() - t0:.1f} s ({loaded.name})")
     return loaded
 
 
@@ -470,12 +476,13 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel):
 
 
 def _analysis_model_options(default_tokens: int):
-    """--model / --seed / --preset / --opposing / --tokens for sweep and explain."""
+    """--model / --backend / --threads / --seed / --preset / --opposing / --tokens for sweep and explain."""
     def decorate(f):
         for opt in reversed([
             click.option("--model", "model_spec", metavar="PATH", default=None,
                          help="A Hugging Face model folder or a .gguf file (default: the embedded "
                               "SmolLM2-135M)."),
+            _backend_options,
             click.option("--seed", type=int, default=None,
                          help="Random seed, the same for every scale (default: a random one, printed "
                               "on stderr)."),
@@ -494,12 +501,13 @@ def _analysis_model_options(default_tokens: int):
     return decorate
 
 
-def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tokens, prompt, verbose=False):
-    """Load the preset and the model, pick the seed, encode the prompt: everything sweep and
-    explain share."""
+def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tokens, prompt, verbose=False,
+                    backend_name=None, threads=None):
+    """Load the preset and the model on its backend, pick the seed, encode the prompt: everything
+    sweep and explain share. Generation is the engine's (the same as `write`) on that backend."""
     import secrets
 
-    from .analysis import Opposing, encode_prompt, make_generate_fn
+    from .analysis import Opposing, encode_prompt, make_engine_generate_fn
     from .presets import load_preset
 
     preset = load_preset(preset_name or "plain")
@@ -509,11 +517,11 @@ def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tok
     if seed is None:
         seed = secrets.randbelow(2**31)
         click.echo(f"seed {seed} (repeat with --seed {seed})", err=True)
-    model, tokenizer = _load(model_spec, verbose, backend_name=False)
+    backend = _load(model_spec, verbose, backend_name=backend_name, threads=threads)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    prompt_ids = encode_prompt(tokenizer, prompt, model, reserve=tokens, log=log)
-    generate_fn = make_generate_fn(model, tokenizer, preset, seed=seed, max_new_tokens=tokens, opposing=opp)
-    return preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens
+    prompt_ids = encode_prompt(None, prompt, backend, reserve=tokens, log=log)
+    generate_fn = make_engine_generate_fn(backend, preset, seed=seed, max_new_tokens=tokens, opposing=opp)
+    return preset, backend, prompt_ids, generate_fn, opp, seed, tokens
 
 
 @main.command("sweep")
@@ -524,7 +532,8 @@ def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tok
 @_analysis_model_options(default_tokens=60)
 @click.option("--report", "report_path", metavar="FILE.html", default=None,
               help="Also write a self-contained HTML report with a plot (needs matplotlib).")
-def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, tokens, verbose, report_path):
+def sweep_command(prompt, scales, model_spec, backend_name, threads, seed, preset_name, opposing, tokens,
+                  verbose, report_path):
     """Continue PROMPT once per CFG scale with the same seed, show the texts side by side, and
     measure each: fluency under the plain model, entropy of the guided distribution, distinct-2,
     repeated 3-grams, and how far it is from the scale-1 text.
@@ -540,16 +549,18 @@ def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, token
     scale_list = parse_scales(scales)
     if report_path:
         report.require_matplotlib()  # fail before minutes of generation, not after
-    preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
-        model_spec, seed, preset_name, opposing, tokens, 60, prompt, verbose)
-    rows = sweep(model, tokenizer, prompt_ids, scale_list, generate_fn, opp,
+    preset, backend, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
+        model_spec, seed, preset_name, opposing, tokens, 60, prompt, verbose, backend_name, threads)
+    # every scale side by side: one decode per step for all of them on llama.cpp
+    rows = sweep(backend, None, prompt_ids, scale_list, generate_fn, opp,
                  progress=report.ProgressBar("sweep"))
     click.echo(report.format_texts(rows))
     click.echo()
     click.echo(report.format_metrics(rows))
     click.echo(report.METRIC_HELP)
     if report_path:
-        settings = {"model": model_spec or "default (SmolLM2-135M-Instruct)", "preset": preset.name,
+        settings = {"model": model_spec or "default (SmolLM2-135M-Instruct)", "backend": backend.name,
+                    "preset": preset.name,
                     "seed": seed, "tokens": tokens,
                     "opposing": "last prompt token" if opp.mode == "last-token" else (opp.prompt or "(blank story)")}
         png = report.sweep_plot_png(rows, title=f"CFG sweep, seed {seed}")
@@ -564,7 +575,8 @@ def sweep_command(prompt, scales, model_spec, seed, preset_name, opposing, token
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Candidates shown before and after guidance.")
 @_analysis_model_options(default_tokens=20)
-def explain_command(prompt, scale, top, model_spec, seed, preset_name, opposing, tokens, verbose):
+def explain_command(prompt, scale, top, model_spec, backend_name, threads, seed, preset_name, opposing, tokens,
+                    verbose):
     """Continue PROMPT with CFG and show, for every generated token, the top candidates before
     guidance (the plain model) and after it, marking the candidate CFG promoted most (+) and the one
     it demoted most (-). "After" is the guided distribution before the preset's samplers.
@@ -577,18 +589,18 @@ def explain_command(prompt, scale, top, model_spec, seed, preset_name, opposing,
     from .guidance import check_scale
     from .report import format_explain, printable
 
-    preset, model, tokenizer, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
-        model_spec, seed, preset_name, opposing, tokens, 20, prompt, verbose)
+    preset, backend, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
+        model_spec, seed, preset_name, opposing, tokens, 20, prompt, verbose, backend_name, threads)
     if scale is None:
         scale = preset.cfg.scale if preset_name and preset.cfg.active else 1.5
     try:
         scale = check_scale(scale)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--scale") from None
-    text, steps = explain(model, tokenizer, prompt_ids, scale, generate_fn, opp, top=top)
+    text, steps = explain(backend, None, prompt_ids, scale, generate_fn, opp, top=top)
     click.echo(f"text: {printable(text)}")
     click.echo()
-    click.echo(format_explain(steps, tokenizer, scale))
+    click.echo(format_explain(steps, backend.tokenizer, scale))
 
 
 @main.group("eval", cls=_Group)
@@ -637,10 +649,14 @@ def _check_out_folder(ctx, param, value):
 @click.option("--out", "out_path", metavar="FILE.jsonl", default=None, callback=_check_out_folder,
               type=click.Path(dir_okay=False),
               help="Also write every example's prediction (one JSON object per example and scale).")
+@click.option("--batch", type=click.IntRange(1, 16), default=8, show_default=True, metavar="N",
+              help="Examples (times scales) decoded side by side.")
 @click.option("--model", "model_spec", metavar="PATH", default=None,
               help="A Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M).")
+@_backend_options
 @_verbose_option
-def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, out_path, model_spec, verbose):
+def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, batch, out_path, model_spec,
+                         backend_name, threads, verbose):
     """LAMBADA last-word accuracy per CFG scale (zero-shot, greedy), as in Table 1 of Sanchez et al.
     2023. FILE has one JSON object per line with a "text" field; the target is its last
     whitespace-separated word.
@@ -661,9 +677,9 @@ def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, out_pa
 
     scale_list = parse_scales(scales)
     examples = read_lambada(file, limit)
-    model, tokenizer = _load(model_spec, verbose, backend_name=False)
-    results = eval_lambada(model, tokenizer, examples, scale_list, lambada_opposing(opposing), max_tokens,
-                           progress=ProgressBar("lambada"), rule=rule)
+    backend = _load(model_spec, verbose, backend_name=backend_name, threads=threads)
+    results = eval_lambada(backend, None, examples, scale_list, lambada_opposing(opposing), max_tokens,
+                           progress=ProgressBar("lambada"), rule=rule, lanes=batch)
     click.echo(f"LAMBADA last-word accuracy: {file}, {len(examples)} examples, greedy, "
                f"opposing: {opposing}, rule: {rule}")
     click.echo(format_lambada(results))

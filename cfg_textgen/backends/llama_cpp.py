@@ -218,6 +218,7 @@ class LlamaCppBackend:
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         train = int(L.llama_model_n_ctx_train(self.model))
         self.n_ctx = n_ctx or (min(train, DEFAULT_WINDOW) if train > 0 else DEFAULT_WINDOW)
+        self.window = self.n_ctx  # KV cells per sequence (reserve(window=...) may make it smaller)
         self.n_threads = n_threads or physical_cores()
         # torch only combines and samples (1-2 rows of the vocabulary per pair and step): its
         # thread pool gains nothing there, and its waiting threads take the cores from
@@ -250,8 +251,8 @@ class LlamaCppBackend:
         self._free_context()
         params = L.llama_context_default_params()
         streams = 2 * pairs  # a story and an opposing sequence per pair
-        cells = self.n_ctx * streams
-        batch = 2 * self.n_ctx  # the largest decode: one pair's story and opposing prompt
+        cells = self.window * streams
+        batch = 2 * self.window  # the largest decode: one pair's story and opposing prompt
         params.n_ctx = cells  # split among the streams: n_ctx cells each
         params.n_batch = batch
         params.n_seq_max = streams
@@ -277,9 +278,9 @@ class LlamaCppBackend:
                                 f"{pairs} pairs (out of memory?)")
         self.cells = int(L.llama_n_ctx(self.ctx))
         self.seq_cells = int(L.llama_n_ctx_seq(self.ctx))
-        if self.seq_cells < self.n_ctx:
+        if self.seq_cells < self.window:
             raise LlamaCppError(f"llama.cpp gave each sequence {self.seq_cells} cells, not the "
-                                f"window of {self.n_ctx}")
+                                f"window of {self.window}")
         self.memory = L.llama_get_memory(self.ctx)
         self._batch = L.llama_batch_init(batch, 0, 1)
         b = self._batch
@@ -304,12 +305,22 @@ class LlamaCppBackend:
             L.llama_free(self.ctx)
             self.ctx = None
 
-    def reserve(self, pairs: int) -> None:
-        """Make room for `pairs` live pairs; a bigger context is made only when none is live."""
-        if pairs <= self._pairs:
+    def reserve(self, pairs: int, window: int | None = None) -> None:
+        """Make room for `pairs` live pairs; a new context is made only when none is live.
+
+        `window` (tokens per sequence, at most `n_ctx`; None: `n_ctx`) sizes every sequence's KV
+        cells anew: a caller that knows its longest row plus new tokens (the analysis commands)
+        takes that much memory instead of a full window per sequence. `n_ctx` stays the model's
+        window (the context cut); a row longer than `window` is refused by `run`."""
+        if window is None:
+            window = self.n_ctx
+        if isinstance(window, bool) or not isinstance(window, int) or not 16 <= window <= self.n_ctx:
+            raise ValueError(f"`window` has to be an integer in [16, {self.n_ctx}], but is {window!r}")
+        if pairs <= self._pairs and window == self.window:
             return
         if len(self._free_seqs) != 2 * self._pairs:
-            raise LlamaCppError("cannot grow the llama.cpp context while sequences are live")
+            raise LlamaCppError("cannot remake the llama.cpp context while sequences are live")
+        self.window = window
         self._make_context(pairs)
 
     def fits(self, rows: int = 2) -> bool:
