@@ -74,10 +74,10 @@ def exact():
 
 @pytest.fixture(scope="module")
 def lcpp():
-    """The llama.cpp backend as the CLI makes it (default micro-batches and threads)."""
+    """The llama.cpp backend with default micro-batches (one thread: see THREADS)."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(default_gguf())
+    backend = LlamaCppBackend(default_gguf(), n_threads=THREADS)
     yield backend
     backend.close()
 
@@ -262,8 +262,8 @@ def test_cli_backend_flag_picks_the_backend(tmp_path, command):
 
     args = _commands(tmp_path)[command]
     outs = {}
-    for flag in ([], ["--backend", "llama.cpp", "--threads", "1"], ["--backend", "transformers"]):
-        r = CliRunner().invoke(main, args + flag)
+    for flag in ([], ["--backend", "llama.cpp"], ["--backend", "transformers"]):
+        r = CliRunner().invoke(main, args + flag + ["--threads", "1"])  # (THREADS; unused on transformers)
         assert r.exit_code == 0, r.output
         ran = re.search(r"model ready in [\d.]+ s \(([^)]+)\)", r.stderr).group(1)
         assert ran == (flag[1] if flag else "llama.cpp"), (flag, r.stderr)
