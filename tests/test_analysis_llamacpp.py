@@ -179,6 +179,10 @@ def test_sweep_scales_side_by_side_equal_each_scale_alone(lcpp):
         assert (a.token_ids, a.fluency, a.entropy, a.text) == (b.token_ids, b.fluency, b.entropy, b.text), a.scale
     # side by side: a prefill per scale, then ONE decode per step for all of them (x2: generate, score)
     assert decodes <= 2 * (len(SCALES) + 16)
+    # each sequence got the KV cells it needs (prompt + 16 tokens -> 256), not the 4096 window
+    assert lcpp.window == 256 < lcpp.n_ctx
+    with pytest.raises(ValueError, match="`window`"):
+        lcpp.reserve(1, window=lcpp.n_ctx + 1)
 
 
 @pytest.mark.slow

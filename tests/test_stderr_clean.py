@@ -97,7 +97,7 @@ def test_cli_runs_with_future_warnings_as_errors_and_one_status_line(tiny_model_
 
 
 def test_cli_explain_runs_with_future_warnings_as_errors(tiny_model_dir):
-    """The analysis path: CFG through model.generate, then teacher-forced scoring."""
+    """The analysis path: the engine on the transformers backend, then teacher-forced scoring."""
     r = _cli("explain", "Once upon a time", "--scale", "2", "--tokens", "4", "--seed", "1",
              model_dir=tiny_model_dir)
     assert r.returncode == 0, r.stderr
