@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from ..errors import CFGTextgenError
 from . import kobold, webui
+from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
@@ -162,11 +163,10 @@ async def completions(request: Request):
     service = request.app.state.service
     body = await read_json(request)
     c = webui.parse_completion(body, service)
-    length_field = "max_tokens" if "max_tokens" in body else "max_new_tokens"
     jobs = []
     try:
         for i in range(c.n):
-            jobs.append(submit(service, length_field, c.prompt, c.preset,
+            jobs.append(submit(service, c.length_field, c.prompt, c.preset,
                                None if c.seed is None else c.seed + i, ban_eos=c.ban_eos,
                                truncate=c.truncate, api=WEBUI))
     except BaseException:
@@ -237,27 +237,19 @@ async def health(request: Request):
 
 async def encode(request: Request):
     service = request.app.state.service
-    text = _text_field(await read_json(request), "text")
-    tokens = service.tokenize(text)
+    tokens = service.tokenize(read(webui.TextBody, await read_json(request)).text)
     return JSONResponse({"tokens": tokens, "length": len(tokens)})
 
 
 async def decode(request: Request):
     service = request.app.state.service
-    body = await read_json(request)
-    tokens = body.get("tokens")
-    vocab = service.vocab_size
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise bad("tokens", "must be a list of integers (token ids)", tokens)
-    wrong = next((t for t in tokens if not 0 <= t < vocab), None)
-    if wrong is not None:
-        raise bad("tokens", f"must hold ids in [0, {vocab}) (this model's vocabulary)", wrong)
+    tokens = webui.decode_ids(await read_json(request), service.vocab_size)
     return JSONResponse({"text": service.detokenize(tokens)})
 
 
 async def token_count(request: Request):
     service = request.app.state.service
-    text = _text_field(await read_json(request), "text")
+    text = read(webui.TextBody, await read_json(request)).text
     return JSONResponse({"length": len(service.tokenize(text))})
 
 
@@ -265,13 +257,6 @@ async def stop_generation(request: Request):
     # the web UI's stop is global (one model, one generation); here it ends every web UI job
     request.app.state.service.cancel(api=WEBUI)
     return JSONResponse("OK")
-
-
-def _text_field(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise bad(key, "must be a string", value) if key in body else APIError(400, f"`{key}` is required", key)
-    return value
 
 
 # ---- KoboldAI API (KoboldCpp) -----------------------------------------------------------------
@@ -319,17 +304,14 @@ def _kobold_event(data: dict) -> str:
 
 async def kobold_abort(request: Request):
     body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
-    genkey = body.get("genkey")
-    if genkey is not None and not isinstance(genkey, str):
-        raise bad("genkey", "must be a string", genkey)
+    genkey = read(kobold.AbortBody, body).genkey
     n = request.app.state.service.cancel(api=KOBOLD, genkey=genkey or None)
     return JSONResponse({"success": "true" if n else "false", "done": "true"})
 
 
 async def kobold_tokencount(request: Request):
     service = request.app.state.service
-    text = _text_field(await read_json(request), "prompt")
-    ids = service.tokenize(text)
+    ids = service.tokenize(read(kobold.TokenCountBody, await read_json(request)).prompt)
     return JSONResponse({"value": len(ids), "ids": ids})
 
 

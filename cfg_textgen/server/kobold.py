@@ -11,11 +11,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import APIError, Fields
-from .translate import KOBOLD_FLAVOUR, build_preset, check_prompt
+from pydantic import BaseModel, ConfigDict
+
+from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
+from .errors import APIError
+from .translate import KOBOLD_FLAVOUR, build_preset
 
 DEFAULT_MAX_LENGTH = 200  # KoboldCpp's default for a request without max_length
 VERSION = "1.82"  # the KoboldCpp API level these routes follow (Kobold Lite gates features on it)
+
+
+class GenerateBody(BaseModel):
+    """The envelope of POST /api/v1/generate and /api/extra/generate/stream. A field may be left
+    out but not sent as null. Unknown keys are ignored: Kobold Lite sends many we do not use."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: TextPrompt
+    max_length: Count = DEFAULT_MAX_LENGTH
+    max_context_length: Count = None
+    sampler_seed: Seed = None
+    stop_sequence: Stops = []
+    ban_eos_token: Flag = False
+    bypass_eos: Flag = False
+    trim_stop: Flag = True  # checked; stop strings are always trimmed
+    genkey: Text = None
+    truncate: Flag = True
 
 
 @dataclass
@@ -29,26 +50,25 @@ class Generate:
 
 
 def parse_generate(body: dict, service) -> Generate:
-    f = Fields(body)
-    prompt = check_prompt(body.get("prompt"), allow_ids=False)
-    max_new = f.int("max_length", lo=1)
-    if max_new is None:
-        max_new = DEFAULT_MAX_LENGTH
-    if max_new >= service.n_ctx:
-        raise APIError(400, f"`max_length` is {max_new}, but the model's context window is "
+    g = read(GenerateBody, body)
+    if g.max_length >= service.n_ctx:
+        raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
-    context = f.int("max_context_length", lo=1)
-    seed = f.int("sampler_seed")
-    if seed is not None and seed < 0:
-        seed = None
-    stop = f.strings("stop_sequence")
-    ban_eos = bool(f.bool("ban_eos_token")) or bool(f.bool("bypass_eos"))
-    f.bool("trim_stop")  # checked; stop strings are always trimmed
-    genkey = f.str("genkey")
-    truncate = f.bool("truncate")
-    preset = build_preset(body, KOBOLD_FLAVOUR, max_new, stop)
-    return Generate(service.fit(prompt, context, max_new), preset, seed, ban_eos, genkey,
-                    truncate is not False)
+    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
+    return Generate(service.fit(g.prompt, g.max_context_length, g.max_length), preset, g.sampler_seed,
+                    g.ban_eos_token or g.bypass_eos, g.genkey, g.truncate)
+
+
+class AbortBody(BaseModel):
+    """/api/extra/abort: which generation to end (all of the API's when null or absent)."""
+
+    genkey: Text | None = None
+
+
+class TokenCountBody(BaseModel):
+    """/api/extra/tokencount."""
+
+    prompt: Text
 
 
 def finish_reason(job) -> str:

@@ -11,14 +11,46 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated
 
-from .errors import APIError, Fields
-from .translate import KOBOLD_FLAVOUR, build_preset, check_prompt, flavour_of_completion
+from pydantic import BaseModel, ConfigDict, Field
+
+from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from .errors import APIError, bad
+from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
 
 NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
                       "n", "presence_penalty", "stop", "stream", "suffix", "temperature", "top_p", "user", "seed"})
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
+
+
+class CompletionBody(BaseModel):
+    """The envelope of POST /v1/completions. A field typed without None may be left out but not
+    sent as null (the web UI's typing.py refuses null there too); the OpenAI fields' nulls
+    (NULLABLE) are dropped before. Unknown keys are ignored: SillyTavern sends its own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Prompt
+    max_tokens: Count = None
+    max_new_tokens: Count = None
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
+    seed: Seed = None
+    stop: Stops = []
+    stopping_strings: Stops = []
+    stream: Flag = False
+    echo: Flag = False
+    ban_eos_token: Flag = False
+    truncate: Flag = True
+    truncation_length: Annotated[Int, Field(ge=0)] = None
+    add_bos_token: Flag = True
+    preset: Text = None
+
+    @property
+    def length_field(self) -> str:
+        """The field that sets the length: `max_tokens` wins when both are sent."""
+        return "max_tokens" if self.max_tokens is not None else "max_new_tokens"
 
 
 @dataclass
@@ -31,41 +63,45 @@ class Completion:
     echo: bool
     ban_eos: bool
     truncate: bool
+    length_field: str
 
 
 def parse_completion(body: dict, service) -> Completion:
     body = {k: v for k, v in body.items() if not (v is None and k in NULLABLE)}
-    f = Fields(body, NULLABLE)
-    prompt = check_prompt(body.get("prompt"))
-    max_new = f.int("max_tokens", lo=1)
-    name = "max_tokens"
-    if max_new is None:
-        max_new, name = f.int("max_new_tokens", lo=1), "max_new_tokens"
-    if max_new is None:
-        max_new = DEFAULT_MAX_TOKENS
+    c = read(CompletionBody, body)
+    max_new = c.max_tokens or c.max_new_tokens or DEFAULT_MAX_TOKENS
     if max_new >= service.n_ctx:
-        raise APIError(400, f"`{name}` is {max_new}, but the model's context window is {service.n_ctx} "
-                            f"tokens (prompt included): ask for fewer", name)
-    n = f.int("n", lo=1, hi=MAX_N) or 1
-    seed = f.int("seed")
-    if seed is not None and seed < 0:
-        seed = None  # the web UI's -1: random
-    stop = f.strings("stop") + f.strings("stopping_strings")
-    stream = bool(f.bool("stream"))
-    echo = bool(f.bool("echo"))
-    ban_eos = bool(f.bool("ban_eos_token"))
-    truncate = f.bool("truncate")
-    context = f.int("truncation_length", lo=0)
-    add_bos = f.bool("add_bos_token")
-    preset_name = f.str("preset")
-    if add_bos is False and isinstance(prompt, str):
+        raise APIError(400, f"`{c.length_field}` is {max_new}, but the model's context window is {service.n_ctx} "
+                            f"tokens (prompt included): ask for fewer", c.length_field)
+    prompt = c.prompt
+    if not c.add_bos_token and isinstance(prompt, str):
         prompt = service.tokenize(prompt, special=False) or prompt
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
-    preset = build_preset(body, flavour, max_new, stop, preset_name if flavour != KOBOLD_FLAVOUR else None,
-                          renames)
-    prompt = service.fit(prompt, context, max_new)
-    return Completion(prompt, preset, n, seed, stream, echo, ban_eos, truncate is not False)
+    preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
+                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+    prompt = service.fit(prompt, c.truncation_length, max_new)
+    return Completion(prompt, preset, c.n, c.seed, c.stream, c.echo, c.ban_eos_token, c.truncate, c.length_field)
+
+
+class TextBody(BaseModel):
+    """/v1/internal/encode and /token-count."""
+
+    text: Text
+
+
+class TokensBody(BaseModel):
+    """/v1/internal/decode."""
+
+    tokens: TokenList
+
+
+def decode_ids(body: dict, vocab_size: int) -> list[int]:
+    tokens = read(TokensBody, body).tokens
+    wrong = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if wrong is not None:
+        raise bad("tokens", f"must hold ids in [0, {vocab_size}) (this model's vocabulary)", wrong)
+    return tokens
 
 
 def finish_reason(job) -> str:

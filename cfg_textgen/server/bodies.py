@@ -1,0 +1,85 @@
+"""The field types of request bodies (webui.py and kobold.py declare the bodies as pydantic models
+of them), and reading a body into its model with pydantic's errors as 400s naming the field.
+
+The types are strict: pydantic's lax mode would take "5" or true for 5, which no client means.
+An integral float (5.0) is an integer, as JSON does not tell them apart. Each type carries its
+rule in words, said once for the whole value: a union's alternatives would each report their own.
+Sampler fields are not here: the importers read them (translate.py), as in those apps' presets.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Strict, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
+
+from .errors import APIError, bad
+
+_RULE = "request_rule"  # the pydantic error type of a broken rule, whose message is the rule
+
+
+def _rule(words: str) -> WrapValidator:
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(_RULE, words) from None
+    return WrapValidator(check)
+
+
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _one_prompt(value):
+    """SillyTavern may send the prompt as a list holding one text; several texts are a batch."""
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        if len(value) > 1:
+            raise PydanticCustomError("prompt_batch", "a batch of {n} prompts is not supported; send one "
+                                      "prompt per request (use `n` for several continuations)", {"n": len(value)})
+        return value[0]
+    return value
+
+
+Int = Annotated[int, Strict(), BeforeValidator(_integral), _rule("must be an integer")]
+Count = Annotated[Int, Field(ge=1)]
+Flag = Annotated[bool, Strict(), _rule("must be true or false")]
+Text = Annotated[str, Strict(), _rule("must be a string")]
+Texts = Annotated[list[Annotated[str, Strict()]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(min_length=1)]
+Seed = Annotated[Int, AfterValidator(lambda seed: None if seed < 0 else seed)]  # -1 (any < 0): random
+# stop sequences: one string or a list of them; empty strings are dropped
+Stops = Annotated[Annotated[str, Strict()] | list[Annotated[str, Strict()]], _rule("must be a string or a list of strings"),
+                  AfterValidator(lambda v: [s for s in ([v] if isinstance(v, str) else v) if s])]
+# a text, a list holding one text, or (web UI) a list of token ids
+Prompt = Annotated[Texts | TokenIds | Text, _rule("must be a string or a list of token ids"),
+                   AfterValidator(_one_prompt)]
+TextPrompt = Annotated[Texts | Text, _rule("must be a string"), AfterValidator(_one_prompt)]
+TokenList = Annotated[list[Annotated[int, Strict()]], _rule("must be a list of integers (token ids)")]
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def read(model: type[Body], body: dict) -> Body:
+    """`body` as a `model`, or its first error as the 400 today's clients know."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise _api_error(err.errors()[0], model, body) from None
+
+
+def _api_error(error: dict, model: type[BaseModel], body: dict) -> APIError:
+    """"`field` RULE, but is VALUE" (bad()), "`field` is required", or "`field`: what is wrong"."""
+    field = error["loc"][0]
+    value = body.get(field)
+    if error["type"] == "missing" or (value is None and model.model_fields[field].is_required()):
+        return APIError(400, f"`{field}` is required", field)
+    if value is None:  # a field typed without None: absent is allowed, null is not
+        return bad(field, "must not be null", value)
+    bound = {"greater_than_equal": "must be >= {ge}", "less_than_equal": "must be <= {le}"}.get(error["type"])
+    if bound is not None:
+        return bad(field, bound.format(**error["ctx"]), value)
+    if error["type"] == _RULE:
+        return bad(field, error["msg"], value)
+    return APIError(400, f"`{field}`: {error['msg']}", field)
