@@ -162,12 +162,12 @@ def _error_of(job) -> APIError:
 async def completions(request: Request):
     service = request.app.state.service
     body = await read_json(request)
-    c = webui.parse_completion(body, service)
+    c, preset = webui.parse_completion(body, service)
     jobs = []
     try:
         for i in range(c.n):
-            jobs.append(submit(service, c.length_field, c.prompt, c.preset,
-                               None if c.seed is None else c.seed + i, ban_eos=c.ban_eos,
+            jobs.append(submit(service, c.length_field, c.prompt, preset,
+                               None if c.seed is None else c.seed + i, ban_eos=c.ban_eos_token,
                                truncate=c.truncate, api=WEBUI))
     except BaseException:
         for job in jobs:
@@ -264,9 +264,9 @@ async def stop_generation(request: Request):
 
 def _kobold_job(request: Request, body: dict):
     service = request.app.state.service
-    g = kobold.parse_generate(body, service)
-    job = submit(service, "max_length", g.prompt, g.preset, g.seed, ban_eos=g.ban_eos,
-                 truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
+    g, preset = kobold.parse_generate(body, service)
+    job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
+                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
     prompt_tokens = len(service.tokenize(g.prompt)) if isinstance(g.prompt, str) else len(g.prompt)
     return job, prompt_tokens
 

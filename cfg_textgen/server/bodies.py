@@ -50,7 +50,8 @@ Texts = Annotated[list[Annotated[str, Strict()]], Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(min_length=1)]
 Seed = Annotated[Int, AfterValidator(lambda seed: None if seed < 0 else seed)]  # -1 (any < 0): random
 # stop sequences: one string or a list of them; empty strings are dropped
-Stops = Annotated[Annotated[str, Strict()] | list[Annotated[str, Strict()]], _rule("must be a string or a list of strings"),
+Stops = Annotated[Annotated[str, Strict()] | list[Annotated[str, Strict()]],
+                  _rule("must be a string or a list of strings"),
                   AfterValidator(lambda v: [s for s in ([v] if isinstance(v, str) else v) if s])]
 # a text, a list holding one text, or (web UI) a list of token ids
 Prompt = Annotated[Texts | TokenIds | Text, _rule("must be a string or a list of token ids"),

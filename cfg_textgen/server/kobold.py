@@ -9,9 +9,7 @@ with an empty token and the finish reason. A request names itself with `genkey` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
 from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
 from .errors import APIError
@@ -39,36 +37,20 @@ class GenerateBody(BaseModel):
     truncate: Flag = True
 
 
-@dataclass
-class Generate:
-    prompt: str
-    preset: object
-    seed: int | None
-    ban_eos: bool
-    genkey: str | None
-    truncate: bool
-
-
-def parse_generate(body: dict, service) -> Generate:
+def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
+    """The request's envelope (its prompt fitted to the window) and its Preset."""
     g = read(GenerateBody, body)
     if g.max_length >= service.n_ctx:
         raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
     preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
-    return Generate(service.fit(g.prompt, g.max_context_length, g.max_length), preset, g.sampler_seed,
-                    g.ban_eos_token or g.bypass_eos, g.genkey, g.truncate)
+    g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
+    return g, preset
 
 
-class AbortBody(BaseModel):
-    """/api/extra/abort: which generation to end (all of the API's when null or absent)."""
-
-    genkey: Text | None = None
-
-
-class TokenCountBody(BaseModel):
-    """/api/extra/tokencount."""
-
-    prompt: Text
+# /api/extra/abort ends the generation named by `genkey` (all of this API's when null or absent)
+AbortBody = create_model("AbortBody", genkey=(Text | None, None))
+TokenCountBody = create_model("TokenCountBody", prompt=(Text, ...))  # /api/extra/tokencount
 
 
 def finish_reason(job) -> str:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError, bad
@@ -53,20 +52,8 @@ class CompletionBody(BaseModel):
         return "max_tokens" if self.max_tokens is not None else "max_new_tokens"
 
 
-@dataclass
-class Completion:
-    prompt: str | list[int]
-    preset: object
-    n: int
-    seed: int | None
-    stream: bool
-    echo: bool
-    ban_eos: bool
-    truncate: bool
-    length_field: str
-
-
-def parse_completion(body: dict, service) -> Completion:
+def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
+    """The request's envelope (its prompt fitted to the window) and its Preset."""
     body = {k: v for k, v in body.items() if not (v is None and k in NULLABLE)}
     c = read(CompletionBody, body)
     max_new = c.max_tokens or c.max_new_tokens or DEFAULT_MAX_TOKENS
@@ -80,24 +67,16 @@ def parse_completion(body: dict, service) -> Completion:
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
     preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
                           c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
-    prompt = service.fit(prompt, c.truncation_length, max_new)
-    return Completion(prompt, preset, c.n, c.seed, c.stream, c.echo, c.ban_eos_token, c.truncate, c.length_field)
+    c.prompt = service.fit(prompt, c.truncation_length, max_new)
+    return c, preset
 
 
-class TextBody(BaseModel):
-    """/v1/internal/encode and /token-count."""
-
-    text: Text
-
-
-class TokensBody(BaseModel):
-    """/v1/internal/decode."""
-
-    tokens: TokenList
+TextBody = create_model("TextBody", text=(Text, ...))  # /v1/internal/encode and /token-count
 
 
 def decode_ids(body: dict, vocab_size: int) -> list[int]:
-    tokens = read(TokensBody, body).tokens
+    """/v1/internal/decode's token ids, each in the model's vocabulary."""
+    tokens = read(create_model("TokensBody", tokens=(TokenList, ...)), body).tokens
     wrong = next((t for t in tokens if not 0 <= t < vocab_size), None)
     if wrong is not None:
         raise bad("tokens", f"must hold ids in [0, {vocab_size}) (this model's vocabulary)", wrong)
