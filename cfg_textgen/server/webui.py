@@ -72,11 +72,12 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
 
 
 TextBody = create_model("TextBody", text=(Text, ...))  # /v1/internal/encode and /token-count
+TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal/decode
 
 
 def decode_ids(body: dict, vocab_size: int) -> list[int]:
     """/v1/internal/decode's token ids, each in the model's vocabulary."""
-    tokens = read(create_model("TokensBody", tokens=(TokenList, ...)), body).tokens
+    tokens = read(TokensBody, body).tokens
     wrong = next((t for t in tokens if not 0 <= t < vocab_size), None)
     if wrong is not None:
         raise bad("tokens", f"must hold ids in [0, {vocab_size}) (this model's vocabulary)", wrong)
