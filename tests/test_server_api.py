@@ -237,6 +237,17 @@ def test_server_request_fields_are_strict_as_before_pydantic(server, path, body,
     assert f"`{field}`" in message and words in message
 
 
+def test_server_prompt_token_ids_outside_the_vocabulary_are_a_400(server):
+    # the web UI takes a prompt as token ids; an id the model does not have was a 500 from the
+    # generation ("index out of range"), now a 400 naming `prompt`, as /decode does for `tokens`
+    r = post(server, W, {"prompt": [5, 10 ** 6], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and "`prompt` must hold ids in [0, " in error["message"]
+    assert "vocabulary" in error["message"]
+    assert post(server, W, {"prompt": [5, 6], "max_tokens": 2, "temperature": 0}).status_code == 200
+
+
 def test_server_still_answers_after_the_bad_requests(server):
     for path, body, *_ in BAD:  # all of them again, back to back
         httpx.post(server.url + path, content=body if isinstance(body, str) else json.dumps(body), timeout=60)

@@ -243,7 +243,7 @@ async def encode(request: Request):
 
 async def decode(request: Request):
     service = request.app.state.service
-    tokens = webui.decode_ids(await read_json(request), service.vocab_size)
+    tokens = read(webui.TokensBody, await read_json(request), vocab_size=service.vocab_size).tokens
     return JSONResponse({"text": service.detokenize(tokens)})
 
 

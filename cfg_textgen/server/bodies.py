@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Strict, ValidationError, WrapValidator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, Strict, ValidationError, ValidationInfo,
+                      WrapValidator)
 from pydantic_core import PydanticCustomError
 
 from .errors import APIError, bad
@@ -30,6 +31,14 @@ def _rule(words: str) -> WrapValidator:
 
 def _integral(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _in_vocabulary(value, info: ValidationInfo):
+    """Token ids must be ids of the model (`read(..., vocab_size=N)`): the model fails on others."""
+    vocab = (info.context or {}).get("vocab_size")
+    if vocab is not None and isinstance(value, list) and not all(0 <= t < vocab for t in value):
+        raise PydanticCustomError(_RULE, "must hold ids in [0, {vocab}) (this model's vocabulary)", {"vocab": vocab})
+    return value
 
 
 def _one_prompt(value):
@@ -55,17 +64,18 @@ Stops = Annotated[Annotated[str, Strict()] | list[Annotated[str, Strict()]],
                   AfterValidator(lambda v: [s for s in ([v] if isinstance(v, str) else v) if s])]
 # a text, a list holding one text, or (web UI) a list of token ids
 Prompt = Annotated[Texts | TokenIds | Text, _rule("must be a string or a list of token ids"),
-                   AfterValidator(_one_prompt)]
+                   AfterValidator(_one_prompt), AfterValidator(_in_vocabulary)]
 TextPrompt = Annotated[Texts | Text, _rule("must be a string"), AfterValidator(_one_prompt)]
-TokenList = Annotated[list[Annotated[int, Strict()]], _rule("must be a list of integers (token ids)")]
+TokenList = Annotated[list[Annotated[int, Strict()]], _rule("must be a list of integers (token ids)"),
+                      AfterValidator(_in_vocabulary)]
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def read(model: type[Body], body: dict) -> Body:
+def read(model: type[Body], body: dict, **context) -> Body:
     """`body` as a `model`, or its first error as the 400 today's clients know."""
     try:
-        return model.model_validate(body)
+        return model.model_validate(body, context=context)
     except ValidationError as err:
         raise _api_error(err.errors()[0], model, body) from None
 

@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
-from .errors import APIError, bad
+from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
 
 NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
@@ -55,7 +55,7 @@ class CompletionBody(BaseModel):
 def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
     """The request's envelope (its prompt fitted to the window) and its Preset."""
     body = {k: v for k, v in body.items() if not (v is None and k in NULLABLE)}
-    c = read(CompletionBody, body)
+    c = read(CompletionBody, body, vocab_size=service.vocab_size)
     max_new = c.max_tokens or c.max_new_tokens or DEFAULT_MAX_TOKENS
     if max_new >= service.n_ctx:
         raise APIError(400, f"`{c.length_field}` is {max_new}, but the model's context window is {service.n_ctx} "
@@ -72,16 +72,7 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
 
 
 TextBody = create_model("TextBody", text=(Text, ...))  # /v1/internal/encode and /token-count
-TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal/decode
-
-
-def decode_ids(body: dict, vocab_size: int) -> list[int]:
-    """/v1/internal/decode's token ids, each in the model's vocabulary."""
-    tokens = read(TokensBody, body).tokens
-    wrong = next((t for t in tokens if not 0 <= t < vocab_size), None)
-    if wrong is not None:
-        raise bad("tokens", f"must hold ids in [0, {vocab_size}) (this model's vocabulary)", wrong)
-    return tokens
+TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal/decode: read with vocab_size
 
 
 def finish_reason(job) -> str:
