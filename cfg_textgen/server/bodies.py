@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, Strict, ValidationError, ValidationInfo,
-                      WrapValidator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, StrictBool, StrictInt, StrictStr,
+                      ValidationError, ValidationInfo, WrapValidator)
 from pydantic_core import PydanticCustomError
 
 from .errors import APIError, bad
@@ -51,23 +51,21 @@ def _one_prompt(value):
     return value
 
 
-Int = Annotated[int, Strict(), BeforeValidator(_integral), _rule("must be an integer")]
+Int = Annotated[StrictInt, BeforeValidator(_integral), _rule("must be an integer")]
 Count = Annotated[Int, Field(ge=1)]
-Flag = Annotated[bool, Strict(), _rule("must be true or false")]
-Text = Annotated[str, Strict(), _rule("must be a string")]
-Texts = Annotated[list[Annotated[str, Strict()]], Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(min_length=1)]
+Flag = Annotated[StrictBool, _rule("must be true or false")]
+Text = Annotated[StrictStr, _rule("must be a string")]
+Texts = Annotated[list[StrictStr], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 Seed = Annotated[Int, AfterValidator(lambda seed: None if seed < 0 else seed)]  # -1 (any < 0): random
 # stop sequences: one string or a list of them; empty strings are dropped
-Stops = Annotated[Annotated[str, Strict()] | list[Annotated[str, Strict()]],
-                  _rule("must be a string or a list of strings"),
+Stops = Annotated[StrictStr | list[StrictStr], _rule("must be a string or a list of strings"),
                   AfterValidator(lambda v: [s for s in ([v] if isinstance(v, str) else v) if s])]
 # a text, a list holding one text, or (web UI) a list of token ids
 Prompt = Annotated[Texts | TokenIds | Text, _rule("must be a string or a list of token ids"),
                    AfterValidator(_one_prompt), AfterValidator(_in_vocabulary)]
 TextPrompt = Annotated[Texts | Text, _rule("must be a string"), AfterValidator(_one_prompt)]
-TokenList = Annotated[list[Annotated[int, Strict()]], _rule("must be a list of integers (token ids)"),
-                      AfterValidator(_in_vocabulary)]
+TokenList = Annotated[list[StrictInt], _rule("must be a list of integers (token ids)"), AfterValidator(_in_vocabulary)]
 
 Body = TypeVar("Body", bound=BaseModel)
 

@@ -25,9 +25,8 @@ MAX_N = 8  # choices per request: each is a whole generation
 
 
 class CompletionBody(BaseModel):
-    """The envelope of POST /v1/completions. A field typed without None may be left out but not
-    sent as null (the web UI's typing.py refuses null there too); the OpenAI fields' nulls
-    (NULLABLE) are dropped before. Unknown keys are ignored: SillyTavern sends its own."""
+    """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
+    the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
