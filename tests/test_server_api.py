@@ -248,6 +248,17 @@ def test_server_prompt_token_ids_outside_the_vocabulary_are_a_400(server):
     assert post(server, W, {"prompt": [5, 6], "max_tokens": 2, "temperature": 0}).status_code == 200
 
 
+def test_server_seed_beyond_64_bits_is_a_400_naming_the_seed(server):
+    # torch's generators take 64-bit seeds; a larger one was a 400 naming `prompt` ("Overflow when
+    # unpacking long long"); the n choices' seeds (seed + index) wrap at 2**64
+    for path, body, field in ((W, OK | {"seed": 2**64}, "seed"), (K, KOK | {"sampler_seed": 2**70}, "sampler_seed")):
+        r = post(server, path, body)
+        assert r.status_code == 400, r.text
+        found = r.json()["detail"]["field"] if path == K else r.json()["error"]["param"]
+        assert found == field
+    assert post(server, W, OK | {"seed": 2**64 - 1, "n": 2}).status_code == 200
+
+
 def test_server_still_answers_after_the_bad_requests(server):
     for path, body, *_ in BAD:  # all of them again, back to back
         httpx.post(server.url + path, content=body if isinstance(body, str) else json.dumps(body), timeout=60)

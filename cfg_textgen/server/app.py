@@ -167,7 +167,7 @@ async def completions(request: Request):
     try:
         for i in range(c.n):
             jobs.append(submit(service, c.length_field, c.prompt, preset,
-                               None if c.seed is None else c.seed + i, ban_eos=c.ban_eos_token,
+                               None if c.seed is None else (c.seed + i) % 2**64, ban_eos=c.ban_eos_token,
                                truncate=c.truncate, api=WEBUI))
     except BaseException:
         for job in jobs:

@@ -57,7 +57,8 @@ Flag = Annotated[StrictBool, _rule("must be true or false")]
 Text = Annotated[StrictStr, _rule("must be a string")]
 Texts = Annotated[list[StrictStr], Field(min_length=1)]
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
-Seed = Annotated[Int, AfterValidator(lambda seed: None if seed < 0 else seed)]  # -1 (any < 0): random
+# -1 (any < 0): random; torch's generators take 64-bit seeds
+Seed = Annotated[Int, Field(le=2**64 - 1), AfterValidator(lambda seed: None if seed < 0 else seed)]
 # stop sequences: one string or a list of them; empty strings are dropped
 Stops = Annotated[StrictStr | list[StrictStr], _rule("must be a string or a list of strings"),
                   AfterValidator(lambda v: [s for s in ([v] if isinstance(v, str) else v) if s])]
