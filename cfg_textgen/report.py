@@ -13,14 +13,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 import unicodedata
-from pathlib import Path
 from typing import Sequence
 
 from .analysis import METRIC_LABELS, METRICS, ExplainStep, LambadaResult, SweepRow
 from .errors import CFGTextgenError
+from .files import atomic_write
 
 INSTALL_REPORT = "pip install 'cfg-textgen[report]'"
 MIN_COLUMN = 24  # narrower than this, texts are shown one after another instead of side by side
@@ -274,26 +273,9 @@ _DEFINITIONS = {
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it into place: a reader never
-    sees a half-written file, and a failure leaves any previous file untouched."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    folder = path.parent if str(path.parent) else Path(".")
+    """`files.atomic_write`: a reader never sees a half-written report, and a failure leaves any
+    previous file untouched; an OSError becomes a CFGTextgenError naming the file."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        atomic_write(path, data)
     except OSError as err:
         raise CFGTextgenError(f"{path}: cannot write: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise CFGTextgenError(f"{path}: cannot write: {err.strerror or err}") from err
-        raise
