@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..context import context_length, eos_ids
+from ..context import bos_id, context_length, eos_ids
 from ..guidance import (forward_kwargs, left_pad, padding_id, positions_from_mask, run_model,
                         split_head)
 
@@ -93,8 +93,7 @@ class TransformersBackend:
         self.device = model.device
         self.n_ctx = context_length(model)
         self.eos_ids = eos_ids(model, tokenizer)  # context.py: one EOS rule everywhere
-        bos = getattr(model.config, "bos_token_id", None)
-        self.bos_id = bos if bos is not None else tokenizer.bos_token_id
+        self.bos_id = bos_id(model, tokenizer)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
         self._accepts = forward_kwargs(model)
         self._split = split_head(model)
