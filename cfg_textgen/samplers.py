@@ -184,8 +184,14 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
 
 
 def row_entropy(scores: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0."""
-    logp = torch.log_softmax(scores, dim=-1)
+    """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0.
+    The one entropy of the package (samplers, analysis metrics)."""
+    return entropy_of_logp(torch.log_softmax(scores, dim=-1))
+
+
+def entropy_of_logp(logp: torch.Tensor) -> torch.Tensor:
+    """`row_entropy` for a caller that already has log_softmax(scores) (Typical, Unified): the
+    same sum, without a second log_softmax over the vocabulary; in logp's dtype."""
     plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
     return -plogp.sum(dim=-1, keepdim=True)
 
@@ -507,8 +513,7 @@ class Typical(Sampler):
     def _surprise(scores):
         """log_softmax(scores) and the entropy H per row, (batch, 1)."""
         logp = torch.log_softmax(scores, dim=-1)
-        plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-        return logp, -plogp.sum(dim=-1, keepdim=True)
+        return logp, entropy_of_logp(logp)
 
     def _row(self, row, ix, logp, h):
         """One row with n finite scores: sort only their distances; None where the full sort's
@@ -1174,7 +1179,7 @@ class Unified(Sampler):
         logp = torch.log_softmax(scores.double(), dim=-1)  # float64: l**2 of a float32 never overflows
         finite = torch.isfinite(logp)
         l = torch.where(finite, logp, torch.zeros_like(logp))  # noqa: E741
-        h = -(l.exp() * l * finite).sum(dim=-1, keepdim=True)
+        h = entropy_of_logp(logp)  # float64, as the rest of this curve
         raw = (l * (self.linear + h * self.conf) - self.quad * l**2).to(scores.dtype)
         return _keep_finite(torch.where(finite, raw, torch.full_like(raw, NEG_INF)), scores)
 
