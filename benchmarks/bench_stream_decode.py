@@ -113,8 +113,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int)
-    args = ap.parse_args()
-    s = run(args.quick, args.reps)
-    print(table(s.rows))
-    print(json.dumps({"rows": [r.to_dict() for r in s.rows], "checks": s.checks, "data": s.data},
-                     indent=1, default=str))
+    s = run(**vars(ap.parse_args()))
+    print(table(s.rows) + "\n" + json.dumps({"rows": [r.to_dict() for r in s.rows], "checks": s.checks,
+                                             "data": s.data}, indent=1, default=str))
