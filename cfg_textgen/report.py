@@ -1,5 +1,6 @@
 """How analysis results are shown: texts side by side in the terminal, metric tables, the explain
-table, a progress bar on stderr (tqdm, on a terminal only), and the self-contained HTML sweep report with its plot.
+table, a progress bar on stderr (tqdm, on a terminal only), and the self-contained HTML sweep
+report with its plot.
 
 The plot needs matplotlib (the optional extra `report`); it is imported only when a plot is drawn.
 """
