@@ -485,26 +485,26 @@ def sweep(model, tokenizer, prompt_ids: Sequence[int], scales: Iterable[float], 
     backend = as_backend(model, tokenizer)
     scales = list(scales)
     todo = scales if 1.0 in scales else scales + [1.0]
-    total, done = 2 * len(todo), [0]
+    # progress counts scales measured (generated and scored); side by side they finish together
+    done = [0]
 
     def tick(_=None):
         done[0] += 1
         if progress:
-            progress(done[0], total)
+            progress(done[0], len(todo))
 
+    if progress:
+        progress(0, len(todo))
     many = getattr(generate_fn, "many", None)
     if many is not None:
-        outs = many(list(prompt_ids), todo, tick)
+        outs = many(list(prompt_ids), todo)
     else:
-        outs = []
-        for scale in todo:
-            outs.append(generate_fn(list(prompt_ids), scale))
-            tick()
+        outs = [generate_fn(list(prompt_ids), scale) for scale in todo]
     new = [_strip_eos_padding(list(ids), backend) for ids in outs]
     opposing_ids = opposing.start_ids(prompt_ids, backend)
     scored = score_rows(backend, prompt_ids, list(zip(todo, new)), opposing_ids, lanes=lanes, on_done=tick)
-    if done[0] < total and progress:  # a continuation without tokens has nothing to score
-        progress(total, total)
+    if done[0] < len(todo) and progress:  # a continuation without tokens has nothing to score
+        progress(len(todo), len(todo))
     rows = dict(zip(todo, scored))
     plain_words = rows[1.0].text.split()
     for row in rows.values():
