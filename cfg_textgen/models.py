@@ -3,7 +3,7 @@
 `load_backend` gives the engine's backend: a GGUF file (and the embedded default) runs on
 llama.cpp when llama-cpp-python is installed, else on transformers; a Hugging Face folder runs on
 transformers; `backend=` overrides. `load_model` gives a transformers (model, tokenizer), which the
-`model.generate` plugin and the analysis commands use.
+`model.generate` plugin uses (the transformers backend wraps it).
 
 
 Converting a GGUF file through transformers (dequantise to float32, convert the tokenizer) takes
