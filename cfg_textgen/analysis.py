@@ -329,7 +329,7 @@ class EngineGenerate:
     scale gets the same budget of tokens (EOS still ends)."""
 
     def __init__(self, backend, preset=None, seed: int = 0, max_new_tokens: int = 60,
-                 opposing: Opposing | None = None, lanes: int = LANES):
+                 opposing: Opposing | None = None, lanes: int = MAX_LANES):
         from .presets import load_preset
 
         self.backend, self.seed, self.lanes = backend, int(seed), lanes
@@ -361,7 +361,7 @@ class EngineGenerate:
 
 
 def make_engine_generate_fn(backend, preset=None, seed: int = 0, max_new_tokens: int = 60,
-                            opposing: Opposing | None = None, lanes: int = LANES) -> EngineGenerate:
+                            opposing: Opposing | None = None, lanes: int = MAX_LANES) -> EngineGenerate:
     """A generate function on the engine over `backend` (see `EngineGenerate`)."""
     return EngineGenerate(backend, preset, seed, max_new_tokens, opposing, lanes)
 

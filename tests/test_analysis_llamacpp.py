@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cfg_textgen import analysis as A
