@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from ._common import Builder
-from .textgen_webui import DEFAULT_PRIORITY, ooba_chain
+from .textgen_webui import DEFAULT_PRIORITY, DRY_BREAKERS, ooba_chain
 
 # SillyTavern key -> text-generation-webui name
 KEYS = {
@@ -116,7 +116,7 @@ def export(preset: dict, report) -> dict:
         "encoder_rep_pen": 1, "freq_pen": 0, "presence_pen": 0, "do_sample": preset.get("do_sample", True),
         "early_stopping": False, "dynatemp": False, "min_temp": 1, "max_temp": 1, "dynatemp_exponent": 1,
         "smoothing_factor": 0, "smoothing_curve": 1, "dry_allowed_length": 2, "dry_multiplier": 0,
-        "dry_base": 1.75, "dry_sequence_breakers": json.dumps(["\n", ":", "\"", "*"]), "dry_penalty_last_n": 0,
+        "dry_base": 1.75, "dry_sequence_breakers": json.dumps(DRY_BREAKERS), "dry_penalty_last_n": 0,
         "mirostat_mode": 0, "mirostat_tau": 5, "mirostat_eta": 0.1, "guidance_scale": 1, "negative_prompt": "",
         "xtc_threshold": 0.1, "xtc_probability": 0,
     }
@@ -152,7 +152,7 @@ def export(preset: dict, report) -> dict:
         if name == "dry":
             out.update(dry_multiplier=s.get("multiplier", 0.0), dry_base=s.get("base", 1.75),
                        dry_allowed_length=s.get("allowed_length", 2), dry_penalty_last_n=s.get("range", 0),
-                       dry_sequence_breakers=json.dumps(s.get("sequence_breakers", ["\n", ":", "\"", "*"])))
+                       dry_sequence_breakers=json.dumps(s.get("sequence_breakers", DRY_BREAKERS)))
             report.mapped(key, "dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, "
                                "dry_sequence_breakers", name)
             continue
