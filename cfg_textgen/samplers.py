@@ -127,11 +127,22 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
 # ---- shared helpers ------------------------------------------------------------------------
 
 
+def log_probs_and_entropy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax(scores) and the Shannon entropy (nats) of softmax(scores) per row, (batch, 1);
+    -inf entries count as p = 0.
+
+    `p * log p` is `0 * -inf = nan` exactly where a token is removed, and `nansum` drops those (as
+    transformers' `TypicalLogitsWarper` does). p comes from `softmax`, not `logp.exp()`: on the CPU
+    `exp` over a row that is mostly -inf (any row after a truncation sampler) takes ~0.11 ms for
+    49,152 entries, softmax ~0.02 ms.
+    """
+    logp = torch.log_softmax(scores, dim=-1)
+    return logp, -(scores.softmax(dim=-1) * logp).nansum(dim=-1, keepdim=True)
+
+
 def row_entropy(scores: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0."""
-    logp = torch.log_softmax(scores, dim=-1)
-    plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-    return -plogp.sum(dim=-1, keepdim=True)
+    return log_probs_and_entropy(scores)[1]
 
 
 def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -171,6 +182,15 @@ def _divide(scores: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     """scores / t; if a tiny t overflows a finite logit, divide max-shifted logits instead
     (same distribution: the best token becomes 0, far-away ones the most negative float)."""
     out = scores / t
+    if not isinstance(t, torch.Tensor) and t >= 1:
+        return out  # |x / t| <= |x|: nothing can overflow
+    if not isinstance(t, torch.Tensor):
+        # only a finite |x| > t * max float can overflow; one cheap pass rules that out (two
+        # isfinite passes over 49,152 scores cost ~0.1 ms on the CPU, this ~0.01 ms)
+        biggest = torch.nan_to_num(scores, neginf=0.0).abs().amax()
+        info = torch.finfo(scores.dtype)
+        if t >= info.tiny and not bool(biggest > t * info.max):  # a t below tiny rounds to 0
+            return out
     # a tiny t overflows (x / t = inf) or rounds to 0 in float32 (0 / 0 = nan)
     overflow = (~torch.isfinite(out) & torch.isfinite(scores)).any(dim=-1, keepdim=True)
     if overflow.any():
@@ -422,12 +442,7 @@ class Typical(Sampler):
         fast = _rows_or_none(scores, lambda r, row, ix: self._row(row, ix, logp[r], h[r]))
         return fast if fast is not None else self._full(scores, logp, h)
 
-    @staticmethod
-    def _surprise(scores):
-        """log_softmax(scores) and the entropy H per row, (batch, 1)."""
-        logp = torch.log_softmax(scores, dim=-1)
-        plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
-        return logp, -plogp.sum(dim=-1, keepdim=True)
+    _surprise = staticmethod(log_probs_and_entropy)  # log_softmax(scores) and H per row
 
     def _row(self, row, ix, logp, h):
         """One row with n finite scores: sort only their distances; None where the full sort's

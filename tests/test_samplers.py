@@ -361,6 +361,20 @@ def test_temperature_tiny_value_is_greedy_without_nan():
     assert out.softmax(-1).tolist() == [[0.0, 1.0, 0.0]]
 
 
+@pytest.mark.parametrize("t, row", [
+    (0.5, [3e38, 1.0, -INF]),        # an ordinary t, a finite logit near the float32 limit
+    (0.5, [-3e38, 1.0, -INF]),       # ... and a very negative one: it must not become "removed"
+    (1e-50, [0.0, 0.0, -INF]),       # a t that rounds to 0 in float32 on an all-zero row
+])
+def test_temperature_never_turns_a_finite_logit_into_inf_or_nan(t, row):
+    """The cheap pre-check in `_divide` (skip the overflow repair when max |x| / t fits) must
+    send exactly these rows to the repair: finite in, finite out, -inf stays -inf."""
+    scores = torch.tensor([row])
+    out = SAMPLERS["temperature"](temperature=t)(None, scores)
+    assert torch.isfinite(out[0, :2]).all() and out[0, 2] == -INF
+    assert out[0, :2].argmax() == scores[0, :2].argmax()
+
+
 # ---- XTC ----------------------------------------------------------------------------------------
 
 
