@@ -28,7 +28,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from annotated_types import MinLen
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
@@ -39,7 +39,8 @@ from .errors import CFGTextgenError, PresetError
 from .settings import JSON, SETTINGS, Bool, Float, Int, SamplerSettings, Str, fields_of, json_type, show
 
 FORMAT = "cfg-textgen-preset/1"
-OPPOSING_MODES = ("text", "last-token")
+OpposingMode = Literal["text", "last-token"]
+OPPOSING_MODES = get_args(OpposingMode)
 MAX_PRESET_BYTES = 1024 * 1024  # a preset is a few hundred bytes; anything above 1 MiB is a mistake
 BUILTIN_PACKAGE = "cfg_textgen.presets_data"
 
@@ -67,7 +68,7 @@ class CFGSettings:
 
     scale: Float = Field(1.0, description="guidance scale in u + scale*(c - u); 1 = off (no opposing pass)")
     opposing_prompt: Str = Field("", description='the opposing prompt; "" = a blank story')
-    opposing_mode: Literal["text", "last-token"] = Field(
+    opposing_mode: OpposingMode = Field(
         "text", description='"last-token": the opposing branch starts from the last prompt token '
                             '(the CFG paper\'s); opposing_prompt must then be ""')
 
@@ -359,7 +360,9 @@ def preset_schema() -> dict:
     sampler's rules between its parameters (repetition_penalty's slope).
     """
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://cfg-textgen.invalid/schema/cfg-textgen-preset-1.json", **_PRESET.json_schema()}
+            "$id": "https://cfg-textgen.invalid/schema/cfg-textgen-preset-1.json", **_PRESET.json_schema(),
+            "description": "CFG settings, the samplers in order of application, length, stop sequences "
+                           "(docs/preset-format.md)"}
 
 
 # ---- from a preset to logits processors -----------------------------------------------------

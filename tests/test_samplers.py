@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from cfg_textgen.samplers import SAMPLERS, Param, Sampler, pick_token
+from cfg_textgen.samplers import SAMPLERS, Sampler, pick_token
 
 INF = float("inf")
 
