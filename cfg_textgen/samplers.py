@@ -74,11 +74,13 @@ SAMPLERS: dict[str, type[Sampler]] = {}
 
 def register(cls: type[Sampler]) -> type[Sampler]:
     """Class decorator: add a sampler to the registry under its `name`, with the settings model of
-    that name; its signature (help(), IDEs) lists the model's fields."""
+    that name; its signature and the Args of its docstring (help(), IDEs) list the model's fields."""
     if cls.name in SAMPLERS:
         raise ValueError(f"sampler name {cls.name!r} registered twice")
     cls.Settings = SETTINGS[cls.name]
     cls.params = tuple(v for k, v in fields_of(cls.Settings).items() if k != "sampler")
+    args = "".join(f"        {p.name} ({p.rule()}, defaults to {p.default!r}): {p.doc}.\n" for p in cls.params)
+    cls.__doc__ = cls.__doc__.replace("    Args:\n", "    Args:\n" + args, 1)  # the rest are not settings
     P = inspect.Parameter
     own = [q for q in inspect.signature(cls.__init__).parameters.values() if q.kind is P.KEYWORD_ONLY]
     cls.__signature__ = inspect.Signature(
@@ -288,7 +290,6 @@ class Temperature(Sampler):
     Reference: Ackley, Hinton & Sejnowski 1985; transformers `TemperatureLogitsWarper`.
 
     Args:
-        temperature (`float`, > 0, defaults to 1.0): the divisor; 1 leaves the scores unchanged.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
@@ -311,9 +312,6 @@ class DynamicTemperature(Sampler):
     (the same normalised entropy H / log(number of finite logits)).
 
     Args:
-        low (`float`, >= 0, defaults to 1.0): temperature at entropy 0.
-        high (`float`, >= 0, defaults to 1.0): temperature at maximal entropy (uniform over V).
-        exponent (`float`, > 0, defaults to 1.0): shape of the curve between them.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
@@ -347,7 +345,6 @@ class TopK(Sampler):
     Reference: Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation".
 
     Args:
-        k (`int`, >= 0, defaults to 0): how many tokens to keep; 0 keeps all.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): lower bound on k.
     """
 
@@ -371,7 +368,6 @@ class TopP(Sampler):
     Reference: Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration".
 
     Args:
-        p (`float`, in (0, 1], defaults to 1.0): probability mass to keep.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -429,7 +425,6 @@ class Typical(Sampler):
     Reference: Meister, Pimentel, Wiher & Cotterell 2023, "Locally Typical Sampling" (TACL).
 
     Args:
-        p (`float`, in (0, 1], defaults to 1.0): probability mass to keep.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -490,7 +485,6 @@ class MinP(Sampler):
     LLM Outputs" (arXiv 2407.01082).
 
     Args:
-        p (`float`, in [0, 1], defaults to 0.0): relative threshold; 0 is off.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -516,7 +510,6 @@ class TopA(Sampler):
     Reference: BlinkDL's top-a (RWKV-LM); KoboldAI `TopALogitsWarper`.
 
     Args:
-        a (`float`, in [0, 1], defaults to 0.0): threshold factor; 0 is off.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -550,7 +543,6 @@ class TailFree(Sampler):
     KoboldAI `TailFreeLogitsWarper`.
 
     Args:
-        z (`float`, in (0, 1], defaults to 1.0): share of the total curvature to keep.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -609,7 +601,6 @@ class Epsilon(Sampler):
     Reference: Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model Desmoothing".
 
     Args:
-        epsilon (`float`, in [0, 1), defaults to 0.0): absolute probability cutoff.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -635,7 +626,6 @@ class Eta(Sampler):
     Reference: Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model Desmoothing".
 
     Args:
-        eta (`float`, in [0, 1), defaults to 0.0): the cutoff scale.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -664,7 +654,6 @@ class TopNSigma(Sampler):
     llama.cpp `top_n_sigma` (population σ over the finite candidates).
 
     Args:
-        n (`float`, >= 0, defaults to 0.0): width of the kept band in standard deviations.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
@@ -706,10 +695,6 @@ class XTC(Sampler):
     Reference: p-e-w, text-generation-webui PR #6335 "XTC: Exclude Top Choices".
 
     Args:
-        threshold (`float`, in [0, 1], defaults to 0.1): probability a token needs to be a candidate.
-        probability (`float`, in [0, 1], defaults to 0.0): chance per row and step to apply XTC.
-        protect_newline_eos (`bool`, defaults to True): leave a row alone when XTC would remove
-            its newline or EOS token (needs the tokenizer).
         min_tokens_to_keep (`int`, >= 1, defaults to 1): rows keeping fewer are left alone.
         generator (`torch.Generator`, optional): source of the random draws; global RNG if None.
         tokenizer: gives the newline and EOS ids (`encode(text, add_special_tokens=False)`,
@@ -794,14 +779,6 @@ class RepetitionPenalty(Sampler):
     OpenAI's presence and frequency penalties.
 
     Args:
-        penalty (`float`, > 0, defaults to 1.0): multiplicative penalty; < 1 rewards repeats.
-        range (`int`, >= 0, defaults to 0): window length in tokens; 0 = whole context.
-        slope (`float`, >= 0, defaults to 0.0): how the penalty fades for older tokens (see
-            `slope_mode`); 0 with "curve" is flat.
-        slope_mode (`str`, "curve" or "halves", defaults to "curve"): which app's slope rule.
-        presence (`float`, defaults to 0.0): subtracted once per present token.
-        frequency (`float`, defaults to 0.0): subtracted per occurrence.
-        whitelist (`list[int]`, defaults to []): token ids that are never penalised.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
@@ -906,7 +883,6 @@ class NoRepeatNGram(Sampler):
     Summarization"; fairseq's `no_repeat_ngram_size`.
 
     Args:
-        size (`int`, >= 0, defaults to 0): n-gram length; 0 is off.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that always survive.
     """
 
@@ -945,11 +921,6 @@ class DRY(Sampler):
     Reference: p-e-w, text-generation-webui PR #5677 "DRY: A modern repetition penalty".
 
     Args:
-        multiplier (`float`, >= 0, defaults to 0.0): penalty scale; 0 is off.
-        base (`float`, >= 1, defaults to 1.75): growth of the penalty per extra matched token.
-        allowed_length (`int`, >= 1, defaults to 2): longest repeat that goes unpenalised.
-        range (`int`, >= 0, defaults to 0): window of recent tokens; 0 = whole context.
-        sequence_breakers (`list[str]`): strings across which a repeat is not extended.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
         tokenizer: turns the breakers into token ids; needed when multiplier > 0.
     """
@@ -1020,9 +991,6 @@ class Unified(Sampler):
     Reference: NovelAI "Unified Sampling" (linear / quad / conf), docs.novelai.net.
 
     Args:
-        linear (`float`, defaults to 1.0): inverse temperature.
-        quad (`float`, defaults to 0.0): quadratic term; > 0 pushes unlikely tokens down harder.
-        conf (`float`, defaults to 0.0): entropy-dependent part of the inverse temperature.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
@@ -1061,9 +1029,6 @@ class Mirostat(Sampler):
     Perplexity" (ICLR); llama.cpp `llama_sample_mirostat` / `_v2`.
 
     Args:
-        version (`int`, 1 or 2, defaults to 2): the algorithm.
-        tau (`float`, > 0, defaults to 5.0): target surprise in bits.
-        eta (`float`, > 0, defaults to 0.1): learning rate of mu.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that always survive.
     """
 

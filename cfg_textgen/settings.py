@@ -219,23 +219,23 @@ def _f(default, doc, **bounds):
 class Temperature(SamplerSettings):
     """Temperature: logits / T; below 1 sharpens, above 1 flattens."""
     sampler: Literal["temperature"]
-    temperature: Float = _f(1.0, "divide the logits by this", gt=0)
+    temperature: Float = _f(1.0, "the divisor; 1 leaves the scores unchanged", gt=0)
 
 
 @_setting
 class DynamicTemperature(SamplerSettings):
     """Entropy-scaled temperature: T = low + (high - low) * (H / log V) ** exponent."""
     sampler: Literal["dynamic_temperature"]
-    low: Float = _f(1.0, "temperature of a certain (zero-entropy) row", ge=0)
-    high: Float = _f(1.0, "temperature of a uniform row", ge=0)
-    exponent: Float = _f(1.0, "curve from low to high", gt=0)
+    low: Float = _f(1.0, "temperature at entropy 0", ge=0)
+    high: Float = _f(1.0, "temperature at maximal entropy (uniform over V)", ge=0)
+    exponent: Float = _f(1.0, "shape of the curve between them", gt=0)
 
 
 @_setting
 class TopK(SamplerSettings):
     """Top-k: keep the k highest logits; 0 is off."""
     sampler: Literal["top_k"]
-    k: Int = _f(0, "keep the k most likely tokens; 0 = off", ge=0)
+    k: Int = _f(0, "how many tokens to keep; 0 keeps all", ge=0)
 
 
 @_setting
@@ -256,21 +256,21 @@ class Typical(SamplerSettings):
 class MinP(SamplerSettings):
     """Min-p: remove tokens less likely than p times the most likely one."""
     sampler: Literal["min_p"]
-    p: Float = _f(0.0, "relative probability threshold", ge=0, le=1)
+    p: Float = _f(0.0, "relative threshold; 0 is off", ge=0, le=1)
 
 
 @_setting
 class TopA(SamplerSettings):
     """Top-a: remove tokens less likely than a * p_max ** 2."""
     sampler: Literal["top_a"]
-    a: Float = _f(0.0, "keep p >= a * p_max^2", ge=0, le=1)
+    a: Float = _f(0.0, "threshold factor (keep p >= a * p_max^2); 0 is off", ge=0, le=1)
 
 
 @_setting
 class TailFree(SamplerSettings):
     """Tail-free sampling: cut the flat tail of the sorted distribution."""
     sampler: Literal["tfs"]
-    z: Float = _f(1.0, "curvature mass to keep", gt=0, le=1)
+    z: Float = _f(1.0, "share of the total curvature to keep", gt=0, le=1)
 
 
 @_setting
@@ -284,38 +284,41 @@ class Epsilon(SamplerSettings):
 class Eta(SamplerSettings):
     """Eta sampling: an epsilon cutoff that shrinks when the row is uncertain."""
     sampler: Literal["eta"]
-    eta: Float = _f(0.0, "entropy-dependent cutoff", ge=0, lt=1)
+    eta: Float = _f(0.0, "the cutoff scale", ge=0, lt=1)
 
 
 @_setting
 class TopNSigma(SamplerSettings):
     """Top-n-sigma: keep the logits within n standard deviations of the maximum."""
     sampler: Literal["top_n_sigma"]
-    n: Float = _f(0.0, "keep logits >= max - n * std", ge=0)
+    n: Float = _f(0.0, "width of the kept band in standard deviations", ge=0)
 
 
 @_setting
 class XTC(SamplerSettings):
     """Exclude Top Choices: sometimes remove every likely token but the least likely of them."""
     sampler: Literal["xtc"]
-    threshold: Float = _f(0.1, "probability a top choice needs", ge=0, le=1)
-    probability: Float = _f(0.0, "chance to apply per step", ge=0, le=1)
-    protect_newline_eos: Bool = _f(True, "leave the scores alone when newline or EOS would go")
+    threshold: Float = _f(0.1, "probability a token needs to be a candidate", ge=0, le=1)
+    probability: Float = _f(0.0, "chance per row and step to apply XTC", ge=0, le=1)
+    protect_newline_eos: Bool = _f(
+        True, "leave a row alone when XTC would remove its newline or EOS token (needs the tokenizer)")
 
 
 @_setting
 class RepetitionPenalty(SamplerSettings):
     """Repetition penalty with range, slope, presence and frequency (KoboldAI / KoboldCpp / NovelAI)."""
     sampler: Literal["repetition_penalty"]
-    penalty: Float = _f(1.0, "multiplicative penalty (1 = off)", gt=0)
-    range: Int = _f(0, "window of recent tokens; 0 = whole context", ge=0)
-    slope: Float = _f(0.0, "fade towards older tokens (see slope_mode)", ge=0)
+    penalty: Float = _f(1.0, "multiplicative penalty; 1 is off, < 1 rewards repeats", gt=0)
+    range: Int = _f(0, "window length in tokens; 0 = whole context", ge=0)
+    slope: Float = _f(0.0, 'how the penalty fades for older tokens (see slope_mode); 0 with "curve" is flat',
+                      ge=0)
     presence: Float = _f(0.0, "subtracted once per present token")
     frequency: Float = _f(0.0, "subtracted per occurrence")
     whitelist: tuple[Annotated[int, Ge(0), BeforeValidator(_integral), Strict()], ...] = _f(
-        (), "token ids never penalised")
+        (), "token ids that are never penalised")
     slope_mode: Literal["curve", "halves"] = _f(
-        "curve", "curve: KoboldAI United/NovelAI (0 = flat); halves: KoboldCpp (1 = flat)")
+        "curve", "which app's slope rule: curve (KoboldAI United, NovelAI; 0 = flat), "
+                 "halves (KoboldCpp; 1 = flat)")
 
     @model_validator(mode="after")
     def _slope_rules(self):
@@ -332,18 +335,18 @@ class RepetitionPenalty(SamplerSettings):
 class NoRepeatNGram(SamplerSettings):
     """No-repeat n-gram: ban every token that would repeat an n-gram of the context."""
     sampler: Literal["no_repeat_ngram"]
-    size: Int = _f(0, "n-gram length that may not repeat; 0 = off", ge=0)
+    size: Int = _f(0, "n-gram length; 0 is off", ge=0)
 
 
 @_setting
 class DRY(SamplerSettings):
     """DRY: penalise the tokens that would extend a repeated sequence."""
     sampler: Literal["dry"]
-    multiplier: Float = _f(0.0, "penalty scale; 0 = off", ge=0)
-    base: Float = _f(1.75, "growth per extra repeated token", ge=1)
-    allowed_length: Int = _f(2, "longest repeat without penalty", ge=1)
+    multiplier: Float = _f(0.0, "penalty scale; 0 is off", ge=0)
+    base: Float = _f(1.75, "growth of the penalty per extra matched token", ge=1)
+    allowed_length: Int = _f(2, "longest repeat that goes unpenalised", ge=1)
     range: Int = _f(0, "window of recent tokens; 0 = whole context", ge=0)
-    sequence_breakers: tuple[Str, ...] = _f(DRY_BREAKERS, "strings that end a repeat")
+    sequence_breakers: tuple[Str, ...] = _f(DRY_BREAKERS, "strings across which a repeat is not extended")
 
 
 @_setting
@@ -351,14 +354,14 @@ class Unified(SamplerSettings):
     """NovelAI's unified sampler: raw = l * (linear + H * conf) - quad * l ** 2."""
     sampler: Literal["unified"]
     linear: Float = _f(1.0, "inverse temperature")
-    quad: Float = _f(0.0, "quadratic term")
-    conf: Float = _f(0.0, "entropy-dependent inverse temperature")
+    quad: Float = _f(0.0, "quadratic term; > 0 pushes unlikely tokens down harder")
+    conf: Float = _f(0.0, "entropy-dependent part of the inverse temperature")
 
 
 @_setting
 class Mirostat(SamplerSettings):
     """Mirostat: steer the observed surprise towards tau."""
     sampler: Literal["mirostat"]
-    version: Annotated[Literal[1, 2], BeforeValidator(_choice)] = _f(2, "1 or 2")
-    tau: Float = _f(5.0, "target surprise (bits)", gt=0)
-    eta: Float = _f(0.1, "learning rate", gt=0)
+    version: Annotated[Literal[1, 2], BeforeValidator(_choice)] = _f(2, "the algorithm (Mirostat 1 or 2)")
+    tau: Float = _f(5.0, "target surprise in bits", gt=0)
+    eta: Float = _f(0.1, "learning rate of mu", gt=0)
