@@ -110,7 +110,8 @@ def export_preset(preset, fmt: str) -> tuple[dict, Report]:
     if not isinstance(preset, Preset):
         preset = dict(preset)
         preset = parse_preset(preset, f"preset {preset.get('name', 'preset')!r}")
-    data = preset.to_dict()
+    data = preset.to_dict()  # every sampler with all its parameters, the defaults from the model:
+    data["samplers"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in s} for s in preset.samplers]
     report = Report(f"preset {data['name']!r}", f"export to {fmt}")
     out = (sillytavern.export if fmt == "sillytavern-textgen" else novelai.export)(data, report)
     return out, report
