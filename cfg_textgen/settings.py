@@ -90,6 +90,7 @@ class Param:
     max_exclusive: bool = False
     choices: tuple | None = None
     item_kind: type | None = None  # element type when kind is list; min/max bound every element
+    words: str = ""  # the rule in JSON's words where the kind's own are not the ones to say
 
     @classmethod
     def of(cls, name: str, field) -> "Param":
@@ -120,6 +121,8 @@ class Param:
     def rule(self, json: bool = False) -> str:
         """The allowed values in words: 'a float in (0, 1]', 'an integer >= 0' (Python), or in
         JSON's words with `json` ('a number in (0, 1]', 'true or false', 'an array')."""
+        if json and self.words:
+            return self.words
         if self.kind is list:
             if json:
                 return "an array"

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import PresetError
 from ..presets import Preset, parse_preset
 from . import kobold, novelai, sillytavern, textgen_webui
-from ._common import parse_text, read_source
+from ._common import build, parse_text, read_source
 from .report import DROPPED, MAPPED, NEUTRAL, Report
 
 __all__ = ["import_preset", "import_bundle", "export_preset", "detect_format", "Report", "EXPORT_FORMATS",
@@ -87,6 +87,7 @@ def import_preset(path_or_text, name: str | None = None) -> tuple[dict, Report]:
             "textgen-webui": textgen_webui.import_yaml,
         }[fmt]
         preset, report = importer(data, source, name, stem)
+    build(preset, source)
     return preset, report
 
 
@@ -99,6 +100,7 @@ def import_bundle(path_or_text) -> list[tuple[dict, Report]]:
     for i, entry in enumerate(data):
         preset, report = kobold.import_preset(entry, source, None, f"{stem or 'preset'}-{i}", prefix=f"[{i}].",
                                               fmt="KoboldAI United preset bundle")
+        build(preset, source)
         out.append((preset, report))
     return out
 

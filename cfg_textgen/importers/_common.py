@@ -20,8 +20,9 @@ FORMAT_TAG = "cfg-textgen-preset/1"
 MAX_BYTES = 1_000_000  # community presets are a few KB; refuse anything near this before reading it
 MAX_DEPTH = 32  # presets nest 3 levels deep at most
 # source values are read with the preset model's own strict types (settings.py), not a twin of them
-_READERS = {kind: (TypeAdapter(t), Param(kind.__name__, kind, None))
-            for kind, t in ((float, Float), (int, Int), (str, Str), (bool, Bool), (list, Annotated[list, Strict()]))}
+_READERS = {kind: (TypeAdapter(t), Param(kind.__name__, kind, None, words=words)) for kind, t, words in (
+    (float, Float, ""), (int, Int, "a whole number"), (str, Str, ""), (bool, Bool, ""),
+    (list, Annotated[list, Strict()], "a list"))}
 
 
 # ---- reading and parsing --------------------------------------------------------------------
@@ -227,11 +228,18 @@ class Builder:
         for key in ("max_new_tokens", "stop", "do_sample"):
             if key in self.extra:
                 preset[key] = self.extra[key]
-        try:  # the one preset model checks what the translation made of the source values
-            self.preset = parse_preset(preset, self.source)
-        except PresetError as err:
-            raise PresetError(f"{self.source}: the imported preset is invalid: {err}") from None
         return preset
+
+
+def build(preset: dict, source: str):
+    """The `Preset` model of an importer's dict (the one validation it gets), errors naming the source.
+
+    Not done in `Builder.finish`: the server maps a validation error of a request's preset back to
+    the request key through the import report, so `import_request` returns the dict unchecked."""
+    try:
+        return parse_preset(preset, source)
+    except PresetError as err:
+        raise PresetError(f"{source}: the imported preset is invalid: {err}") from None
 
 
 # ---- small helpers shared by several formats ------------------------------------------------
