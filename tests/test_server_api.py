@@ -183,6 +183,82 @@ def test_server_bad_request_is_a_4xx_naming_the_field(server, path, body, status
         assert field.split("[")[0] in message
 
 
+# The request bodies are pydantic models (server/bodies.py) in strict mode: pydantic's lax mode
+# would take "2" or true for an integer and 1 for true, which no client means. An integral float
+# is an integer (JSON does not tell them apart); the OpenAI fields' nulls mean "not given", other
+# fields' nulls are refused. (path, body, field or None when the request is fine, words)
+STRICT = [
+    (W, OK | {"max_tokens": "2"}, "max_tokens", "must be an integer"),
+    (W, OK | {"max_tokens": True}, "max_tokens", "must be an integer"),
+    (W, OK | {"n": 1.5}, "n", "must be an integer"),
+    (W, OK | {"n": 9}, "n", "<= 8"),
+    (W, OK | {"stream": "true"}, "stream", "true or false"),
+    (W, OK | {"echo": 1}, "echo", "true or false"),
+    (W, {"prompt": PROMPT, "max_new_tokens": None}, "max_new_tokens", "must not be null"),
+    (W, OK | {"truncation_length": -1}, "truncation_length", ">= 0"),
+    (W, OK | {"preset": 5}, "preset", "must be a string"),
+    (W, OK | {"prompt": [1, True]}, "prompt", "token ids"),
+    (W, OK | {"prompt": []}, "prompt", "token ids"),
+    (W, OK | {"stopping_strings": ["\n", 2]}, "stopping_strings", "list of strings"),
+    (K, KOK | {"max_length": "2"}, "max_length", "must be an integer"),
+    (K, KOK | {"max_length": None}, "max_length", "must not be null"),
+    (K, KOK | {"sampler_seed": True}, "sampler_seed", "must be an integer"),
+    (K, KOK | {"trim_stop": "yes"}, "trim_stop", "true or false"),
+    (K, KOK | {"genkey": 5}, "genkey", "must be a string"),
+    (K, KOK | {"prompt": [1, 2]}, "prompt", "must be a string"),
+    (K, KOK | {"prompt": ["a", "b"]}, "prompt", "batch of 2 prompts"),
+    ("/v1/internal/encode", {"text": ["x"]}, "text", "must be a string"),
+    ("/v1/internal/token-count", {"text": None}, "text", "required"),  # before: "must be a string"
+    ("/api/extra/abort", {"genkey": 5}, "genkey", "must be a string"),
+    (W, OK | {"max_tokens": 2.0}, None, ""),
+    (W, OK | {"max_tokens": None, "max_new_tokens": 2, "n": None, "seed": None, "stop": None}, None, ""),
+    (W, OK | {"prompt": [PROMPT], "stop": ""}, None, ""),
+    (W, OK | {"prompt": [1, 2, 3]}, None, ""),
+    (K, KOK | {"prompt": [PROMPT], "sampler_seed": 7.0, "genkey": "KCPP7"}, None, ""),
+    ("/api/extra/abort", {"genkey": None}, None, ""),
+]
+
+
+@pytest.mark.parametrize("path,body,field,words", STRICT, ids=[f"{i}-{b[2]}" for i, b in enumerate(STRICT)])
+def test_server_request_fields_are_strict_as_before_pydantic(server, path, body, field, words):
+    r = post(server, path, body | ({"temperature": 0} if path in (W, K) else {}))
+    if field is None:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400, r.text
+    if path.startswith("/api/"):
+        detail = r.json()["detail"]
+        assert detail["type"] == "bad_input" and detail["field"] == field
+        message = detail["msg"]
+    else:
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == field
+        message = error["message"]
+    assert f"`{field}`" in message and words in message
+
+
+def test_server_prompt_token_ids_outside_the_vocabulary_are_a_400(server):
+    # the web UI takes a prompt as token ids; an id the model does not have was a 500 from the
+    # generation ("index out of range"), now a 400 naming `prompt`, as /decode does for `tokens`
+    r = post(server, W, {"prompt": [5, 10 ** 6], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and "`prompt` must hold ids in [0, " in error["message"]
+    assert "vocabulary" in error["message"]
+    assert post(server, W, {"prompt": [5, 6], "max_tokens": 2, "temperature": 0}).status_code == 200
+
+
+def test_server_seed_beyond_64_bits_is_a_400_naming_the_seed(server):
+    # torch's generators take 64-bit seeds; a larger one was a 400 naming `prompt` ("Overflow when
+    # unpacking long long"); the n choices' seeds (seed + index) wrap at 2**64
+    for path, body, field in ((W, OK | {"seed": 2**64}, "seed"), (K, KOK | {"sampler_seed": 2**70}, "sampler_seed")):
+        r = post(server, path, body)
+        assert r.status_code == 400, r.text
+        found = r.json()["detail"]["field"] if path == K else r.json()["error"]["param"]
+        assert found == field
+    assert post(server, W, OK | {"seed": 2**64 - 1, "n": 2}).status_code == 200
+
+
 def test_server_still_answers_after_the_bad_requests(server):
     for path, body, *_ in BAD:  # all of them again, back to back
         httpx.post(server.url + path, content=body if isinstance(body, str) else json.dumps(body), timeout=60)

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from ..errors import CFGTextgenError
 from . import kobold, webui
+from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
@@ -161,13 +162,12 @@ def _error_of(job) -> APIError:
 async def completions(request: Request):
     service = request.app.state.service
     body = await read_json(request)
-    c = webui.parse_completion(body, service)
-    length_field = "max_tokens" if "max_tokens" in body else "max_new_tokens"
+    c, preset = webui.parse_completion(body, service)
     jobs = []
     try:
         for i in range(c.n):
-            jobs.append(submit(service, length_field, c.prompt, c.preset,
-                               None if c.seed is None else c.seed + i, ban_eos=c.ban_eos,
+            jobs.append(submit(service, c.length_field, c.prompt, preset,
+                               None if c.seed is None else (c.seed + i) % 2**64, ban_eos=c.ban_eos_token,
                                truncate=c.truncate, api=WEBUI))
     except BaseException:
         for job in jobs:
@@ -237,27 +237,19 @@ async def health(request: Request):
 
 async def encode(request: Request):
     service = request.app.state.service
-    text = _text_field(await read_json(request), "text")
-    tokens = service.tokenize(text)
+    tokens = service.tokenize(read(webui.TextBody, await read_json(request)).text)
     return JSONResponse({"tokens": tokens, "length": len(tokens)})
 
 
 async def decode(request: Request):
     service = request.app.state.service
-    body = await read_json(request)
-    tokens = body.get("tokens")
-    vocab = service.vocab_size
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise bad("tokens", "must be a list of integers (token ids)", tokens)
-    wrong = next((t for t in tokens if not 0 <= t < vocab), None)
-    if wrong is not None:
-        raise bad("tokens", f"must hold ids in [0, {vocab}) (this model's vocabulary)", wrong)
+    tokens = read(webui.TokensBody, await read_json(request), vocab_size=service.vocab_size).tokens
     return JSONResponse({"text": service.detokenize(tokens)})
 
 
 async def token_count(request: Request):
     service = request.app.state.service
-    text = _text_field(await read_json(request), "text")
+    text = read(webui.TextBody, await read_json(request)).text
     return JSONResponse({"length": len(service.tokenize(text))})
 
 
@@ -267,21 +259,14 @@ async def stop_generation(request: Request):
     return JSONResponse("OK")
 
 
-def _text_field(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise bad(key, "must be a string", value) if key in body else APIError(400, f"`{key}` is required", key)
-    return value
-
-
 # ---- KoboldAI API (KoboldCpp) -----------------------------------------------------------------
 
 
 def _kobold_job(request: Request, body: dict):
     service = request.app.state.service
-    g = kobold.parse_generate(body, service)
-    job = submit(service, "max_length", g.prompt, g.preset, g.seed, ban_eos=g.ban_eos,
-                 truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
+    g, preset = kobold.parse_generate(body, service)
+    job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
+                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
     prompt_tokens = len(service.tokenize(g.prompt)) if isinstance(g.prompt, str) else len(g.prompt)
     return job, prompt_tokens
 
@@ -319,17 +304,14 @@ def _kobold_event(data: dict) -> str:
 
 async def kobold_abort(request: Request):
     body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
-    genkey = body.get("genkey")
-    if genkey is not None and not isinstance(genkey, str):
-        raise bad("genkey", "must be a string", genkey)
+    genkey = read(kobold.AbortBody, body).genkey
     n = request.app.state.service.cancel(api=KOBOLD, genkey=genkey or None)
     return JSONResponse({"success": "true" if n else "false", "done": "true"})
 
 
 async def kobold_tokencount(request: Request):
     service = request.app.state.service
-    text = _text_field(await read_json(request), "prompt")
-    ids = service.tokenize(text)
+    ids = service.tokenize(read(kobold.TokenCountBody, await read_json(request)).prompt)
     return JSONResponse({"value": len(ids), "ids": ids})
 
 

@@ -1,4 +1,4 @@
-"""Request errors in the shape each API uses, and typed reads of a request's envelope fields.
+"""Request errors in the shape each API uses (bodies.py reads the bodies).
 
 text-generation-webui (modules/api/script.py) answers an OpenAIError as
     {"error": {"message": ..., "type": "invalid_request_error", "param": FIELD, "code": null}}
@@ -58,69 +58,6 @@ def first_non_finite(body: dict) -> str | None:
             return any(walk(v) for v in value)
         return False
     return next((k for k, v in body.items() if walk(v)), None)
-
-
-class Fields:
-    """Typed reads of envelope fields (prompt, lengths, stop strings, seeds); None means absent."""
-
-    def __init__(self, body: dict, nullable: frozenset[str] = frozenset()):
-        self.body = body
-        self.nullable = nullable
-
-    def _get(self, key):
-        value = self.body.get(key)
-        if value is None and key in self.body and key not in self.nullable:
-            raise bad(key, "must not be null", value)
-        return value
-
-    def int(self, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
-        value = self._get(key)
-        if value is None:
-            return None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad(key, "must be an integer", value)
-        if lo is not None and value < lo:
-            raise bad(key, f"must be >= {lo}", value)
-        if hi is not None and value > hi:
-            raise bad(key, f"must be <= {hi}", value)
-        return value
-
-    def bool(self, key: str) -> bool | None:
-        value = self._get(key)
-        if value is None:
-            return None
-        if not isinstance(value, bool):
-            raise bad(key, "must be true or false", value)
-        return value
-
-    def str(self, key: str) -> str | None:
-        value = self._get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise bad(key, "must be a string", value)
-        return value
-
-    def strings(self, key: str) -> list[str]:
-        """A string or a list of strings (stop sequences); empty strings are dropped."""
-        value = self._get(key)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise bad(key, "must be a string or a list of strings", value)
-        return [x for x in value if x]
-
-    def ints(self, key: str) -> list[int] | None:
-        value = self._get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            raise bad(key, "must be a list of integers (token ids)", value)
-        return value
 
 
 # ---- errors from the preset translation (importers/ and presets.parse_preset) ----------------

@@ -9,46 +9,48 @@ with an empty token and the finish reason. A request names itself with `genkey` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, create_model
 
-from .errors import APIError, Fields
-from .translate import KOBOLD_FLAVOUR, build_preset, check_prompt
+from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
+from .errors import APIError
+from .translate import KOBOLD_FLAVOUR, build_preset
 
 DEFAULT_MAX_LENGTH = 200  # KoboldCpp's default for a request without max_length
 VERSION = "1.82"  # the KoboldCpp API level these routes follow (Kobold Lite gates features on it)
 
 
-@dataclass
-class Generate:
-    prompt: str
-    preset: object
-    seed: int | None
-    ban_eos: bool
-    genkey: str | None
-    truncate: bool
+class GenerateBody(BaseModel):
+    """The envelope of POST /api/v1/generate and /api/extra/generate/stream. A field may be left
+    out but not sent as null. Unknown keys are ignored: Kobold Lite sends many we do not use."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: TextPrompt
+    max_length: Count = DEFAULT_MAX_LENGTH
+    max_context_length: Count = None
+    sampler_seed: Seed = None
+    stop_sequence: Stops = []
+    ban_eos_token: Flag = False
+    bypass_eos: Flag = False
+    trim_stop: Flag = True  # checked; stop strings are always trimmed
+    genkey: Text = None
+    truncate: Flag = True
 
 
-def parse_generate(body: dict, service) -> Generate:
-    f = Fields(body)
-    prompt = check_prompt(body.get("prompt"), allow_ids=False)
-    max_new = f.int("max_length", lo=1)
-    if max_new is None:
-        max_new = DEFAULT_MAX_LENGTH
-    if max_new >= service.n_ctx:
-        raise APIError(400, f"`max_length` is {max_new}, but the model's context window is "
+def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
+    """The request's envelope (its prompt fitted to the window) and its Preset."""
+    g = read(GenerateBody, body)
+    if g.max_length >= service.n_ctx:
+        raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
-    context = f.int("max_context_length", lo=1)
-    seed = f.int("sampler_seed")
-    if seed is not None and seed < 0:
-        seed = None
-    stop = f.strings("stop_sequence")
-    ban_eos = bool(f.bool("ban_eos_token")) or bool(f.bool("bypass_eos"))
-    f.bool("trim_stop")  # checked; stop strings are always trimmed
-    genkey = f.str("genkey")
-    truncate = f.bool("truncate")
-    preset = build_preset(body, KOBOLD_FLAVOUR, max_new, stop)
-    return Generate(service.fit(prompt, context, max_new), preset, seed, ban_eos, genkey,
-                    truncate is not False)
+    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
+    g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
+    return g, preset
+
+
+# /api/extra/abort ends the generation named by `genkey` (all of this API's when null or absent)
+AbortBody = create_model("AbortBody", genkey=(Text | None, None))
+TokenCountBody = create_model("TokenCountBody", prompt=(Text, ...))  # /api/extra/tokencount
 
 
 def finish_reason(job) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..errors import PresetError
 from ..importers import kobold, textgen_webui
 from ..presets import builtin_names, load_preset, parse_preset
-from .errors import APIError, bad, from_preset_error
+from .errors import APIError, from_preset_error
 
 WEBUI_FLAVOUR, KOBOLD_FLAVOUR = "webui", "kobold"
 
@@ -49,20 +49,3 @@ def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
         return parse_preset(data, "request")
     except PresetError as err:
         raise from_preset_error(err, data, report, renames) from None
-
-
-def check_prompt(value, field: str = "prompt", allow_ids: bool = True):
-    """A prompt: text, or (web UI) a list of token ids, or a list holding one text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        return value[0]
-    if allow_ids and isinstance(value, list) and value and all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
-        return list(value)
-    if isinstance(value, list) and len(value) > 1 and all(isinstance(x, str) for x in value):
-        raise APIError(400, f"`{field}`: a batch of {len(value)} prompts is not supported; send one "
-                            f"prompt per request (use `n` for several continuations)", field)
-    if value is None:
-        raise APIError(400, f"`{field}` is required", field)
-    raise bad(field, "must be a string" + (" or a list of token ids" if allow_ids else ""), value)

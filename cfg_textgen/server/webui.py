@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from typing import Annotated
 
-from .errors import APIError, Fields
-from .translate import KOBOLD_FLAVOUR, build_preset, check_prompt, flavour_of_completion
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from .errors import APIError
+from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
 
 NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
                       "n", "presence_penalty", "stop", "stream", "suffix", "temperature", "top_p", "user", "seed"})
@@ -21,51 +24,54 @@ DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
 
 
-@dataclass
-class Completion:
-    prompt: str | list[int]
-    preset: object
-    n: int
-    seed: int | None
-    stream: bool
-    echo: bool
-    ban_eos: bool
-    truncate: bool
+class CompletionBody(BaseModel):
+    """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
+    the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Prompt
+    max_tokens: Count = None
+    max_new_tokens: Count = None
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
+    seed: Seed = None
+    stop: Stops = []
+    stopping_strings: Stops = []
+    stream: Flag = False
+    echo: Flag = False
+    ban_eos_token: Flag = False
+    truncate: Flag = True
+    truncation_length: Annotated[Int, Field(ge=0)] = None
+    add_bos_token: Flag = True
+    preset: Text = None
+
+    @property
+    def length_field(self) -> str:
+        """The field that sets the length: `max_tokens` wins when both are sent."""
+        return "max_tokens" if self.max_tokens is not None else "max_new_tokens"
 
 
-def parse_completion(body: dict, service) -> Completion:
+def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
+    """The request's envelope (its prompt fitted to the window) and its Preset."""
     body = {k: v for k, v in body.items() if not (v is None and k in NULLABLE)}
-    f = Fields(body, NULLABLE)
-    prompt = check_prompt(body.get("prompt"))
-    max_new = f.int("max_tokens", lo=1)
-    name = "max_tokens"
-    if max_new is None:
-        max_new, name = f.int("max_new_tokens", lo=1), "max_new_tokens"
-    if max_new is None:
-        max_new = DEFAULT_MAX_TOKENS
+    c = read(CompletionBody, body, vocab_size=service.vocab_size)
+    max_new = c.max_tokens or c.max_new_tokens or DEFAULT_MAX_TOKENS
     if max_new >= service.n_ctx:
-        raise APIError(400, f"`{name}` is {max_new}, but the model's context window is {service.n_ctx} "
-                            f"tokens (prompt included): ask for fewer", name)
-    n = f.int("n", lo=1, hi=MAX_N) or 1
-    seed = f.int("seed")
-    if seed is not None and seed < 0:
-        seed = None  # the web UI's -1: random
-    stop = f.strings("stop") + f.strings("stopping_strings")
-    stream = bool(f.bool("stream"))
-    echo = bool(f.bool("echo"))
-    ban_eos = bool(f.bool("ban_eos_token"))
-    truncate = f.bool("truncate")
-    context = f.int("truncation_length", lo=0)
-    add_bos = f.bool("add_bos_token")
-    preset_name = f.str("preset")
-    if add_bos is False and isinstance(prompt, str):
+        raise APIError(400, f"`{c.length_field}` is {max_new}, but the model's context window is {service.n_ctx} "
+                            f"tokens (prompt included): ask for fewer", c.length_field)
+    prompt = c.prompt
+    if not c.add_bos_token and isinstance(prompt, str):
         prompt = service.tokenize(prompt, special=False) or prompt
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
-    preset = build_preset(body, flavour, max_new, stop, preset_name if flavour != KOBOLD_FLAVOUR else None,
-                          renames)
-    prompt = service.fit(prompt, context, max_new)
-    return Completion(prompt, preset, n, seed, stream, echo, ban_eos, truncate is not False)
+    preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
+                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+    c.prompt = service.fit(prompt, c.truncation_length, max_new)
+    return c, preset
+
+
+TextBody = create_model("TextBody", text=(Text, ...))  # /v1/internal/encode and /token-count
+TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal/decode: read with vocab_size
 
 
 def finish_reason(job) -> str:
