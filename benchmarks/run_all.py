@@ -10,7 +10,8 @@
                                          results/<UTC time>-llamacpp.json only)
 
 Sections: decode (tokens/s of the CFG paths, with token-for-token checks), growth (CFG overhead vs
-generated length), samplers (the full chain per token), memory (peak RSS, child processes),
+generated length), samplers (the full chain per token), stream_decode (text decoding per token,
+DecodeStream vs the re-decoding fallback, 10 to 4,000 tokens), memory (peak RSS, child processes),
 startup (first streamed token, child processes), llamacpp (issue 11: our llama.cpp backend vs
 bare llama.cpp loops and the transformers engine, sampler chains per preset, time to first token,
 memory, CLI start; `--only llamacpp` runs just that). Exit code 1 if two paths that must agree gave
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("decode", "growth", "samplers", "memory", "startup", "llamacpp")
+SECTIONS = ("decode", "growth", "samplers", "stream_decode", "memory", "startup", "llamacpp")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -141,6 +142,10 @@ def run_section(name, args):
         import bench_samplers
 
         return bench_samplers.run(args.quick)
+    if name == "stream_decode":
+        import bench_stream_decode
+
+        return bench_stream_decode.run(args.quick)
     if name == "memory":
         import bench_memory
 

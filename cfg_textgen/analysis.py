@@ -105,10 +105,9 @@ class Opposing:
 
         if self.mode == "last-token":
             return [int(prompt_ids[-1])]
-        bos = getattr(model.config, "bos_token_id", None)
-        if bos is None:
-            bos = tokenizer.bos_token_id
-        return opposing_token_ids(self.prompt, tokenizer, bos)[0]
+        from .context import bos_id
+
+        return opposing_token_ids(self.prompt, tokenizer, bos_id(model, tokenizer))[0]
 
 
 def encode_prompt(tokenizer, prompt: str, model=None, reserve: int = 0,

@@ -107,24 +107,17 @@ def presets_schema():
 
 
 def _write_json_atomically(data, out: str | None) -> None:
-    """stdout, or OUT via a temp file in the same folder renamed over it: never a partial file."""
+    """stdout, or OUT via files.atomic_write (temp file in the same folder, fsync, rename): never a
+    partial file."""
     import json
-    import tempfile
+
+    from .files import atomic_write
 
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if out is None or out == "-":
         click.echo(text, nl=False)
         return
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".cfg-textgen-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, text)
 
 
 @presets.command("import")
@@ -597,21 +590,12 @@ def eval_group():
 
 
 def _write_jsonl_atomically(rows, out: str) -> None:
-    """One JSON object per line into OUT, via a temp file in the same folder: never a partial file."""
+    """One JSON object per line into OUT via files.atomic_write: never a partial file."""
     import json
-    import tempfile
 
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".cfg-textgen-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .files import atomic_write
+
+    atomic_write(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _check_out_folder(ctx, param, value):

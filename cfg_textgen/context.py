@@ -1,5 +1,5 @@
-"""Two rules every way of generating shares (engine, analysis, CLI): what fits the model's context
-window, and which tokens end a story.
+"""Three rules every way of generating shares (engine, analysis, CLI, server): what fits the
+model's context window, which tokens end a story, and which token begins one (BOS).
 
 - The context cut works per row: the story row and the opposing row are separate rows of the batch
   (separate KV caches, positions from 0), so each needs only its own length plus the new tokens to
@@ -9,6 +9,7 @@ window, and which tokens end a story.
   models: SmolLM2-Instruct's generation_config ends turns at `<|im_end|>`, while a story written with
   it ends at `<|endoftext|>`, which the model emits at the end of a text; without it the engine
   would write on past the end of the document.
+- BOS is the model config's `bos_token_id` (what the model was trained with), else the tokenizer's.
 """
 
 from __future__ import annotations
@@ -70,3 +71,11 @@ def eos_ids(model, tokenizer=None) -> set[int]:
                 if isinstance(token_id, int):
                     ids.add(token_id)
     return ids
+
+
+def bos_id(model, tokenizer=None) -> int | None:
+    """The id a blank story starts with (see the module docstring), or None if neither says."""
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    if bos is None and tokenizer is not None:
+        bos = getattr(tokenizer, "bos_token_id", None)
+    return None if bos is None else int(bos)

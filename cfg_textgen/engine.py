@@ -12,8 +12,8 @@ At scale 1 the opposing row is not run (one sequence) and the scores are the raw
 what `CFGLogitsProcessor(scale=1)` returns; with CFG the guided scores are on the same raw-logit
 scale (guidance.cfg_combine), so a repetition penalty acts as in the reference apps. `story_ids` is the prompt plus the generated tokens,
 exactly what `generate` gives its processors, so repetition penalties see the same history. Text
-comes out as soon as it is final (the backend's decoder): the pieces joined equal the one-shot
-decode of all new tokens.
+comes out as soon as it is final (the backend's decoder; on transformers tokenizers' DecodeStream,
+a constant cost per token): the pieces joined equal the one-shot decode of all new tokens.
 
 Three ways in, one `Generation` (the per-generation state: settings, history, text, stop rules):
 - `Stream` (the CLI's): one generation, iterated in the caller's thread;

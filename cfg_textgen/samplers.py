@@ -143,7 +143,9 @@ def log_probs_and_entropy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def row_entropy(scores: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0."""
+    """Shannon entropy (nats) of softmax(scores) per row, (batch, 1); -inf entries count as p = 0.
+    The one entropy of the package (samplers, analysis metrics); `log_probs_and_entropy` when the
+    caller needs log_softmax(scores) too."""
     return log_probs_and_entropy(scores)[1]
 
 
@@ -997,10 +999,10 @@ class Unified(Sampler):
     name = "unified"
 
     def __call__(self, input_ids, scores):
-        logp = torch.log_softmax(scores.double(), dim=-1)  # float64: l**2 of a float32 never overflows
+        # float64: l**2 of a float32 never overflows; H from the one entropy, in float64 too
+        logp, h = log_probs_and_entropy(scores.double())
         finite = torch.isfinite(logp)
         l = torch.where(finite, logp, torch.zeros_like(logp))  # noqa: E741
-        h = -(l.exp() * l * finite).sum(dim=-1, keepdim=True)
         raw = (l * (self.linear + h * self.conf) - self.quad * l**2).to(scores.dtype)
         return _keep_finite(torch.where(finite, raw, torch.full_like(raw, NEG_INF)), scores)
 

@@ -5,8 +5,8 @@
 - Appending (`Story.appender`): every streamed piece is written and flushed to the OS before the
   caller shows it; the file is fsynced when the appender closes. A failed write (a full disk) is
   rolled back to the last whole piece.
-- Rewriting for undo/retry (`Story.rewrite`): a temporary file in the same folder, fsync, rename.
-  The story is never truncated in place.
+- Rewriting for undo/retry (`Story.rewrite`): `files.atomic_write` (temporary file in the same
+  folder, fsync, rename, fsync of the folder). The story is never truncated in place.
 - `SignalGuard`: SIGINT and SIGTERM become exceptions, deferred while a piece is being written and
   shown, so that after Ctrl-C or `kill` the file holds exactly the text that reached the screen.
 """
@@ -17,13 +17,13 @@ import contextlib
 import errno
 import os
 import signal
-import stat
 import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from .errors import CFGTextgenError
+from .files import atomic_write, default_mode
 
 
 def _why(err: OSError) -> str:
@@ -80,11 +80,8 @@ class Story:
         except OSError as err:
             raise CFGTextgenError(f"{self.path}: cannot write the story: {_why(err)}") from None
 
-    def _target(self) -> Path:
-        return Path(os.path.realpath(self.path))  # rewrite the file a symlink points to, not the link
-
     def _folder(self) -> Path:
-        return self._target().parent
+        return Path(os.path.realpath(self.path)).parent  # a rewrite replaces the file a symlink points to
 
     @contextlib.contextmanager
     def appender(self) -> Iterator["Appender"]:
@@ -96,25 +93,13 @@ class Story:
             out.close()
 
     def rewrite(self, text: str) -> None:
-        """Replace the whole file atomically: temp file in the same folder, fsync, rename."""
-        target = self._target()
-        mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else _default_mode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        """Replace the whole file atomically (files.atomic_write: temp file in the same folder,
+        fsync, rename, fsync of the folder); a symlink keeps pointing at the rewritten file."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(text.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, target)
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(err, OSError):
-                raise CFGTextgenError(f"{self.path}: cannot rewrite the story (it is unchanged): "
-                                      f"{_why(err)}") from None
-            raise
-        _fsync_folder(target.parent)
+            atomic_write(self.path, text)
+        except OSError as err:
+            raise CFGTextgenError(f"{self.path}: cannot rewrite the story (it is unchanged): "
+                                  f"{_why(err)}") from None
         self.text = text
         self.existed = True
 
@@ -125,7 +110,7 @@ class Appender:
     def __init__(self, story: Story):
         self.story = story
         try:
-            self._fd = os.open(story.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _default_mode())
+            self._fd = os.open(story.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, default_mode())
         except OSError as err:
             raise CFGTextgenError(f"{story.path}: cannot write the story: {_why(err)}") from None
         story.existed = True
@@ -159,22 +144,6 @@ class Appender:
         finally:
             os.close(self._fd)
             self._fd = None
-
-
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable (best effort: not every platform can open a folder)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class Terminated(BaseException):

@@ -464,16 +464,3 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(CFGTextgenError, match="No space left"):
         R.write_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
-
-
-def test_progress_bar_on_a_pipe_writes_whole_lines():
-    import io
-
-    buf = io.StringIO()
-    bar = R.ProgressBar("eval", stream=buf, width=10)
-    for i in range(1, 21):
-        bar(i, 20)
-    lines = buf.getvalue().splitlines()
-    assert "\r" not in buf.getvalue()
-    assert len(lines) == 11  # the first call, then every 10%
-    assert lines[-1] == "eval [##########] 20/20"

@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor
 
 from cfg_textgen import analysis as A
-from cfg_textgen.context import eos_ids, fit_context
+from cfg_textgen.context import bos_id, eos_ids, fit_context
 from cfg_textgen.engine import generate_stream
 from cfg_textgen.guidance import CFGLogitsProcessor
 from conftest import make_tiny_model, make_tiny_tokenizer
@@ -28,6 +28,21 @@ def test_fit_context_by_hand():
     assert fit_context([1] + list(range(10, 20)), 8, 3, special_ids={1}) == [1, 16, 17, 18, 19]  # BOS kept
     with pytest.raises(Exception, match="context of 8 tokens"):
         fit_context([1, 2], 8, 8)
+
+
+def test_server_cut_to_a_clients_window_is_the_engines_cut(tiny_model_dir):
+    """Service.fit (a client's smaller context setting) keeps BOS in front and the most recent
+    tokens; when one token fits it keeps the last story token (old code: BOS alone, no story)."""
+    from cfg_textgen.server.scheduling import Service
+
+    service = Service(str(tiny_model_dir), backend="transformers", parallel=1, log=lambda *a: None)
+    try:
+        ids = [1] + list(range(10, 30))  # <s> then story tokens
+        assert service.fit(ids, 10, 4) == [1, 25, 26, 27, 28, 29]  # 10 - 4 = 6 tokens: BOS + last 5
+        assert service.fit(ids, 30, 4) == ids  # fits: unchanged
+        assert service.fit(ids, 5, 4) == [29]  # room for one token
+    finally:
+        service.close()
 
 
 def test_engine_cut_counts_only_the_story_rows_own_length(tiny_tokenizer):
@@ -163,3 +178,26 @@ def test_analysis_scores_on_the_device_of_the_model(tiny_tokenizer):
     new = gen(ids, 2.0)
     row = A.score_row(model, tiny_tokenizer, ids, new, 2.0, [1])
     assert row.fluency == row.fluency  # not NaN: the gather ran on the scores' device
+
+
+# ---- BOS -----------------------------------------------------------------------------------------
+
+def test_bos_id_takes_the_model_config_first_then_the_tokenizer(tiny_tokenizer):
+    model = make_tiny_model("llama")
+    assert tiny_tokenizer.bos_token_id == 1 and bos_id(model, tiny_tokenizer) == 1
+    model.config.bos_token_id = 5  # the model's own word wins over the tokenizer's <s>
+    assert bos_id(model, tiny_tokenizer) == 5
+    model.config.bos_token_id = None
+    assert bos_id(model, tiny_tokenizer) == 1 and bos_id(model) is None
+
+
+def test_every_blank_opposing_story_starts_with_the_one_bos(tiny_tokenizer):
+    """The plugin, the engine's backend and analysis all take BOS from context.bos_id: with a
+    config BOS (5) that differs from the tokenizer's (1), every blank opposing story is [5]."""
+    from cfg_textgen.backends.transformers import TransformersBackend
+
+    model = make_tiny_model("llama")
+    model.config.bos_token_id = 5
+    assert CFGLogitsProcessor(model, 2.0, "", tiny_tokenizer).opposing_rows == [[5]]
+    assert TransformersBackend(model, tiny_tokenizer).bos_id == 5
+    assert A.Opposing().start_ids([1, 7, 8], model, tiny_tokenizer) == [5]

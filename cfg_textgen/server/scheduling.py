@@ -11,6 +11,7 @@ import random
 import threading
 from pathlib import Path
 
+from ..context import fit_context
 from ..engine import Request, Scheduler
 
 
@@ -52,12 +53,10 @@ class Service:
         if not context or context >= self.n_ctx:
             return prompt
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        budget = max(1, context - max_new)
-        if len(ids) <= budget:
-            return prompt
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        head = [ids[0]] if bos is not None and ids[0] == bos else []
-        return head + ids[len(ids) - (budget - len(head)):]
+        # the engine's cut (context.fit_context: BOS stays in front) at the client's window; a
+        # window smaller than max_new + 1 still keeps the last story token
+        kept = fit_context(ids, max(context, max_new + 1), max_new, self.backend.special_ids)
+        return prompt if len(kept) == len(ids) else kept
 
     # -- jobs
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",

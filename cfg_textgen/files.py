@@ -1,0 +1,89 @@
+"""Replacing a file (or a folder) so that a reader or a crash never sees half of it.
+
+The one rule, used for the story's undo/retry rewrite, the sweep report, `presets import/export -o`,
+`eval lambada --out` and the converted-model cache: write a temporary file in the target's own
+folder (a rename is atomic only within one file system), fsync it, `os.replace` it over the
+target, then fsync the folder so that the rename itself survives a power cut. On any failure the
+temporary file is removed and the previous file is untouched.
+
+- A symlink is followed: the file it points to is replaced, the link stays a link.
+- A replaced file keeps its permission bits; a new one gets the usual ones (0666 minus the umask),
+  not `mkstemp`'s private 0600.
+- Errors are `OSError`s; each caller words them for its own user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace the file at `path` with `data` (str is written as UTF-8): all of it or nothing."""
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """A temporary file (or, with `folder`, an empty folder) next to `path` for the block to fill;
+    fsynced and renamed over `path` when the block ends normally, removed when it raises."""
+    target = Path(os.path.realpath(path))
+    parent = target.parent
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        for file in (sorted(p for p in tmp.rglob("*") if p.is_file()) if folder else [tmp]):
+            _fsync(file)
+        if not folder:
+            os.chmod(tmp, _mode_for(target))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp) if folder else os.unlink(tmp)
+        raise
+    fsync_folder(parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable (best effort: not every platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def default_mode() -> int:
+    """The permission bits a new file gets from `open` under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _mode_for(target: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return default_mode()
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
