@@ -1,13 +1,14 @@
 """The preset model: load and validate preset JSON, describe it as a JSON Schema, build the chain.
 
-A preset (docs/preset-format.md) is immutable data: `Preset`, `CFGSettings`, `SamplerSpec`.
-Validation is strict and collects *every* problem of a preset before raising one `PresetError`
-whose lines each name the source and the JSON path:
+A preset (docs/preset-format.md) is immutable data, one pydantic model: `Preset` with its
+`CFGSettings` and its chain of sampler settings (settings.py, one model per sampler, a union
+discriminated by `"sampler"`). Validation is strict and collects *every* problem of a preset before
+raising one `PresetError` whose lines, formatted from pydantic's errors, each name the source and
+the JSON path:
 
     presets/x.json: $.samplers[2].p: must be a number in (0, 1], got 1.5
 
-The sampler parameters (types, defaults, ranges) come from the `Param` declarations of the
-sampler classes in `cfg_textgen.samplers`; the JSON Schema is generated from the same declarations.
+`preset_schema()` is pydantic's JSON Schema of the same model.
 
 Choices made where the format is silent:
 - An integer is accepted where a number is expected; a number with an integral value (`40.0`) is
@@ -15,134 +16,110 @@ Choices made where the format is silent:
   `true`/`false` are never numbers.
 - Non-finite numbers (`NaN`, `Infinity`, which Python's json accepts) are refused everywhere.
 - A duplicate key in one JSON object is an error (the second value would silently win).
-- For list parameters (`whitelist`), `min`/`max` of the `Param` apply to each element.
+- For list parameters (`whitelist`), the range applies to each element.
 - `{"sampler": "cfg"}` is refused with a pointer to `$.cfg`: CFG is not part of the chain.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import json
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Union, get_args
+
+from annotated_types import MinLen
+from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from .errors import CFGTextgenError, PresetError
+from .settings import JSON, SETTINGS, Bool, Float, Int, SamplerSettings, Str, fields_of, json_type, show
 
 FORMAT = "cfg-textgen-preset/1"
-OPPOSING_MODES = ("text", "last-token")
+OpposingMode = Literal["text", "last-token"]
+OPPOSING_MODES = get_args(OpposingMode)
 MAX_PRESET_BYTES = 1024 * 1024  # a preset is a few hundred bytes; anything above 1 MiB is a mistake
-TOP_KEYS = ("format", "name", "description", "cfg", "samplers", "max_new_tokens", "stop", "do_sample")
-CFG_KEYS = ("scale", "opposing_prompt", "opposing_mode")
 BUILTIN_PACKAGE = "cfg_textgen.presets_data"
 
 
 # ---- the immutable preset model -------------------------------------------------------------
 
+SamplerEntry = Annotated[Union[tuple(SETTINGS.values())], Field(discriminator="sampler")]
 
-@dataclass(frozen=True)
+
+def SamplerSpec(name: str, params: dict | None = None) -> SamplerSettings:  # noqa: N802 - was a class
+    """One chain entry by hand: the settings model of sampler `name` with `params`."""
+    if name not in SETTINGS:
+        raise PresetError(f"unknown sampler {name!r}; valid samplers: {_choices(sorted(SETTINGS))}")
+    return SETTINGS[name].model_validate({**(params or {}), "sampler": name})
+
+
+# last-token mode takes the opposing branch from the prompt: no opposing text
+_LAST_TOKEN = {"if": {"properties": {"opposing_mode": {"const": "last-token"}}, "required": ["opposing_mode"]},
+               "then": {"properties": {"opposing_prompt": {"const": ""}}}}
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", json_schema_extra=_LAST_TOKEN))
 class CFGSettings:
     """Guidance settings: `guided = u + scale * (c - u)`; scale 1 means no opposing pass."""
 
-    scale: float = 1.0
-    opposing_prompt: str = ""
-    opposing_mode: str = "text"  # "text" or "last-token"
+    scale: Float = Field(1.0, description="guidance scale in u + scale*(c - u); 1 = off (no opposing pass)")
+    opposing_prompt: Str = Field("", description='the opposing prompt; "" = a blank story')
+    opposing_mode: OpposingMode = Field(
+        "text", description='"last-token": the opposing branch starts from the last prompt token '
+                            '(the CFG paper\'s); opposing_prompt must then be ""')
+
+    @model_validator(mode="after")
+    def _last_token_takes_no_prompt(self):
+        if self.opposing_mode == "last-token" and self.opposing_prompt:
+            raise PydanticCustomError("rule", "{message}", {"key": "opposing_prompt", "message": (
+                'must be "" when opposing_mode is "last-token" (that mode takes the opposing branch from '
+                f"the last prompt token), got {show(self.opposing_prompt)}")})
+        return self
 
     @property
     def active(self) -> bool:
         return self.scale != 1.0
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """One entry of the chain: a registered sampler name and the parameters the preset gave.
-
-    `params` holds only the parameters written in the preset (defaults are the sampler's); list
-    values are stored as tuples so that a preset cannot be changed after validation.
-    """
-
-    name: str
-    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    def __post_init__(self):
-        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.params).items()}
-        object.__setattr__(self, "params", MappingProxyType(frozen))
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True,
+           config=ConfigDict(extra="forbid", title=f"cfg-textgen preset (format {FORMAT})"))
 class Preset:
-    """A validated preset. Build it with `parse_preset` / `load_preset`, not by hand."""
+    """A validated preset, from `parse_preset` / `load_preset` (built by hand, it is validated the
+    same way; `dataclasses.replace` validates too). Each of `samplers` has `.name` and `.params`
+    (only the parameters the preset gave)."""
 
-    name: str
-    description: str = ""
-    cfg: CFGSettings = CFGSettings()
-    samplers: tuple[SamplerSpec, ...] = ()
-    max_new_tokens: int = 200
-    stop: tuple[str, ...] = ()
-    do_sample: bool = True
+    format: Literal["cfg-textgen-preset/1"] = Field(FORMAT, description="format tag; only this value")
+    name: Annotated[Str, StringConstraints(pattern=r"\S")] = Field(description="the preset's name")
+    description: Str = Field("", description="one line: what it is for")
+    cfg: CFGSettings = Field(CFGSettings(), description="classifier-free guidance; runs before the samplers")
+    samplers: tuple[SamplerEntry, ...] = Field((), description="applied in this order after CFG")
+    max_new_tokens: Int = Field(200, ge=1, description="continuation length")
+    stop: tuple[Annotated[Str, MinLen(1)], ...] = Field((), description="stop sequences (not kept)")
+    do_sample: Bool = Field(True, description="false = greedy pick after the chain")
 
     def to_dict(self) -> dict:
         """The JSON form: every top-level key, and per sampler only the parameters the preset gave
         (in the sampler's declaration order), so `parse_preset(p.to_dict(), ...) == p`."""
-        registry = _registry()
-        samplers = []
-        for spec in self.samplers:
-            order = [p.name for p in registry[spec.name].params] if spec.name in registry else []
-            keys = [k for k in order if k in spec.params] + sorted(set(spec.params) - set(order))
-            entry = {"sampler": spec.name}
-            for k in keys:
-                v = spec.params[k]
-                entry[k] = list(v) if isinstance(v, tuple) else v
-            samplers.append(entry)
-        return {
-            "format": FORMAT,
-            "name": self.name,
-            "description": self.description,
-            "cfg": {"scale": self.cfg.scale, "opposing_prompt": self.cfg.opposing_prompt,
-                    "opposing_mode": self.cfg.opposing_mode},
-            "samplers": samplers,
-            "max_new_tokens": self.max_new_tokens,
-            "stop": list(self.stop),
-            "do_sample": self.do_sample,
-        }
+        samplers = [{"sampler": s.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in s.params.items()}}
+                    for s in self.samplers]
+        return {"format": FORMAT, "name": self.name, "description": self.description,
+                "cfg": dataclasses.asdict(self.cfg), "samplers": samplers, "max_new_tokens": self.max_new_tokens,
+                "stop": list(self.stop), "do_sample": self.do_sample}
 
 
-# ---- validation -----------------------------------------------------------------------------
+# ---- validation: pydantic's errors in the CLI's words ----------------------------------------
+
+_PRESET = TypeAdapter(Preset)
 
 
 def _registry() -> dict:
     from .samplers import SAMPLERS
 
     return SAMPLERS
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in JSON, shortened."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def _choices(names) -> str:
@@ -156,163 +133,83 @@ def _did_you_mean(word: str, names) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _range_text(lo, hi, lo_excl, hi_excl) -> str:
-    def num(x):
-        return str(int(x)) if float(x).is_integer() else str(x)
-
-    if lo is not None and hi is not None:
-        return f" in {'(' if lo_excl else '['}{num(lo)}, {num(hi)}{')' if hi_excl else ']'}"
-    if lo is not None:
-        return f" {'>' if lo_excl else '>='} {num(lo)}"
-    if hi is not None:
-        return f" {'<' if hi_excl else '<='} {num(hi)}"
-    return ""
+def _path(loc) -> str:
+    return "$" + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc)
 
 
-def _in_range(x, lo, hi, lo_excl, hi_excl) -> bool:
-    if lo is not None and (x <= lo if lo_excl else x < lo):
-        return False
-    if hi is not None and (x >= hi if hi_excl else x > hi):
-        return False
-    return True
+def _model_at(loc, data) -> tuple[Any, str]:
+    """The model (and its name in messages) of the object at `loc`, or (None, "")."""
+    if not loc:
+        return Preset, "top-level"
+    if loc == ["cfg"]:
+        return CFGSettings, "cfg"
+    if len(loc) == 2 and loc[0] == "samplers":
+        tag = data["samplers"][loc[1]]["sampler"]
+        return SETTINGS[tag], repr(tag)
+    return None, ""
 
 
-class _Checker:
-    """Collects (path, message) pairs for one preset."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.errors: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.errors.append(f"{self.source}: {path}: {message}")
-
-    def obj(self, value, path: str, allowed: tuple[str, ...], what: str) -> bool:
-        """Check that `value` is an object with only `allowed` keys (reported with the choices)."""
-        if not isinstance(value, dict):
-            self.add(path, f"must be an object, got {_json_type(value)} {_show(value)}")
-            return False
-        for key in getattr(value, "duplicates", ()):
-            self.add(f"{path}.{key}", "duplicate key (the second value would silently win)")
-        for key in value:
-            if key not in allowed:
-                self.add(f"{path}.{key}", f"unknown key{_did_you_mean(key, allowed)}; "
-                                          f"valid {what} keys: {_choices(allowed)}")
-        return True
-
-    def number(self, value, path: str, *, integer=False, lo=None, hi=None, lo_excl=False,
-               hi_excl=False, what=None):
-        """Return the checked number (int for integers) or None after recording an error."""
-        what = what or ("an integer" if integer else "a number")
-        rule = f"must be {what}{_range_text(lo, hi, lo_excl, hi_excl)}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.add(path, f"{rule}, got {_json_type(value)} {_show(value)}")
-            return None
-        if not math.isfinite(value):
-            self.add(path, f"{rule} (finite), got {_show(value)}")
-            return None
-        if integer:
-            if isinstance(value, float) and not value.is_integer():
-                self.add(path, f"{rule}, got {_show(value)}")
-                return None
-            value = int(value)
-        if not _in_range(value, lo, hi, lo_excl, hi_excl):
-            self.add(path, f"{rule}, got {_show(value)}")
-            return None
-        return value
-
-    def string(self, value, path: str, *, non_empty=False, non_blank=False, choices=None):
-        if not isinstance(value, str):
-            self.add(path, f"must be a string, got {_json_type(value)} {_show(value)}")
-            return None
-        if choices is not None and value not in choices:
-            self.add(path, f"must be one of {_choices(_show(c) for c in choices)}, got {_show(value)}")
-            return None
-        if non_empty and not value:
-            self.add(path, f"must be a non-empty string, got {_show(value)}")
-            return None
-        if non_blank and not value.strip():
-            self.add(path, f"must be a non-empty string (not only spaces), got {_show(value)}")
-            return None
-        return value
-
-    def param(self, p, value, path: str):
-        """Check one sampler parameter against its `Param` declaration."""
-        if p.kind is list:
-            if not isinstance(value, list):
-                self.add(path, f"must be an array, got {_json_type(value)} {_show(value)}")
-                return None
-            items = [self.scalar(p, p.item_kind, v, f"{path}[{i}]") for i, v in enumerate(value)]
-            return None if any(v is None for v in items) else items
-        return self.scalar(p, p.kind, value, path)
-
-    def scalar(self, p, kind, value, path: str):
-        if p.choices is not None:
-            # `true == 1` in Python: a boolean only matches the choices of a boolean parameter
-            same_kind = isinstance(value, bool) == (kind is bool) and not isinstance(value, (list, dict))
-            if not same_kind or value not in p.choices:
-                choices = _choices(_show(c) for c in p.choices)
-                self.add(path, f"must be one of {choices}, got {_show(value)}")
-                return None
-            return int(value) if kind is int else value
-        if kind in (int, float):
-            return self.number(value, path, integer=kind is int, lo=p.min, hi=p.max,
-                               lo_excl=p.min_exclusive, hi_excl=p.max_exclusive)
-        if kind is bool:
-            if not isinstance(value, bool):
-                self.add(path, f"must be true or false, got {_json_type(value)} {_show(value)}")
-                return None
-            return value
-        if kind is str:
-            return self.string(value, path)
-        if kind is None:  # untyped list item: any JSON scalar
-            return value
-        self.add(path, f"has an unsupported parameter type {kind.__name__} (a bug in samplers.py)")
-        return None
+def _field_at(loc, data):
+    """The Param view of the number, string, boolean or array at `loc` (an element's view for an
+    element of an array parameter), or None for an object."""
+    *parent, last = loc
+    if isinstance(last, int):
+        view = _field_at(parent, data) if parent else None
+        return view.item() if view is not None and view.item_kind in (int, float, str, bool) else None
+    model, _ = _model_at(parent, data)
+    view = fields_of(model).get(last) if model is not None else None
+    return view if view is not None and view.kind in (int, float, str, bool, list) else None
 
 
-def _parse_sampler(check: _Checker, entry, path: str) -> SamplerSpec | None:
-    registry = _registry()
-    if not isinstance(entry, dict):
-        check.add(path, f"must be a sampler object like {{\"sampler\": \"temperature\", ...}}, "
-                        f"got {_json_type(entry)} {_show(entry)}")
-        return None
-    if "sampler" not in entry:
-        check.add(path, f"missing key \"sampler\"; valid samplers: {_choices(sorted(registry))}")
-        return None
-    name = entry["sampler"]
-    if not isinstance(name, str):
-        check.add(f"{path}.sampler", f"must be a string naming a sampler, got {_json_type(name)} "
-                                     f"{_show(name)}; valid samplers: {_choices(sorted(registry))}")
-        return None
-    if name == "cfg":
-        check.add(f"{path}.sampler", "CFG is not a chain sampler: set it under $.cfg "
-                                     "(it always runs first)")
-        return None
-    if name not in registry:
-        check.add(f"{path}.sampler", f"unknown sampler {_show(name)}{_did_you_mean(name, registry)}; "
-                                     f"valid samplers: {_choices(sorted(registry))}")
-        return None
-    cls = registry[name]
-    declared = {p.name: p for p in cls.params}
-    before = len(check.errors)
-    check.obj(entry, path, ("sampler", *declared), f"{name!r}")
-    params = {}
-    for key, value in entry.items():
-        if key in declared:
-            checked = check.param(declared[key], value, f"{path}.{key}")
-            if checked is not None:
-                params[key] = checked
-    if len(check.errors) > before:
-        return None
-    if not cls.needs_tokenizer:
-        # rules between parameters (if any) live in the sampler's constructor: ask it
-        try:
-            cls.from_params(dict(params))
-        except (ValueError, TypeError) as err:
-            check.add(path, str(err))
-            return None
-    return SamplerSpec(name, params)
+def _line(e: dict, data: dict) -> str:
+    """One pydantic error as `$.json.path: what is wrong, got VALUE`."""
+    loc, kind, value, ctx = list(e["loc"]), e["type"], e["input"], e.get("ctx") or {}
+    if len(loc) > 2 and loc[0] == "samplers":
+        del loc[2]  # the union's tag: samplers[i].top_p.p is $.samplers[i].p
+    if kind == "rule":  # a rule between fields, reported at the field it names
+        return f"{_path(loc + [ctx['key']])}: {ctx['message']}"
+    path, samplers = _path(loc), _choices(sorted(SETTINGS))
+    if kind == "missing":
+        return f"{_path(loc[:-1])}: missing required key {show(loc[-1])}"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        model, what = _model_at(loc[:-1], data)
+        keys = list(fields_of(model))
+        return f"{path}: unknown key{_did_you_mean(loc[-1], keys)}; valid {what} keys: {_choices(keys)}"
+    if kind == "union_tag_not_found":
+        return f'{path}: missing key "sampler"; valid samplers: {samplers}'
+    if kind == "union_tag_invalid":
+        tag = value["sampler"]
+        if not isinstance(tag, str):
+            return (f"{path}.sampler: must be a string naming a sampler, got {json_type(tag)} {show(tag)}; "
+                    f"valid samplers: {samplers}")
+        if tag == "cfg":
+            return f"{path}.sampler: CFG is not a chain sampler: set it under $.cfg (it always runs first)"
+        return f"{path}.sampler: unknown sampler {show(tag)}{_did_you_mean(tag, SETTINGS)}; valid samplers: {samplers}"
+    field = _field_at(loc, data)
+    if field is None:
+        if kind == "value_error":  # a sampler's rule between its parameters
+            return f"{path}: {ctx['error']}"
+        like = ' like {"sampler": "temperature", ...}' if loc[:1] == ["samplers"] else ""
+        return f"{path}: must be {'a sampler ' if like else 'an '}object{like}, got {json_type(value)} {show(value)}"
+    if field.kind is list and not isinstance(loc[-1], int):
+        words = {"samplers": "an array of sampler objects", "stop": "an array of strings"}.get(loc[-1])
+        return f"{path}: must be {words if len(loc) == 1 else 'an array'}, got {json_type(value)} {show(value)}"
+    if kind == "string_too_short":
+        return f"{path}: must be a non-empty string, got {show(value)}"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: must be a non-empty string (not only spaces), got {show(value)}"
+    return f"{path}: {field.problem(e)}"
+
+
+def _duplicates(node, path: str):
+    """JSON paths of the keys the loader saw twice in one object."""
+    if isinstance(node, dict):
+        yield from (f"{path}.{key}" for key in getattr(node, "duplicates", ()))
+        for key, value in node.items():
+            yield from _duplicates(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _duplicates(value, f"{path}[{i}]")
 
 
 def parse_preset(data: Any, source: str = "<preset>") -> Preset:
@@ -322,72 +219,22 @@ def parse_preset(data: Any, source: str = "<preset>") -> Preset:
     `SOURCE: $.json.path: what is wrong, got VALUE` (with the valid choices where there are some).
     The error's `errors` attribute holds the lines as a tuple.
     """
-    check = _Checker(source)
-    if not check.obj(data, "$", TOP_KEYS, "top-level"):
-        _raise(check)
-    kw: dict[str, Any] = {}
-
-    if "format" in data:
-        check.string(data["format"], "$.format", choices=(FORMAT,))
-    if "name" not in data:
-        check.add("$", "missing required key \"name\"")
-    else:
-        kw["name"] = check.string(data["name"], "$.name", non_blank=True)
-    if "description" in data:
-        kw["description"] = check.string(data["description"], "$.description")
-
-    if "cfg" in data and check.obj(data["cfg"], "$.cfg", CFG_KEYS, "cfg"):
-        cfg = data["cfg"]
-        ckw = {}
-        if "scale" in cfg:
-            scale = check.number(cfg["scale"], "$.cfg.scale")
-            ckw["scale"] = float(scale) if scale is not None else None
-        if "opposing_prompt" in cfg:
-            ckw["opposing_prompt"] = check.string(cfg["opposing_prompt"], "$.cfg.opposing_prompt")
-        if "opposing_mode" in cfg:
-            ckw["opposing_mode"] = check.string(cfg["opposing_mode"], "$.cfg.opposing_mode",
-                                                choices=OPPOSING_MODES)
-        if ckw.get("opposing_mode") == "last-token" and ckw.get("opposing_prompt"):
-            check.add("$.cfg.opposing_prompt",
-                      "must be \"\" when opposing_mode is \"last-token\" (that mode takes the "
-                      "opposing branch from the last prompt token), "
-                      f"got {_show(ckw['opposing_prompt'])}")
-        if None not in ckw.values():
-            kw["cfg"] = CFGSettings(**ckw)
-
-    if "samplers" in data:
-        samplers = data["samplers"]
-        if not isinstance(samplers, list):
-            check.add("$.samplers", f"must be an array of sampler objects, got "
-                                    f"{_json_type(samplers)} {_show(samplers)}")
-        else:
-            specs = [_parse_sampler(check, e, f"$.samplers[{i}]") for i, e in enumerate(samplers)]
-            kw["samplers"] = tuple(specs)
-
-    if "max_new_tokens" in data:
-        kw["max_new_tokens"] = check.number(data["max_new_tokens"], "$.max_new_tokens",
-                                            integer=True, lo=1)
-    if "stop" in data:
-        stop = data["stop"]
-        if not isinstance(stop, list):
-            check.add("$.stop", f"must be an array of strings, got {_json_type(stop)} {_show(stop)}")
-        else:
-            kw["stop"] = tuple(check.string(s, f"$.stop[{i}]", non_empty=True)
-                               for i, s in enumerate(stop))
-    if "do_sample" in data:
-        value = data["do_sample"]
-        if not isinstance(value, bool):
-            check.add("$.do_sample", f"must be true or false, got {_json_type(value)} {_show(value)}")
-        kw["do_sample"] = value
-
-    if check.errors:
-        _raise(check)
-    return Preset(**kw)
+    if not isinstance(data, dict):
+        _raise([f"{source}: $: must be an object, got {json_type(data)} {show(data)}"])
+    lines = [f"{source}: {path}: duplicate key (the second value would silently win)"
+             for path in _duplicates(data, "$")]
+    try:
+        preset = _PRESET.validate_python(data, context=JSON)
+    except ValidationError as err:
+        lines += [f"{source}: {_line(e, data)}" for e in err.errors(include_url=False)]
+    if lines:
+        _raise(lines)
+    return preset
 
 
-def _raise(check: _Checker):
-    err = PresetError("\n".join(check.errors))
-    err.errors = tuple(check.errors)
+def _raise(lines: list[str]):
+    err = PresetError("\n".join(lines))
+    err.errors = tuple(lines)
     raise err
 
 
@@ -506,78 +353,16 @@ def list_presets() -> list[Preset]:
 # ---- JSON Schema ----------------------------------------------------------------------------
 
 
-def _param_schema(p) -> dict:
-    def scalar(kind) -> dict:
-        if p.choices is not None:
-            return {"enum": list(p.choices)}
-        if kind in (int, float):
-            s: dict[str, Any] = {"type": "integer" if kind is int else "number"}
-            if p.min is not None:
-                s["exclusiveMinimum" if p.min_exclusive else "minimum"] = p.min
-            if p.max is not None:
-                s["exclusiveMaximum" if p.max_exclusive else "maximum"] = p.max
-            return s
-        return {bool: {"type": "boolean"}, str: {"type": "string"}}.get(kind, {})
-
-    schema = ({"type": "array", "items": scalar(p.item_kind)} if p.kind is list else scalar(p.kind))
-    if p.doc:
-        schema["description"] = p.doc
-    schema["default"] = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
-    return schema
-
-
 def preset_schema() -> dict:
-    """The preset format as a JSON Schema (draft 2020-12), generated from the `Param` declarations.
+    """The preset format as a JSON Schema (draft 2020-12): pydantic's schema of `Preset`.
 
     It cannot express two rules that `parse_preset` also checks: numbers must be finite, and a
-    sampler's cross-parameter rules (its constructor's checks).
+    sampler's rules between its parameters (repetition_penalty's slope).
     """
-    registry = _registry()
-    defs = {}
-    for name in sorted(registry):
-        cls = registry[name]
-        doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
-        defs[f"sampler.{name}"] = {
-            "type": "object",
-            **({"description": doc} if doc else {}),
-            "properties": {"sampler": {"const": name},
-                           **{p.name: _param_schema(p) for p in cls.params}},
-            "required": ["sampler"],
-            "additionalProperties": False,
-        }
-    items = {"oneOf": [{"$ref": f"#/$defs/{key}"} for key in defs]} if defs else False
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://cfg-textgen.invalid/schema/cfg-textgen-preset-1.json",
-        "title": "cfg-textgen preset (format cfg-textgen-preset/1)",
-        "type": "object",
-        "properties": {
-            "format": {"const": FORMAT, "default": FORMAT},
-            "name": {"type": "string", "minLength": 1, "pattern": r"\S"},
-            "description": {"type": "string", "default": ""},
-            "cfg": {
-                "type": "object",
-                "properties": {
-                    "scale": {"type": "number", "default": 1.0,
-                              "description": "guidance scale in u + scale*(c - u); 1 = off"},
-                    "opposing_prompt": {"type": "string", "default": ""},
-                    "opposing_mode": {"enum": list(OPPOSING_MODES), "default": "text"},
-                },
-                "additionalProperties": False,
-                # last-token mode takes the opposing branch from the prompt: no opposing text
-                "if": {"properties": {"opposing_mode": {"const": "last-token"}},
-                       "required": ["opposing_mode"]},
-                "then": {"properties": {"opposing_prompt": {"const": ""}}},
-            },
-            "samplers": {"type": "array", "items": items, "default": []},
-            "max_new_tokens": {"type": "integer", "minimum": 1, "default": 200},
-            "stop": {"type": "array", "items": {"type": "string", "minLength": 1}, "default": []},
-            "do_sample": {"type": "boolean", "default": True},
-        },
-        "required": ["name"],
-        "additionalProperties": False,
-        "$defs": defs,
-    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://cfg-textgen.invalid/schema/cfg-textgen-preset-1.json", **_PRESET.json_schema(),
+            "description": "CFG settings, the samplers in order of application, length, stop sequences "
+                           "(docs/preset-format.md)"}
 
 
 # ---- from a preset to logits processors -----------------------------------------------------
@@ -593,12 +378,9 @@ def build_chain(preset: Preset, tokenizer=None, generator=None):
 
     registry = _registry()
     chain = SamplerChain()  # a LogitsProcessorList that runs single-threaded on the CPU
-    for i, spec in enumerate(preset.samplers):
-        if spec.name not in registry:
-            raise PresetError(f"preset {preset.name}: samplers[{i}]: unknown sampler {spec.name!r}; "
-                              f"valid samplers: {_choices(sorted(registry))}")
+    for spec in preset.samplers:
         cls = registry[spec.name]
-        params = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.params.items()}
+        params = dict(spec.params)
         try:  # a sampler that needs the tokenizer for these parameters says so (ValueError)
             if generator is not None and "generator" in inspect.signature(cls.from_params).parameters:
                 sampler = cls.from_params(params, tokenizer=tokenizer, generator=generator)

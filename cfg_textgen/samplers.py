@@ -2,8 +2,9 @@
 
 Every sampler is a `transformers.LogitsProcessor`: `__call__(input_ids, scores) -> new scores`,
 shapes (batch, seq) and (batch, vocab). Removed tokens are set to -inf, the input is never
-mutated, and at least `min_tokens_to_keep` tokens survive. Each class declares its preset
-parameters as `Param`s; presets.py validates JSON against them and builds the JSON Schema.
+mutated, and at least `min_tokens_to_keep` tokens survive. Each class takes its preset
+parameters from the settings model of its name (settings.py), which presets.py also builds the
+preset model and its JSON Schema from.
 
 Rows may already hold -inf entries (an earlier sampler removed them); every sampler treats those
 as probability 0 and never turns them back into finite values. `pick_token` makes the final choice
@@ -12,118 +13,49 @@ exactly as `model.generate` does.
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from .settings import SETTINGS, Int, Param, SamplerSettings, check, fields_of
 
 NEG_INF = float("-inf")
 LN2 = math.log(2.0)
 
 
-@dataclass(frozen=True)
-class Param:
-    """One preset parameter of a sampler: its JSON type, default and allowed range.
-
-    For `kind=list`, `item_kind` is the element type and `min`/`max` bound every element.
-    """
-
-    name: str
-    kind: type  # float, int, bool, str or list
-    default: Any
-    doc: str = ""
-    min: float | None = None
-    max: float | None = None
-    min_exclusive: bool = False
-    max_exclusive: bool = False
-    choices: tuple | None = None
-    item_kind: type | None = None  # element type when kind is list
-
-    def rule(self) -> str:
-        """The allowed values in words, e.g. 'a float in (0, 1]' or 'an integer >= 0'."""
-        noun = {float: "a float", int: "an integer", bool: "a boolean", str: "a string"}.get(self.kind)
-        if self.kind is list:
-            item = {int: "integers", str: "strings", float: "floats"}.get(self.item_kind, "values")
-            return f"a list of {item}{self._range_words()}"
-        if self.choices is not None:
-            return f"one of {', '.join(map(repr, self.choices))}"
-        if self.kind is float and self.min is None and self.max is None:
-            return "a finite float"
-        return f"{noun}{self._range_words()}"
-
-    def _range_words(self) -> str:
-        lo, hi = self.min, self.max
-        if lo is not None and hi is not None:
-            left = "(" if self.min_exclusive else "["
-            right = ")" if self.max_exclusive else "]"
-            return f" in {left}{_num(lo)}, {_num(hi)}{right}"
-        if lo is not None:
-            return f" {'>' if self.min_exclusive else '>='} {_num(lo)}"
-        if hi is not None:
-            return f" {'<' if self.max_exclusive else '<='} {_num(hi)}"
-        return ""
-
-    def check(self, value: Any) -> Any:
-        """Return `value` normalised (int -> float for floats, list -> tuple) or raise ValueError."""
-        bad = ValueError(f"`{self.name}` has to be {self.rule()}, but is {value!r}")
-        if self.kind is list:
-            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-                raise bad
-            item = Param(self.name, self.item_kind, None, min=self.min, max=self.max,
-                         min_exclusive=self.min_exclusive, max_exclusive=self.max_exclusive)
-            try:
-                return tuple(item.check(v) for v in value)
-            except ValueError:
-                raise bad from None
-        if self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad
-            value = float(value)
-        elif self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise bad
-        elif not isinstance(value, self.kind):
-            raise bad
-        if self.choices is not None and value not in self.choices:
-            raise bad
-        if self.min is not None and (value < self.min or (self.min_exclusive and value == self.min)):
-            raise bad
-        if self.max is not None and (value > self.max or (self.max_exclusive and value == self.max)):
-            raise bad
-        return value
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
 class Sampler(LogitsProcessor):
-    """Base class: a named LogitsProcessor whose constructor takes its `params` as keywords."""
+    """Base class: a named LogitsProcessor whose constructor takes its preset parameters as keywords
+    (or by position in declaration order, then `min_tokens_to_keep`), checked by its `Settings`
+    model (settings.py) and stored as attributes of the same names."""
 
     name: ClassVar[str]
-    params: ClassVar[tuple[Param, ...]] = ()
+    Settings: ClassVar[type[SamplerSettings]]  # set by `register`, from settings.SETTINGS
+    params: ClassVar[tuple[Param, ...]] = ()  # read-only views of the Settings fields
     needs_tokenizer: ClassVar[bool] = False  # e.g. DRY's sequence breakers are text
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any], tokenizer=None) -> "Sampler":
-        """Build from validated preset parameters (missing ones take their defaults)."""
-        kwargs = {p.name: params.get(p.name, p.default) for p in cls.params}
-        if cls.needs_tokenizer:
-            kwargs["tokenizer"] = tokenizer
-        return cls(**kwargs)
-
-    def _init_params(self, values: dict[str, Any], min_tokens_to_keep: int) -> None:
-        """Check every declared parameter (ValueError naming it) and store it as an attribute."""
+    def __init__(self, *args, **kwargs):
+        names = [p.name for p in self.params] + ["min_tokens_to_keep"]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes at most {len(names)} positional arguments")
+        for key, value in zip(names, args):
+            if key in kwargs:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {key!r}")
+            kwargs[key] = value
+        keep = check(_Keep, {"min_tokens_to_keep": kwargs.pop("min_tokens_to_keep", 1)})
+        settings = check(self.Settings, {**kwargs, "sampler": self.name})
         for p in self.params:
-            setattr(self, p.name, p.check(values[p.name]))
-        if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) \
-                or min_tokens_to_keep < 1:
-            raise ValueError(
-                f"`min_tokens_to_keep` has to be an integer >= 1, but is {min_tokens_to_keep!r}")
-        self.min_tokens_to_keep = min_tokens_to_keep
+            setattr(self, p.name, getattr(settings, p.name))
+        self.min_tokens_to_keep = keep.min_tokens_to_keep
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], tokenizer=None) -> "Sampler":
+        """Build from preset parameters (missing ones take their defaults)."""
+        return cls(**params, **({"tokenizer": tokenizer} if cls.needs_tokenizer else {}))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{p.name}={getattr(self, p.name)!r}" for p in self.params)
@@ -133,13 +65,27 @@ class Sampler(LogitsProcessor):
         raise NotImplementedError
 
 
+class _Keep(BaseModel):
+    min_tokens_to_keep: Int = Field(1, ge=1)
+
+
 SAMPLERS: dict[str, type[Sampler]] = {}
 
 
 def register(cls: type[Sampler]) -> type[Sampler]:
-    """Class decorator: add a sampler to the registry under its `name`."""
+    """Class decorator: add a sampler to the registry under its `name`, with the settings model of
+    that name; its signature and the Args of its docstring (help(), IDEs) list the model's fields."""
     if cls.name in SAMPLERS:
         raise ValueError(f"sampler name {cls.name!r} registered twice")
+    cls.Settings = SETTINGS[cls.name]
+    cls.params = tuple(v for k, v in fields_of(cls.Settings).items() if k != "sampler")
+    args = "".join(f"        {p.name} ({p.rule()}, defaults to {p.default!r}): {p.doc}.\n" for p in cls.params)
+    cls.__doc__ = cls.__doc__.replace("    Args:\n", "    Args:\n" + args, 1)  # the rest are not settings
+    P = inspect.Parameter
+    own = [q for q in inspect.signature(cls.__init__).parameters.values() if q.kind is P.KEYWORD_ONLY]
+    cls.__signature__ = inspect.Signature(
+        [P(p.name, P.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.kind) for p in cls.params]
+        + [P("min_tokens_to_keep", P.POSITIONAL_OR_KEYWORD, default=1, annotation=int)] + own)
     SAMPLERS[cls.name] = cls
     return cls
 
@@ -346,15 +292,10 @@ class Temperature(Sampler):
     Reference: Ackley, Hinton & Sejnowski 1985; transformers `TemperatureLogitsWarper`.
 
     Args:
-        temperature (`float`, > 0, defaults to 1.0): the divisor; 1 leaves the scores unchanged.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
     name = "temperature"
-    params = (Param("temperature", float, 1.0, "divide the logits by this", min=0, min_exclusive=True),)
-
-    def __init__(self, temperature: float = 1.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         return _divide(scores, self.temperature)
@@ -373,22 +314,10 @@ class DynamicTemperature(Sampler):
     (the same normalised entropy H / log(number of finite logits)).
 
     Args:
-        low (`float`, >= 0, defaults to 1.0): temperature at entropy 0.
-        high (`float`, >= 0, defaults to 1.0): temperature at maximal entropy (uniform over V).
-        exponent (`float`, > 0, defaults to 1.0): shape of the curve between them.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
     name = "dynamic_temperature"
-    params = (
-        Param("low", float, 1.0, "temperature of a certain (zero-entropy) row", min=0),
-        Param("high", float, 1.0, "temperature of a uniform row", min=0),
-        Param("exponent", float, 1.0, "curve from low to high", min=0, min_exclusive=True),
-    )
-
-    def __init__(self, low: float = 1.0, high: float = 1.0, exponent: float = 1.0,
-                 min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def temperatures(self, scores: torch.Tensor) -> torch.Tensor:
         """The per-row temperature T, shape (batch, 1)."""
@@ -418,15 +347,10 @@ class TopK(Sampler):
     Reference: Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation".
 
     Args:
-        k (`int`, >= 0, defaults to 0): how many tokens to keep; 0 keeps all.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): lower bound on k.
     """
 
     name = "top_k"
-    params = (Param("k", int, 0, "keep the k most likely tokens; 0 = off", min=0),)
-
-    def __init__(self, k: int = 0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         if self.k == 0:
@@ -446,15 +370,10 @@ class TopP(Sampler):
     Reference: Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration".
 
     Args:
-        p (`float`, in (0, 1], defaults to 1.0): probability mass to keep.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "top_p"
-    params = (Param("p", float, 1.0, "probability mass to keep", min=0, max=1, min_exclusive=True),)
-
-    def __init__(self, p: float = 1.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         if self.p == 1.0:
@@ -508,15 +427,10 @@ class Typical(Sampler):
     Reference: Meister, Pimentel, Wiher & Cotterell 2023, "Locally Typical Sampling" (TACL).
 
     Args:
-        p (`float`, in (0, 1], defaults to 1.0): probability mass to keep.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "typical"
-    params = (Param("p", float, 1.0, "probability mass to keep", min=0, max=1, min_exclusive=True),)
-
-    def __init__(self, p: float = 1.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         if self.p == 1.0:
@@ -573,15 +487,10 @@ class MinP(Sampler):
     LLM Outputs" (arXiv 2407.01082).
 
     Args:
-        p (`float`, in [0, 1], defaults to 0.0): relative threshold; 0 is off.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "min_p"
-    params = (Param("p", float, 0.0, "relative probability threshold", min=0, max=1),)
-
-    def __init__(self, p: float = 0.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         probs = scores.softmax(dim=-1)
@@ -603,15 +512,10 @@ class TopA(Sampler):
     Reference: BlinkDL's top-a (RWKV-LM); KoboldAI `TopALogitsWarper`.
 
     Args:
-        a (`float`, in [0, 1], defaults to 0.0): threshold factor; 0 is off.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "top_a"
-    params = (Param("a", float, 0.0, "keep p >= a * p_max^2", min=0, max=1),)
-
-    def __init__(self, a: float = 0.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         probs = scores.softmax(dim=-1)
@@ -641,15 +545,10 @@ class TailFree(Sampler):
     KoboldAI `TailFreeLogitsWarper`.
 
     Args:
-        z (`float`, in (0, 1], defaults to 1.0): share of the total curvature to keep.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "tfs"
-    params = (Param("z", float, 1.0, "curvature mass to keep", min=0, max=1, min_exclusive=True),)
-
-    def __init__(self, z: float = 1.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         vocab = scores.shape[-1]
@@ -704,16 +603,10 @@ class Epsilon(Sampler):
     Reference: Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model Desmoothing".
 
     Args:
-        epsilon (`float`, in [0, 1), defaults to 0.0): absolute probability cutoff.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "epsilon"
-    params = (Param("epsilon", float, 0.0, "absolute probability cutoff", min=0, max=1,
-                    max_exclusive=True),)
-
-    def __init__(self, epsilon: float = 0.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         if self.epsilon == 0.0:
@@ -735,15 +628,10 @@ class Eta(Sampler):
     Reference: Hewitt, Manning & Liang 2022, "Truncation Sampling as Language Model Desmoothing".
 
     Args:
-        eta (`float`, in [0, 1), defaults to 0.0): the cutoff scale.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "eta"
-    params = (Param("eta", float, 0.0, "entropy-dependent cutoff", min=0, max=1, max_exclusive=True),)
-
-    def __init__(self, eta: float = 0.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         if self.eta == 0.0:
@@ -768,15 +656,10 @@ class TopNSigma(Sampler):
     llama.cpp `top_n_sigma` (population σ over the finite candidates).
 
     Args:
-        n (`float`, >= 0, defaults to 0.0): width of the kept band in standard deviations.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that are never removed.
     """
 
     name = "top_n_sigma"
-    params = (Param("n", float, 0.0, "keep logits >= max - n * std", min=0),)
-
-    def __init__(self, n: float = 0.0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         if self.n == 0.0:
@@ -814,10 +697,6 @@ class XTC(Sampler):
     Reference: p-e-w, text-generation-webui PR #6335 "XTC: Exclude Top Choices".
 
     Args:
-        threshold (`float`, in [0, 1], defaults to 0.1): probability a token needs to be a candidate.
-        probability (`float`, in [0, 1], defaults to 0.0): chance per row and step to apply XTC.
-        protect_newline_eos (`bool`, defaults to True): leave a row alone when XTC would remove
-            its newline or EOS token (needs the tokenizer).
         min_tokens_to_keep (`int`, >= 1, defaults to 1): rows keeping fewer are left alone.
         generator (`torch.Generator`, optional): source of the random draws; global RNG if None.
         tokenizer: gives the newline and EOS ids (`encode(text, add_special_tokens=False)`,
@@ -826,15 +705,9 @@ class XTC(Sampler):
 
     name = "xtc"
     needs_tokenizer = True
-    params = (
-        Param("threshold", float, 0.1, "probability a top choice needs", min=0, max=1),
-        Param("probability", float, 0.0, "chance to apply per step", min=0, max=1),
-        Param("protect_newline_eos", bool, True, "leave the scores alone when newline or EOS would go"),
-    )
 
-    def __init__(self, threshold: float = 0.1, probability: float = 0.0, min_tokens_to_keep: int = 1,
-                 generator: torch.Generator | None = None, protect_newline_eos: bool = True, tokenizer=None):
-        self._init_params(locals(), min_tokens_to_keep)
+    def __init__(self, *args, generator: torch.Generator | None = None, tokenizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.generator = generator
         self.protected_ids: tuple[int, ...] = ()
         if self.probability > 0 and self.protect_newline_eos:
@@ -848,8 +721,7 @@ class XTC(Sampler):
 
     @classmethod
     def from_params(cls, params, tokenizer=None, generator=None):
-        kwargs = {p.name: params.get(p.name, p.default) for p in cls.params}
-        return cls(**kwargs, tokenizer=tokenizer, generator=generator)
+        return cls(**params, tokenizer=tokenizer, generator=generator)
 
     def __call__(self, input_ids, scores):
         if self.probability == 0.0:
@@ -909,39 +781,10 @@ class RepetitionPenalty(Sampler):
     OpenAI's presence and frequency penalties.
 
     Args:
-        penalty (`float`, > 0, defaults to 1.0): multiplicative penalty; < 1 rewards repeats.
-        range (`int`, >= 0, defaults to 0): window length in tokens; 0 = whole context.
-        slope (`float`, >= 0, defaults to 0.0): how the penalty fades for older tokens (see
-            `slope_mode`); 0 with "curve" is flat.
-        slope_mode (`str`, "curve" or "halves", defaults to "curve"): which app's slope rule.
-        presence (`float`, defaults to 0.0): subtracted once per present token.
-        frequency (`float`, defaults to 0.0): subtracted per occurrence.
-        whitelist (`list[int]`, defaults to []): token ids that are never penalised.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
     name = "repetition_penalty"
-    params = (
-        Param("penalty", float, 1.0, "multiplicative penalty (1 = off)", min=0, min_exclusive=True),
-        Param("range", int, 0, "window of recent tokens; 0 = whole context", min=0),
-        Param("slope", float, 0.0, "fade towards older tokens (see slope_mode)", min=0),
-        Param("slope_mode", str, "curve", "curve: KoboldAI United/NovelAI (0 = flat); "
-              "halves: KoboldCpp (1 = flat)", choices=("curve", "halves")),
-        Param("presence", float, 0.0, "subtracted once per present token"),
-        Param("frequency", float, 0.0, "subtracted per occurrence"),
-        Param("whitelist", list, (), "token ids never penalised", min=0, item_kind=int),
-    )
-
-    def __init__(self, penalty: float = 1.0, range: int = 0, slope: float = 0.0,  # noqa: A002
-                 presence: float = 0.0, frequency: float = 0.0, whitelist=(), min_tokens_to_keep: int = 1,
-                 slope_mode: str = "curve"):
-        self._init_params(locals(), min_tokens_to_keep)
-        if self.slope_mode == "curve" and self.slope != 0.0 and self.range == 0:
-            raise ValueError(f"`slope` needs `range` > 0 with slope_mode 'curve' (the curve is built over "
-                             f"the range, as in KoboldAI), but range is 0 and slope is {self.slope!r}")
-        if self.slope_mode == "halves" and not 0.0 < self.slope <= 1.0:
-            raise ValueError(f"`slope` has to be a float in (0, 1] with slope_mode 'halves' (1 = flat), "
-                             f"but is {self.slope!r}")
 
     @property
     def flat(self) -> bool:
@@ -1042,15 +885,10 @@ class NoRepeatNGram(Sampler):
     Summarization"; fairseq's `no_repeat_ngram_size`.
 
     Args:
-        size (`int`, >= 0, defaults to 0): n-gram length; 0 is off.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that always survive.
     """
 
     name = "no_repeat_ngram"
-    params = (Param("size", int, 0, "n-gram length that may not repeat; 0 = off", min=0),)
-
-    def __init__(self, size: int = 0, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         n, length = self.size, input_ids.shape[1]
@@ -1085,30 +923,15 @@ class DRY(Sampler):
     Reference: p-e-w, text-generation-webui PR #5677 "DRY: A modern repetition penalty".
 
     Args:
-        multiplier (`float`, >= 0, defaults to 0.0): penalty scale; 0 is off.
-        base (`float`, >= 1, defaults to 1.75): growth of the penalty per extra matched token.
-        allowed_length (`int`, >= 1, defaults to 2): longest repeat that goes unpenalised.
-        range (`int`, >= 0, defaults to 0): window of recent tokens; 0 = whole context.
-        sequence_breakers (`list[str]`): strings across which a repeat is not extended.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
         tokenizer: turns the breakers into token ids; needed when multiplier > 0.
     """
 
     name = "dry"
     needs_tokenizer = True
-    params = (
-        Param("multiplier", float, 0.0, "penalty scale; 0 = off", min=0),
-        Param("base", float, 1.75, "growth per extra repeated token", min=1),
-        Param("allowed_length", int, 2, "longest repeat without penalty", min=1),
-        Param("range", int, 0, "window of recent tokens; 0 = whole context", min=0),
-        Param("sequence_breakers", list, ("\n", ":", '"', "*"), "strings that end a repeat",
-              item_kind=str),
-    )
 
-    def __init__(self, multiplier: float = 0.0, base: float = 1.75, allowed_length: int = 2,
-                 range: int = 0, sequence_breakers=("\n", ":", '"', "*"),  # noqa: A002
-                 min_tokens_to_keep: int = 1, tokenizer=None):
-        self._init_params(locals(), min_tokens_to_keep)
+    def __init__(self, *args, tokenizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.breaker_ids: frozenset[int] = frozenset()
         if self.multiplier > 0 and self.sequence_breakers:
             if tokenizer is None:
@@ -1170,22 +993,10 @@ class Unified(Sampler):
     Reference: NovelAI "Unified Sampling" (linear / quad / conf), docs.novelai.net.
 
     Args:
-        linear (`float`, defaults to 1.0): inverse temperature.
-        quad (`float`, defaults to 0.0): quadratic term; > 0 pushes unlikely tokens down harder.
-        conf (`float`, defaults to 0.0): entropy-dependent part of the inverse temperature.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
     """
 
     name = "unified"
-    params = (
-        Param("linear", float, 1.0, "inverse temperature"),
-        Param("quad", float, 0.0, "quadratic term"),
-        Param("conf", float, 0.0, "entropy-dependent inverse temperature"),
-    )
-
-    def __init__(self, linear: float = 1.0, quad: float = 0.0, conf: float = 0.0,
-                 min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
 
     def __call__(self, input_ids, scores):
         # float64: l**2 of a float32 never overflows; H from the one entropy, in float64 too
@@ -1220,21 +1031,13 @@ class Mirostat(Sampler):
     Perplexity" (ICLR); llama.cpp `llama_sample_mirostat` / `_v2`.
 
     Args:
-        version (`int`, 1 or 2, defaults to 2): the algorithm.
-        tau (`float`, > 0, defaults to 5.0): target surprise in bits.
-        eta (`float`, > 0, defaults to 0.1): learning rate of mu.
         min_tokens_to_keep (`int`, >= 1, defaults to 1): tokens that always survive.
     """
 
     name = "mirostat"
-    params = (
-        Param("version", int, 2, "1 or 2", choices=(1, 2)),
-        Param("tau", float, 5.0, "target surprise (bits)", min=0, min_exclusive=True),
-        Param("eta", float, 0.1, "learning rate", min=0, min_exclusive=True),
-    )
 
-    def __init__(self, version: int = 2, tau: float = 5.0, eta: float = 0.1, min_tokens_to_keep: int = 1):
-        self._init_params(locals(), min_tokens_to_keep)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.mu: torch.Tensor | None = None  # (batch,) float64
         self._prev_ids: torch.Tensor | None = None
         self._prev_logp: torch.Tensor | None = None

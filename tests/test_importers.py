@@ -88,6 +88,24 @@ def test_import_preset_every_community_file_validates_and_reports_every_key(path
         assert key in text
 
 
+@pytest.fixture(scope="module")
+def schema_validator():
+    import jsonschema
+
+    from cfg_textgen.presets import preset_schema
+
+    return jsonschema.Draft202012Validator(preset_schema())
+
+
+@needs_community
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(COMMUNITY)))
+def test_preset_schema_accepts_every_imported_community_preset(path, schema_validator):
+    # `presets schema`, checked by the independent jsonschema package, against what the importers
+    # write: the JSON form must be valid JSON Schema-wise too, not only for parse_preset
+    preset, _ = import_preset(path)
+    assert [e.message for e in schema_validator.iter_errors(preset)] == []
+
+
 # ---- acceptance 2: expected presets, written from the source files ---------------------------
 
 EXPECTED = {

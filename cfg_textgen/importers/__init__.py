@@ -14,8 +14,9 @@ import copy
 from typing import Any
 
 from ..errors import PresetError
+from ..presets import Preset, parse_preset
 from . import kobold, novelai, sillytavern, textgen_webui
-from ._common import parse_text, read_source, validate
+from ._common import build, parse_text, read_source
 from .report import DROPPED, MAPPED, NEUTRAL, Report
 
 __all__ = ["import_preset", "import_bundle", "export_preset", "detect_format", "Report", "EXPORT_FORMATS",
@@ -60,7 +61,7 @@ def _load(path_or_text) -> tuple[Any, str, str | None]:
 def import_preset(path_or_text, name: str | None = None) -> tuple[dict, Report]:
     """Translate one foreign preset (a path, the file's text, or parsed data) into our preset dict.
 
-    Returns the preset dict (validated with presets.parse_preset) and the Report. For a KoboldAI
+    Returns the preset dict (the JSON form of a valid `Preset`) and the Report. For a KoboldAI
     bundle, `name` picks the entry; a bundle of one needs no name. Raises PresetError naming the
     source on any problem.
     """
@@ -86,7 +87,7 @@ def import_preset(path_or_text, name: str | None = None) -> tuple[dict, Report]:
             "textgen-webui": textgen_webui.import_yaml,
         }[fmt]
         preset, report = importer(data, source, name, stem)
-    validate(preset, source)
+    build(preset, source)
     return preset, report
 
 
@@ -99,7 +100,7 @@ def import_bundle(path_or_text) -> list[tuple[dict, Report]]:
     for i, entry in enumerate(data):
         preset, report = kobold.import_preset(entry, source, None, f"{stem or 'preset'}-{i}", prefix=f"[{i}].",
                                               fmt="KoboldAI United preset bundle")
-        validate(preset, source)
+        build(preset, source)
         out.append((preset, report))
     return out
 
@@ -108,15 +109,11 @@ def export_preset(preset, fmt: str) -> tuple[dict, Report]:
     """Write our preset (a Preset or its dict) out as `fmt`; keys with no equivalent are reported."""
     if fmt not in EXPORT_FORMATS:
         raise PresetError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    data = preset.to_dict() if hasattr(preset, "to_dict") else dict(preset)
-    name = data.get("name", "preset")
-    data = validate_dict(data, f"preset {name!r}")
-    report = Report(f"preset {name!r}", f"export to {fmt}")
+    if not isinstance(preset, Preset):
+        preset = dict(preset)
+        preset = parse_preset(preset, f"preset {preset.get('name', 'preset')!r}")
+    data = preset.to_dict()  # every sampler with all its parameters, the defaults from the model:
+    data["samplers"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in s} for s in preset.samplers]
+    report = Report(f"preset {data['name']!r}", f"export to {fmt}")
     out = (sillytavern.export if fmt == "sillytavern-textgen" else novelai.export)(data, report)
     return out, report
-
-
-def validate_dict(data: dict, source: str) -> dict:
-    """Validate and normalise (defaults filled in) when presets.py is available."""
-    checked = validate(data, source)
-    return checked.to_dict() if hasattr(checked, "to_dict") else data

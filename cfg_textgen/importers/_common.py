@@ -1,22 +1,28 @@
 """Shared parts of the importers: safe reading and parsing, typed access to source keys, and the
-builder that collects our preset dict and the report side by side."""
+builder that collects our preset dict and the report side by side and builds the preset model."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Strict, TypeAdapter, ValidationError
 
 from ..errors import PresetError
+from ..presets import parse_preset
+from ..settings import JSON, Bool, Float, Int, Param, Str, json_type
 from .report import Report
 
 FORMAT_TAG = "cfg-textgen-preset/1"
 MAX_BYTES = 1_000_000  # community presets are a few KB; refuse anything near this before reading it
 MAX_DEPTH = 32  # presets nest 3 levels deep at most
+# source values are read with the preset model's own strict types (settings.py), not a twin of them
+_READERS = {kind: (TypeAdapter(t), Param(kind.__name__, kind, None, words=words)) for kind, t, words in (
+    (float, Float, ""), (int, Int, "a whole number"), (str, Str, ""), (bool, Bool, ""),
+    (list, Annotated[list, Strict()], "a list"))}
 
 
 # ---- reading and parsing --------------------------------------------------------------------
@@ -140,7 +146,7 @@ class Builder:
 
     def __init__(self, source: str, fmt: str, data: dict, prefix: str = ""):
         if not isinstance(data, dict):
-            raise PresetError(f"{source}: {prefix.rstrip('.') or 'preset'} must be an object, got {_kind(data)}")
+            raise PresetError(f"{source}: {prefix.rstrip('.') or 'preset'} must be an object, got {json_type(data)}")
         self.source = source
         self.data = data
         self.prefix = prefix
@@ -159,43 +165,27 @@ class Builder:
     def has(self, key: str) -> bool:
         return key in self.data
 
-    def num(self, key: str, default: float | None = None, integer: bool = False):
+    def _read(self, key: str, kind: type, default):
+        """The value of `key` as `kind` (the preset model's strict types), else `default` when absent."""
         if key not in self.data:
             return default
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(key, f"must be a number, got {_kind(value)} {value!r}")
-        if not math.isfinite(value):
-            raise self.error(key, f"must be a finite number, got {value!r}")
-        if integer:
-            if value != int(value):
-                raise self.error(key, f"must be a whole number, got {value!r}")
-            return int(value)
-        return value
+        adapter, view = _READERS[kind]
+        try:
+            return adapter.validate_python(self.data[key], context=JSON)
+        except ValidationError as err:
+            raise self.error(key, view.problem(err.errors(include_url=False)[0])) from None
+
+    def num(self, key: str, default: float | None = None, integer: bool = False):
+        return self._read(key, int if integer else float, default)
 
     def string(self, key: str, default: str | None = None):
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if not isinstance(value, str):
-            raise self.error(key, f"must be a string, got {_kind(value)} {value!r}")
-        return value
+        return self._read(key, str, default)
 
     def boolean(self, key: str, default: bool | None = None):
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if not isinstance(value, bool):
-            raise self.error(key, f"must be true or false, got {_kind(value)} {value!r}")
-        return value
+        return self._read(key, bool, default)
 
     def list_(self, key: str, default: list | None = None):
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if not isinstance(value, list):
-            raise self.error(key, f"must be a list, got {_kind(value)} {value!r}")
-        return value
+        return self._read(key, list, default)
 
     # -- reporting (only keys that are present in the source)
     def mapped(self, key: str, detail: str) -> None:
@@ -241,10 +231,15 @@ class Builder:
         return preset
 
 
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
-    )
+def build(preset: dict, source: str):
+    """The `Preset` model of an importer's dict (the one validation it gets), errors naming the source.
+
+    Not done in `Builder.finish`: the server maps a validation error of a request's preset back to
+    the request key through the import report, so `import_request` returns the dict unchecked."""
+    try:
+        return parse_preset(preset, source)
+    except PresetError as err:
+        raise PresetError(f"{source}: the imported preset is invalid: {err}") from None
 
 
 # ---- small helpers shared by several formats ------------------------------------------------
@@ -301,15 +296,3 @@ def temperature_sampler(b: Builder, key: str) -> None:
     else:
         b.add({"sampler": "temperature", "temperature": value})
         b.mapped(key, "temperature.temperature")
-
-
-def validate(preset: dict, source: str):
-    """Validate with presets.parse_preset when that module exists (it is built in parallel)."""
-    try:
-        from ..presets import parse_preset
-    except ImportError:
-        return preset
-    try:
-        return parse_preset(preset, source)
-    except PresetError as err:
-        raise PresetError(f"{source}: the imported preset is invalid: {err}") from None

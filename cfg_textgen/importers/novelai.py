@@ -338,20 +338,20 @@ def export(preset: dict, report) -> dict:
             if i != 0:
                 report.note(f"{key}: NovelAI applies the repetition penalty before every sampler; its position "
                             "in our order is not carried.")
-            if s.get("whitelist"):
+            if s["whitelist"]:
                 report.dropped(f"{key}.whitelist", "token ids of our tokenizer mean other tokens in NovelAI's",
                                s["whitelist"])
             if rep_done:
                 report.dropped(key, "NovelAI has one repetition penalty; a second is not carried", name)
                 continue
-            halves = s.get("slope_mode", "curve") == "halves"
-            if halves and s.get("slope", 1.0) != 1.0:
+            halves = s["slope_mode"] == "halves"
+            if halves and s["slope"] != 1.0:
                 report.dropped(f"{key}.slope", "KoboldCpp's two-step slope (slope_mode halves); NovelAI's "
                                "slope is the curve over the range", s["slope"])
-            params.update(repetition_penalty=s.get("penalty", 1.0), repetition_penalty_range=s.get("range", 0),
-                          repetition_penalty_slope=0.0 if halves else s.get("slope", 0.0),
-                          repetition_penalty_frequency=s.get("frequency", 0.0),
-                          repetition_penalty_presence=s.get("presence", 0.0))
+            params.update(repetition_penalty=s["penalty"], repetition_penalty_range=s["range"],
+                          repetition_penalty_slope=0.0 if halves else s["slope"],
+                          repetition_penalty_frequency=s["frequency"],
+                          repetition_penalty_presence=s["presence"])
             rep_done = True
             report.mapped(key, "repetition_penalty, _range, _slope, _frequency, _presence", name)
             continue
@@ -363,23 +363,23 @@ def export(preset: dict, report) -> dict:
             report.dropped(key, f"NovelAI lists each sampler once; a second {name} is not carried", name)
             continue
         if name == "temperature":
-            params["temperature"] = s.get("temperature", 1.0)
+            params["temperature"] = s["temperature"]
         elif name == "top_k":
-            params["top_k"] = s.get("k", 0)
+            params["top_k"] = s["k"]
         elif name in ("top_p", "typical", "min_p"):
-            params[nid] = s.get("p", {"min_p": 0.0}.get(name, 1.0))
+            params[nid] = s["p"]
         elif name == "tfs":
-            params["tail_free_sampling"] = s.get("z", 1.0)
+            params["tail_free_sampling"] = s["z"]
         elif name == "top_a":
-            params["top_a"] = s.get("a", 0.0)
+            params["top_a"] = s["a"]
         elif name == "mirostat":
-            if s.get("version", 2) != 2:
+            if s["version"] != 2:
                 report.dropped(key, "NovelAI's Mirostat is version 2; a version-1 sampler is not carried", name)
                 continue
-            params["mirostat_tau"], params["mirostat_lr"] = s.get("tau", 5.0), s.get("eta", 0.1)
+            params["mirostat_tau"], params["mirostat_lr"] = s["tau"], s["eta"]
         elif name == "unified":
-            params["math1_temp"], params["math1_quad"] = s.get("linear", 1.0), s.get("quad", 0.0)
-            params["math1_quad_entropy_scale"] = s.get("conf", 0.0)
+            params["math1_temp"], params["math1_quad"] = s["linear"], s["quad"]
+            params["math1_quad_entropy_scale"] = s["conf"]
         enabled.append(nid)
         report.mapped(key, f"order id {nid} (enabled)", name)
     rest = [sid for sid in ORDER_IDS if sid not in enabled]

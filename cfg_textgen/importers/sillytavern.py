@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from ._common import Builder
-from .textgen_webui import DEFAULT_PRIORITY, ooba_chain
+from .textgen_webui import DEFAULT_PRIORITY, DRY_BREAKERS, ooba_chain
 
 # SillyTavern key -> text-generation-webui name
 KEYS = {
@@ -116,7 +116,7 @@ def export(preset: dict, report) -> dict:
         "encoder_rep_pen": 1, "freq_pen": 0, "presence_pen": 0, "do_sample": preset.get("do_sample", True),
         "early_stopping": False, "dynatemp": False, "min_temp": 1, "max_temp": 1, "dynatemp_exponent": 1,
         "smoothing_factor": 0, "smoothing_curve": 1, "dry_allowed_length": 2, "dry_multiplier": 0,
-        "dry_base": 1.75, "dry_sequence_breakers": json.dumps(["\n", ":", "\"", "*"]), "dry_penalty_last_n": 0,
+        "dry_base": 1.75, "dry_sequence_breakers": json.dumps(DRY_BREAKERS), "dry_penalty_last_n": 0,
         "mirostat_mode": 0, "mirostat_tau": 5, "mirostat_eta": 0.1, "guidance_scale": 1, "negative_prompt": "",
         "xtc_threshold": 0.1, "xtc_probability": 0,
     }
@@ -141,57 +141,57 @@ def export(preset: dict, report) -> dict:
             continue
         seen.add(name)
         if name == "repetition_penalty":
-            out.update(rep_pen=s.get("penalty", 1.0), rep_pen_range=s.get("range", 0),
-                       presence_pen=s.get("presence", 0.0), freq_pen=s.get("frequency", 0.0))
-            if s.get("slope") and not (s.get("slope_mode") == "halves" and s["slope"] == 1.0):
+            out.update(rep_pen=s["penalty"], rep_pen_range=s["range"],
+                       presence_pen=s["presence"], freq_pen=s["frequency"])
+            if s["slope"] and not (s["slope_mode"] == "halves" and s["slope"] == 1.0):
                 report.dropped(f"{key}.slope", "text-generation-webui has no repetition-penalty slope", s["slope"])
-            if s.get("whitelist"):
+            if s["whitelist"]:
                 report.dropped(f"{key}.whitelist", "SillyTavern has no repetition-penalty whitelist", s["whitelist"])
             report.mapped(key, "rep_pen, rep_pen_range, presence_pen, freq_pen", name)
             continue
         if name == "dry":
-            out.update(dry_multiplier=s.get("multiplier", 0.0), dry_base=s.get("base", 1.75),
-                       dry_allowed_length=s.get("allowed_length", 2), dry_penalty_last_n=s.get("range", 0),
-                       dry_sequence_breakers=json.dumps(s.get("sequence_breakers", ["\n", ":", "\"", "*"])))
+            out.update(dry_multiplier=s["multiplier"], dry_base=s["base"],
+                       dry_allowed_length=s["allowed_length"], dry_penalty_last_n=s["range"],
+                       dry_sequence_breakers=json.dumps(s["sequence_breakers"]))
             report.mapped(key, "dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, "
                                "dry_sequence_breakers", name)
             continue
         if name == "no_repeat_ngram":
-            out["no_repeat_ngram_size"] = s.get("size", 0)
+            out["no_repeat_ngram_size"] = s["size"]
             report.mapped(key, "no_repeat_ngram_size", name)
             continue
         if name == "xtc":
-            out.update(xtc_threshold=s.get("threshold", 0.1), xtc_probability=s.get("probability", 0.0))
+            out.update(xtc_threshold=s["threshold"], xtc_probability=s["probability"])
             report.mapped(key, "xtc_threshold, xtc_probability (runs after the other samplers)", name)
             if i != len(samplers) - 1:
                 report.note(f"{key}: XTC runs after every other sampler in text-generation-webui.")
             continue
         if name == "top_n_sigma":
-            out["nsigma"] = s.get("n", 0.0)
+            out["nsigma"] = s["n"]
             report.mapped(key, "nsigma (runs after the other samplers)", name)
             continue
         if name not in _PRIORITY_NAME:
             report.dropped(key, f"SillyTavern has no {name} sampler", name)
             continue
         if name == "temperature":
-            out["temp"] = s.get("temperature", 1.0)
+            out["temp"] = s["temperature"]
         elif name == "dynamic_temperature":
-            out.update(dynatemp=True, min_temp=s.get("low", 1.0), max_temp=s.get("high", 1.0),
-                       dynatemp_exponent=s.get("exponent", 1.0))
+            out.update(dynatemp=True, min_temp=s["low"], max_temp=s["high"],
+                       dynatemp_exponent=s["exponent"])
         elif name == "top_k":
-            out["top_k"] = s.get("k", 0)
+            out["top_k"] = s["k"]
         elif name in ("top_p", "typical"):
-            out[_PRIORITY_NAME[name]] = s.get("p", 1.0)
+            out[_PRIORITY_NAME[name]] = s["p"]
         elif name == "min_p":
-            out["min_p"] = s.get("p", 0.0)
+            out["min_p"] = s["p"]
         elif name in ("epsilon", "eta"):
-            out[f"{name}_cutoff"] = round(s.get(name, 0.0) * 1e4, 8)
+            out[f"{name}_cutoff"] = round(s[name] * 1e4, 8)
         elif name == "tfs":
-            out["tfs"] = s.get("z", 1.0)
+            out["tfs"] = s["z"]
         elif name == "top_a":
-            out["top_a"] = s.get("a", 0.0)
+            out["top_a"] = s["a"]
         elif name == "mirostat":
-            out.update(mirostat_mode=s.get("version", 2), mirostat_tau=s.get("tau", 5.0), mirostat_eta=s.get("eta", 0.1))
+            out.update(mirostat_mode=s["version"], mirostat_tau=s["tau"], mirostat_eta=s["eta"])
         priority.append(_PRIORITY_NAME[name])
         report.mapped(key, f"{_PRIORITY_NAME[name]} (sampler_priority position {len(priority)})", name)
     if "temperature" in seen and "dynamic_temperature" in seen:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+from ..settings import DRY_BREAKERS as DEFAULT_BREAKERS
 from ._common import (Builder, fmt_num, repetition_penalty_entry, simple_sampler, temperature_sampler,
                       top_p_sampler)
 
@@ -353,7 +354,7 @@ def _dry(b: Builder, get, rep, src) -> None:
             "and has no DRY range of its own (a KoboldCpp / llama.cpp setting)")
 
 
-DRY_BREAKERS = ["\n", ":", "\"", "*"]
+DRY_BREAKERS = list(DEFAULT_BREAKERS)  # the sampler's default, as the list a source file holds
 
 
 def _breakers(b: Builder, key: str) -> list[str]:
