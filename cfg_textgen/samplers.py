@@ -150,10 +150,14 @@ def row_entropy(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k highest scores of every row (ties broken by torch.topk)."""
+    """Boolean mask of the k highest scores of every row. For k = 1 (every sampler's default
+    `min_tokens_to_keep`) a tie goes to the lowest index, as `argmax` and greedy decoding pick it;
+    torch.topk picks among equal scores by its own algorithm (seen: the last of three tied -0.0).
+    Wider ties are broken by torch.topk."""
     k = min(k, scores.shape[-1])
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter(-1, torch.topk(scores, k, dim=-1).indices, True)
+    best = scores.argmax(dim=-1, keepdim=True) if k == 1 else torch.topk(scores, k, dim=-1).indices
+    return mask.scatter(-1, best, True)
 
 
 def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -548,6 +548,15 @@ def test_no_repeat_ngram_keeps_best_token_when_everything_is_banned():
     assert kept(out) == [1, 2]
 
 
+def test_no_repeat_ngram_keeps_the_first_of_tied_best_tokens_when_everything_is_banned():
+    """Hypothesis found this row against transformers' argmax convention: three tied -0.0 scores,
+    every token banned; torch.topk kept the third, argmax (and greedy decoding) picks the first."""
+    ids = torch.tensor([[5, 0, 5, 1, 5, 2, 5]])
+    scores = torch.tensor([[-0.0, -0.0, -0.0, -INF, -INF, -INF]])
+    out = SAMPLERS["no_repeat_ngram"](size=2)(ids, scores)
+    assert kept(out) == [0]
+
+
 def test_pick_token_greedy_is_argmax():
     scores = torch.tensor([[0.1, 3.0, -INF], [5.0, 1.0, 2.0]])
     assert pick_token(scores, do_sample=False).tolist() == [1, 0]
