@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, StrictBool, StrictInt, StrictStr,
+from pydantic import (AfterValidator, BaseModel, Field, StrictBool, StrictInt, StrictStr,
                       ValidationError, ValidationInfo, WrapValidator)
 from pydantic_core import PydanticCustomError
 
+from .. import settings
 from .errors import APIError, bad
 
 _RULE = "request_rule"  # the pydantic error type of a broken rule, whose message is the rule
@@ -27,10 +28,6 @@ def _rule(words: str) -> WrapValidator:
         except ValidationError:
             raise PydanticCustomError(_RULE, words) from None
     return WrapValidator(check)
-
-
-def _integral(value):
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _in_vocabulary(value, info: ValidationInfo):
@@ -51,7 +48,7 @@ def _one_prompt(value):
     return value
 
 
-Int = Annotated[StrictInt, BeforeValidator(_integral), _rule("must be an integer")]
+Int = Annotated[settings.Int, _rule("must be an integer")]  # the presets' JSON integer rule (5.0 is 5)
 Count = Annotated[Int, Field(ge=1)]
 Flag = Annotated[StrictBool, _rule("must be true or false")]
 Text = Annotated[StrictStr, _rule("must be a string")]
@@ -74,7 +71,7 @@ Body = TypeVar("Body", bound=BaseModel)
 def read(model: type[Body], body: dict, **context) -> Body:
     """`body` as a `model`, or its first error as the 400 today's clients know."""
     try:
-        return model.model_validate(body, context=context)
+        return model.model_validate(body, context={**settings.JSON, **context})
     except ValidationError as err:
         raise _api_error(err.errors()[0], model, body) from None
 
