@@ -29,9 +29,9 @@ Computed here in float64 from llama.cpp's float32 logits.
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 import os
 import importlib.util
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -346,3 +346,36 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---- shared by the llama.cpp test files ---------------------------------------------------------
+
+
+@contextmanager
+def exact_pair(threads: int):
+    """(our LlamaCppBackend, LlamaRef), both with micro-batches of 32 tokens: the same kernels on
+    both sides, so their logits can be compared exactly. Both are closed on the way out."""
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(default_gguf(), n_threads=threads, n_ubatch=32)
+    ref = LlamaRef(n_threads=threads, n_ubatch=32)
+    try:
+        yield backend, ref
+    finally:
+        backend.close()
+        ref.close()
+
+
+# Python source to run first in a subprocess that must behave as if llama-cpp-python were not
+# installed: its import fails and importlib.util.find_spec does not see it.
+WITHOUT_LLAMA_CPP = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "llama_cpp" or name.startswith("llama_cpp."):
+            raise ModuleNotFoundError("No module named 'llama_cpp'")
+sys.meta_path.insert(0, _Block())
+import importlib.util
+_real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "llama_cpp" else _real(name, *a)
+"""

@@ -34,7 +34,8 @@ import pytest
 from click.testing import CliRunner
 
 from cfg_textgen import analysis as A
-from llamacpp_reference import LlamaRef, brute_force_cfg, default_gguf, have_llama_cpp, log_softmax64
+from llamacpp_reference import (WITHOUT_LLAMA_CPP, brute_force_cfg, default_gguf, exact_pair,
+                               have_llama_cpp, log_softmax64)
 from test_lambada_rule import HANDWRITTEN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,13 +63,8 @@ def _examples():
 @pytest.fixture(scope="module")
 def exact():
     """Our backend and the reference, both with micro-batches of 32 tokens (same kernels)."""
-    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
-
-    ref = LlamaRef(n_threads=THREADS, n_ubatch=32)
-    backend = LlamaCppBackend(default_gguf(), n_threads=THREADS, n_ubatch=32)
-    yield backend, ref
-    backend.close()
-    ref.close()
+    with exact_pair(THREADS) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -280,16 +276,7 @@ def test_cli_backend_flag_picks_the_backend(tmp_path, command):
             assert re.search(r"^1\.5 +\d/4 ", out, flags=re.M)
 
 
-_BLOCK = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "llama_cpp" or name.startswith("llama_cpp."):
-            raise ModuleNotFoundError("No module named 'llama_cpp'")
-sys.meta_path.insert(0, _Block())
-import importlib.util
-_real = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a: None if name == "llama_cpp" else _real(name, *a)
+_BLOCK = WITHOUT_LLAMA_CPP + """
 from cfg_textgen.cli import main
 sys.argv = ["cfg-textgen"] + sys.argv[1:]
 main()

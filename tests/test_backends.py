@@ -7,11 +7,8 @@ llama_decode. The brute-force CFG reference and the transformers-vs-llama.cpp ag
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 
 from cfg_textgen.engine import Request, Scheduler, generate_stream
 from cfg_textgen.presets import load_preset
+from llamacpp_reference import WITHOUT_LLAMA_CPP
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -341,17 +339,7 @@ def test_scheduler_ban_eos_never_ends_on_eos(backend):
 
 # ---- without llama-cpp-python ----------------------------------------------------------------
 
-_BLOCK = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "llama_cpp" or name.startswith("llama_cpp."):
-            raise ModuleNotFoundError("No module named 'llama_cpp'")
-sys.meta_path.insert(0, _Block())
-import importlib.util
-_real = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a: None if name == "llama_cpp" else _real(name, *a)
-"""
+_BLOCK = WITHOUT_LLAMA_CPP
 
 
 def _without_llama(code: str) -> subprocess.CompletedProcess:

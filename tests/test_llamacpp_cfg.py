@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llamacpp_reference import (LlamaRef, brute_force_cfg, default_gguf, first_difference,
+from llamacpp_reference import (LlamaRef, exact_pair, brute_force_cfg, default_gguf, first_difference,
                                 have_llama_cpp, log_softmax64)
 
 pytestmark = [pytest.mark.slow,
@@ -84,13 +84,8 @@ class Record:
 @pytest.fixture(scope="module")
 def exact():
     """Our backend and the reference, both with micro-batches of 32 tokens (same kernels)."""
-    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
-
-    ref = LlamaRef(n_threads=THREADS, n_ubatch=32)
-    backend = LlamaCppBackend(default_gguf(), n_threads=THREADS, n_ubatch=32)
-    yield backend, ref
-    backend.close()
-    ref.close()
+    with exact_pair(THREADS) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
