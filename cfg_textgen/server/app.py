@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import CFGTextgenError
-from . import kobold, webui
+from . import kobold, logprobs, webui
 from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite
 
@@ -88,7 +88,8 @@ def submit(service, length_field: str, prompt, preset, seed, **kw):
 
 
 async def pieces_of(jobs):
-    """(index, piece) as the jobs produce text; (index, None) when job `index` has ended."""
+    """(index, piece, tokens so far) as the jobs produce text; (index, None, None) when job
+    `index` has ended."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -98,18 +99,18 @@ async def pieces_of(jobs):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
-        for piece in job.pieces():
-            put((i, piece))
+        for piece, upto in job.pieces_with_tokens():
+            put((i, piece, upto))
         job.wait()
-        put((i, None))
+        put((i, None, None))
 
     for i, job in enumerate(jobs):
         threading.Thread(target=pump, args=(i, job), daemon=True, name="cfg-textgen-pump").start()
     left = len(jobs)
     while left:
-        i, piece = await queue.get()
+        i, piece, upto = await queue.get()
         left -= piece is None
-        yield i, piece
+        yield i, piece, upto
 
 
 async def wait_or_cancel(request: Request, jobs) -> bool:
@@ -168,7 +169,7 @@ async def completions(request: Request):
         for i in range(c.n):
             jobs.append(submit(service, c.length_field, c.prompt, preset,
                                None if c.seed is None else (c.seed + i) % 2**64, ban_eos=c.ban_eos_token,
-                               truncate=c.truncate, api=WEBUI))
+                               truncate=c.truncate, api=WEBUI, logprobs=c.logprobs))
     except BaseException:
         for job in jobs:
             job.cancel()
@@ -176,30 +177,43 @@ async def completions(request: Request):
     prompt_tokens = len(service.tokenize(c.prompt)) if isinstance(c.prompt, str) else len(c.prompt)
     echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
     cid, model = webui.new_id(), service.model_name
+    text_of = service.token_text if c.logprobs is not None else None
     if not c.stream:
         if not await wait_or_cancel(request, jobs):
             return JSONResponse({})  # the client is gone; nobody reads this
         failed = next((j for j in jobs if j.stop_reason == "error"), None)
         if failed is not None:
             raise _error_of(failed)
-        return JSONResponse(webui.completion_response(cid, model, jobs, prompt_tokens, echo))
+        return JSONResponse(webui.completion_response(cid, model, jobs, prompt_tokens, echo, text_of))
 
     async def events():
+        # per choice: tokens whose log-probs were sent, and where the next token's text starts
+        sent, offset = [0] * len(jobs), [len(echo)] * len(jobs)
+
+        def token_logprobs(i: int, upto: int | None) -> dict | None:
+            if text_of is None:
+                return None
+            entries = logprobs.shown(jobs[i], upto)[sent[i]:]
+            out = logprobs.openai(entries, text_of, offset[i])
+            sent[i] += len(entries)
+            offset[i] += sum(map(len, out["tokens"]))
+            return out
+
         try:
             if echo:
                 for i in range(len(jobs)):
                     yield _sse(webui.chunk(cid, model, i, echo))
             ended = 0
-            async for i, piece in pieces_of(jobs):
+            async for i, piece, upto in pieces_of(jobs):
                 if piece is not None:
-                    yield _sse(webui.chunk(cid, model, i, piece))
+                    yield _sse(webui.chunk(cid, model, i, piece, token_logprobs=token_logprobs(i, upto)))
                     continue
                 ended += 1
                 job = jobs[i]
                 if job.stop_reason == "error":
                     yield _sse(error_body(WEBUI, _error_of(job)))
                     continue
-                last = webui.chunk(cid, model, i, "", webui.finish_reason(job))
+                last = webui.chunk(cid, model, i, "", webui.finish_reason(job), token_logprobs(i, None))
                 if ended == len(jobs):
                     last["usage"] = webui.usage(jobs, prompt_tokens)
                 yield _sse(last)
@@ -266,7 +280,8 @@ def _kobold_job(request: Request, body: dict):
     service = request.app.state.service
     g, preset = kobold.parse_generate(body, service)
     job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
-                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
+                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey,
+                 logprobs=logprobs.KOBOLD_TOP if g.logprobs else None)
     prompt_tokens = len(service.tokenize(g.prompt)) if isinstance(g.prompt, str) else len(g.prompt)
     return job, prompt_tokens
 
@@ -277,7 +292,7 @@ async def kobold_generate(request: Request):
         return JSONResponse({})
     if job.stop_reason == "error":
         raise _error_of(job)
-    return JSONResponse(kobold.generate_response(job, prompt_tokens))
+    return JSONResponse(kobold.generate_response(job, prompt_tokens, request.app.state.service))
 
 
 async def kobold_stream(request: Request):
@@ -285,7 +300,7 @@ async def kobold_stream(request: Request):
 
     async def events():
         try:
-            async for _, piece in pieces_of([job]):
+            async for _, piece, _ in pieces_of([job]):
                 if piece is not None:
                     yield _kobold_event({"token": piece, "finish_reason": None})
                 elif job.stop_reason == "error":
@@ -316,11 +331,34 @@ async def kobold_tokencount(request: Request):
 
 
 async def kobold_perf(request: Request):
-    # KoboldCpp's status route (Kobold Lite polls it): `idle` 1 when nothing runs, `queue` waiting
+    return JSONResponse(kobold.perf_response(request.app.state.service))
+
+
+async def _genkey(request: Request) -> str | None:
+    """The `genkey` of a poll: KoboldCpp takes it from a JSON body (POST); GET has none."""
+    if request.method == "GET" or not int(request.headers.get("content-length") or 0):
+        return None
+    return read(kobold.AbortBody, await read_json(request)).genkey
+
+
+async def kobold_check(request: Request):
+    # poll mode: the text so far of the generation named by genkey (kept after it ends or aborts)
+    job = request.app.state.service.kobold_job(await _genkey(request))
+    return JSONResponse({"results": [{"text": job.text if job is not None else ""}]})
+
+
+async def kobold_last_logprobs(request: Request):
     service = request.app.state.service
-    running = service.running()
-    return JSONResponse({"total_gens": getattr(service, "total", 0), "queue": max(0, running - 1),
-                         "idle": int(running == 0), "backend": service.backend_name})
+    job = service.kobold_job(await _genkey(request))
+    return JSONResponse({"logprobs": kobold.logprobs_of(job, service) if job is not None and job.done else None})
+
+
+async def kobold_preloadstory(request: Request):
+    return JSONResponse({})  # KoboldCpp without --preloadstory: no story to hand out
+
+
+async def sd_models(request: Request):
+    return JSONResponse([])  # KoboldCpp without an image model: Lite hides image generation
 
 
 async def kobold_model(request: Request):
@@ -402,6 +440,9 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
         Route("/api/extra/abort", kobold_abort, methods=["POST"]),
         Route("/api/extra/tokencount", kobold_tokencount, methods=["POST"]),
         Route("/api/extra/perf", kobold_perf),
+        Route("/api/extra/generate/check", kobold_check, methods=["GET", "POST"]),
+        Route("/api/extra/last_logprobs", kobold_last_logprobs, methods=["GET", "POST"]),
+        Route("/api/extra/preloadstory", kobold_preloadstory), Route("/sdapi/v1/sd-models", sd_models),
     ]
     middleware = []
     if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from . import logprobs
 from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
@@ -22,6 +23,7 @@ NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bi
                       "n", "presence_penalty", "stop", "stream", "suffix", "temperature", "top_p", "user", "seed"})
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
+MAX_LOGPROBS = 100  # alternatives per token (SillyTavern asks for 10)
 
 
 class CompletionBody(BaseModel):
@@ -44,6 +46,7 @@ class CompletionBody(BaseModel):
     truncation_length: Annotated[Int, Field(ge=0)] = None
     add_bos_token: Flag = True
     preset: Text = None
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] = None  # OpenAI's: n alternatives per token
 
     @property
     def length_field(self) -> str:
@@ -82,11 +85,14 @@ def new_id() -> str:
     return "cmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "") -> dict:
+def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "",
+                        text_of=None) -> dict:
+    """`text_of` (token id -> its text) when the request asked for logprobs."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": finish_reason(job),
-                         "logprobs": None} for i, job in enumerate(jobs)],
+                         "logprobs": logprobs.openai(logprobs.shown(job), text_of, len(echo_text))
+                         if text_of else None} for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}
 
 
@@ -96,10 +102,12 @@ def usage(jobs, prompt_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
-def chunk(cid: str, model: str, index: int, text: str, reason: str | None = None) -> dict:
+def chunk(cid: str, model: str, index: int, text: str, reason: str | None = None,
+          token_logprobs: dict | None = None) -> dict:
+    """One streamed piece; `token_logprobs` (logprobs.openai) covers the tokens that made it."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": token_logprobs}]}
 
 
 def models_response(service) -> dict:
