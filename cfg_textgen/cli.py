@@ -444,7 +444,15 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
               help="Allow browser pages from ORIGIN (repeatable; e.g. Kobold Lite's). Default: CORS off.")
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests decoded together (batched scheduler).")
-def serve(model_spec, backend, host, port, api_key, cors_origins, parallel):
+@click.option("--preset", "preset_name", metavar="NAME|FILE", default=None,
+              help="Default CFG and samplers for requests that do not set them (a request's own "
+                   "fields win; one that sends no sampler field gets this preset's samplers).")
+@click.option("--cfg-scale", type=float, callback=_check_scale, metavar="X", default=None,
+              help="Default CFG scale for requests without `guidance_scale` (wins over --preset's).")
+@click.option("--opposing", metavar="TEXT", default=None,
+              help="Default opposing prompt for requests without `negative_prompt` (wins over "
+                   "--preset's; \"\" = a blank story).")
+def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, preset_name, cfg_scale, opposing):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -460,9 +468,12 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel):
     except ImportError as err:
         raise click.ClickException(f"serving needs the server extra: pip install 'cfg-textgen[server]' ({err})")
     from .server import serve as run
+    from .server.defaults import ServerDefaults
 
+    preset = _load_preset_or_bad(preset_name, "'--preset'") if preset_name is not None else None
+    defaults = ServerDefaults(preset, cfg_scale, opposing)
     sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
-                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say))
+                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, defaults=defaults))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

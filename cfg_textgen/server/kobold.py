@@ -47,7 +47,7 @@ def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
     if g.max_length >= service.n_ctx:
         raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
-    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
+    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence, defaults=service.defaults)
     g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
     return g, preset
 

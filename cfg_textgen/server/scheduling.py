@@ -15,15 +15,17 @@ from pathlib import Path
 
 from ..context import fit_context
 from ..engine import Request, Scheduler
+from .defaults import ServerDefaults
 
 
 class Service:
     """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
     def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
-                 log=print):
+                 log=print, defaults: ServerDefaults = ServerDefaults()):
         from ..models import DEFAULT_NAME
 
+        self.defaults = defaults  # serve --preset / --cfg-scale / --opposing (defaults.py)
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
         self.backend = _load_backend(model_spec, backend, parallel, log)

@@ -22,11 +22,17 @@ def flavour_of_completion(body: dict) -> str:
     return WEBUI_FLAVOUR
 
 
+# a request's sampler fields, per flavour: sending any of them means "my samplers, not the server's"
+SAMPLER_KEYS = {WEBUI_FLAVOUR: textgen_webui.PRESET_KEYS - {"guidance_scale", "negative_prompt"},
+                KOBOLD_FLAVOUR: kobold.REQUEST_KEYS - {"max_length", "stop_sequence"}}
+
+
 def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
-                 preset_name: str | None = None, renames: dict[str, str] | None = None):
-    """The Preset for a request: samplers and CFG from the flavour's importer (or from a built-in
-    preset named by the web UI's `preset` field, whose sampler settings win as in the web UI),
-    length and stop strings from the envelope (already checked by the caller)."""
+                 preset_name: str | None = None, renames: dict[str, str] | None = None, defaults=None):
+    """The Preset for a request: samplers and CFG from the flavour's importer, the server's
+    defaults where the request is silent (defaults.py), or a built-in preset named by the web UI's
+    `preset` field (whose sampler settings win, as in the web UI); length and stop strings from
+    the envelope (already checked by the caller)."""
     try:
         if flavour == KOBOLD_FLAVOUR:
             view = {k: v for k, v in body.items() if k not in ("max_length", "stop_sequence")}
@@ -35,6 +41,8 @@ def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
             data, report = textgen_webui.import_request(body)
     except PresetError as err:
         raise from_preset_error(err, None, None, renames) from None
+    if defaults is not None:
+        data = defaults.apply(data, body, "guidance_scale", "negative_prompt", SAMPLER_KEYS[flavour])
     if preset_name is not None:
         if preset_name not in builtin_names():
             raise APIError(400, f"`preset`: no built-in preset named {preset_name!r}; known: "

@@ -68,7 +68,7 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
     preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames, service.defaults)
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
 
