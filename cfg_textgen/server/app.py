@@ -444,6 +444,9 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
         Route("/api/extra/last_logprobs", kobold_last_logprobs, methods=["GET", "POST"]),
         Route("/api/extra/preloadstory", kobold_preloadstory), Route("/sdapi/v1/sd-models", sd_models),
     ]
+    from .llamacpp_routes import ROUTES as LLAMACPP_AND_TABBY  # they use this module's helpers
+
+    routes += LLAMACPP_AND_TABBY
     middleware = []
     if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],

@@ -4,11 +4,11 @@ preset files (importers/textgen_webui.py, importers/kobold.py): import and API c
 from __future__ import annotations
 
 from ..errors import PresetError
-from ..importers import kobold, textgen_webui
+from ..importers import kobold, llamacpp_server, textgen_webui
 from ..presets import builtin_names, load_preset, parse_preset
 from .errors import APIError, from_preset_error
 
-WEBUI_FLAVOUR, KOBOLD_FLAVOUR = "webui", "kobold"
+WEBUI_FLAVOUR, KOBOLD_FLAVOUR, LLAMACPP_FLAVOUR = "webui", "kobold", "llama.cpp"
 
 
 def flavour_of_completion(body: dict) -> str:
@@ -24,7 +24,8 @@ def flavour_of_completion(body: dict) -> str:
 
 # a request's sampler fields, per flavour: sending any of them means "my samplers, not the server's"
 SAMPLER_KEYS = {WEBUI_FLAVOUR: textgen_webui.PRESET_KEYS - {"guidance_scale", "negative_prompt"},
-                KOBOLD_FLAVOUR: kobold.REQUEST_KEYS - {"max_length", "stop_sequence"}}
+                KOBOLD_FLAVOUR: kobold.REQUEST_KEYS - {"max_length", "stop_sequence"},
+                LLAMACPP_FLAVOUR: llamacpp_server.REQUEST_KEYS - {"guidance_scale", "negative_prompt"}}
 
 
 def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
@@ -37,6 +38,8 @@ def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
         if flavour == KOBOLD_FLAVOUR:
             view = {k: v for k, v in body.items() if k not in ("max_length", "stop_sequence")}
             data, report = kobold.import_request(view)
+        elif flavour == LLAMACPP_FLAVOUR:
+            data, report = llamacpp_server.import_request(body)
         else:
             data, report = textgen_webui.import_request(body)
     except PresetError as err:
