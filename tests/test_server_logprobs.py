@@ -164,3 +164,24 @@ def test_logprobs_kobold_result_and_last_logprobs_have_koboldcpp_shape(server):
     assert post(server, "/api/extra/last_logprobs", {"genkey": "someone-else"}).json() == {"logprobs": None}
     plain = post(server, "/api/v1/generate", {"prompt": PROMPT, "max_length": 2}).json()["results"][0]
     assert plain["logprobs"] is None
+
+
+def test_logprobs_sampled_tokens_match_the_formula_step_by_step_on_the_llamacpp_route(server, reference):
+    # sampled, not greedy: llama.cpp's shape names each token's id, so the reference can follow the
+    # path the server drew (top-k then temperature gives the same distribution as the reverse)
+    model, tokenizer = reference
+    done = post(server, "/completion", {"prompt": PROMPT, "n_predict": 8, "seed": 9, "n_probs": N,
+                                        "samplers": ["top_k", "temperature"], "top_k": TOP_K,
+                                        "temperature": TEMPERATURE, "guidance_scale": SCALE,
+                                        "negative_prompt": NEGATIVE, "return_tokens": True}).json()
+    story, opposing = tokenizer(PROMPT)["input_ids"], tokenizer(NEGATIVE)["input_ids"]
+    probs = done["completion_probabilities"]
+    assert [p["id"] for p in probs] == done["tokens"][:len(probs)] and len(probs) >= 6
+    for p in probs:
+        drawn, c = drawn_from(model, story, opposing)
+        values, ids = torch.sort(drawn, descending=True, stable=True)
+        assert p["logprob"] == pytest.approx(float(drawn[p["id"]]), abs=1e-4)
+        assert [t["id"] for t in p["top_logprobs"]] == ids[:N].tolist()
+        assert [t["logprob"] for t in p["top_logprobs"]] == pytest.approx(values[:N].tolist(), abs=1e-4)
+        assert p["story_logprob"] == pytest.approx(float(c[p["id"]]), abs=1e-4)
+        story, opposing = story + [p["id"]], opposing + [p["id"]]
