@@ -14,7 +14,7 @@ import json
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from server_process import serving
 
 PROMPT = "Once upon a time there was a little fox"
 NEGATIVE_PRESET = ("The text is dull, repetitive and vague. It keeps saying the same thing again and "
@@ -29,27 +29,24 @@ ENVELOPE = {"prompt": PROMPT, "max_tokens": 6, "seed": 7, "logprobs": 5}
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--parallel", "2")
-    yield srv
-    assert srv.terminate() == 0, srv.stderr()
+    with serving("--model", str(tiny_model_dir), "--parallel", "2") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def by_name(tiny_model_dir):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--parallel", "2", "--preset", "negative-prompt")
-    yield srv
-    assert "defaults for requests that do not set them: preset 'negative-prompt'" in srv.stderr()
-    assert srv.terminate() == 0, srv.stderr()
+    with serving("--model", str(tiny_model_dir), "--parallel", "2", "--preset", "negative-prompt") as srv:
+        yield srv
+        assert "defaults for requests that do not set them: preset 'negative-prompt'" in srv.stderr()
 
 
 @pytest.fixture(scope="module")
 def file_and_flags(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("preset") / "server.json"
     path.write_text(json.dumps(FILE_PRESET))
-    srv = ServerProcess("--model", str(tiny_model_dir), "--parallel", "2", "--preset", str(path),
-                        "--cfg-scale", "2.5", "--opposing", "A dull story.")
-    yield srv
-    assert srv.terminate() == 0, srv.stderr()
+    with serving("--model", str(tiny_model_dir), "--parallel", "2", "--preset", str(path),
+                 "--cfg-scale", "2.5", "--opposing", "A dull story.") as srv:
+        yield srv
 
 
 def webui(srv, **fields) -> dict:

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from server_process import serving
 
 PROMPT = "Once upon a time there was a little fox"
 LONG = {"prompt": PROMPT, "max_length": 240, "temperature": 1.0, "top_k": 0, "top_p": 1, "min_p": 0,
@@ -22,9 +22,8 @@ PERF_FIELDS = {"last_process", "last_eval", "last_token_count", "last_seed", "to
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--parallel", "4")
-    yield srv
-    assert srv.terminate() == 0, srv.stderr()
+    with serving("--model", str(tiny_model_dir), "--parallel", "4") as srv:
+        yield srv
 
 
 def post(srv, path, body=None):

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from server_process import serving
 
 PROMPT = "Once upon a time there was a little fox"
 TRAFFIC = Path("/work/shared/client-traffic/sillytavern-ooba-stream-logprobs.jsonl")
@@ -28,9 +28,8 @@ ST_SAMPLERS = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "tfs_z", "to
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--parallel", "2")
-    yield srv
-    assert srv.terminate() == 0, srv.stderr()
+    with serving("--model", str(tiny_model_dir), "--parallel", "2") as srv:
+        yield srv
 
 
 def post(srv, path, body):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from server_process import ServerProcess
+from server_process import serving
 
 PROMPT = "Once upon a time there was a little fox"
 NEGATIVE = "The dragon was awake"
@@ -26,9 +26,8 @@ SCALE, TEMPERATURE, TOP_K, N = 1.8, 0.7, 20, 5
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    srv = ServerProcess("--model", str(tiny_model_dir))
-    yield srv
-    assert srv.terminate() == 0, srv.stderr()
+    with serving("--model", str(tiny_model_dir)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
