@@ -460,6 +460,7 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, pres
     Examples:
       cfg-textgen serve
       cfg-textgen serve --port 5001 --cors-origin https://lite.koboldai.net
+      cfg-textgen serve --preset negative-prompt      # CFG for clients that cannot send it
       CFG_TEXTGEN_API_KEY=secret cfg-textgen serve --host 0.0.0.0
     """
     try:
