@@ -154,10 +154,11 @@ def test_logprobs_kobold_result_and_last_logprobs_have_koboldcpp_shape(server):
     assert [c["token"] for c in lp["content"]] == lp["tokens"]
     assert [c["logprob"] for c in lp["content"]] == lp["token_logprobs"]
     assert [c["story_logprob"] for c in lp["content"]] == lp["story_logprobs"]
+    assert [c["token_id"] for c in lp["content"]] == lp["token_ids"]
     for item in lp["content"]:
         assert item["bytes"] == list(item["token"].encode())
-        assert 0 < len(item["top_logprobs"]) <= 5
-        assert set(item["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+        assert 0 < len(item["top_logprobs"]) <= 10
+        assert set(item["top_logprobs"][0]) == {"token", "token_id", "logprob", "bytes"}
         assert item["top_logprobs"][0]["logprob"] >= item["logprob"]
     assert post(server, "/api/extra/last_logprobs", {"genkey": "KCPP1234"}).json() == {"logprobs": lp}
     assert post(server, "/api/extra/last_logprobs", {"genkey": "someone-else"}).json() == {"logprobs": None}

@@ -66,7 +66,7 @@ def logprobs_of(job, service) -> dict | None:
     """KoboldCpp's logprobs object for a job that recorded them (`logprobs: true`), else None."""
     if job is None or job.generation.logprobs is None:
         return None
-    return logprobs.kobold(logprobs.shown(job), service.token_text, service.token_bytes)
+    return logprobs.kobold(logprobs.shown(job), service.token_text)
 
 
 def generate_response(job, prompt_tokens: int, service) -> dict:

@@ -7,8 +7,9 @@ as the apps show only tokens that have text.
 
 - OpenAI completions / text-generation-webui: {"tokens", "token_logprobs", "top_logprobs" (one
   {token: logprob} object per token), "text_offset", "story_logprobs"}.
-- KoboldCpp: the same lists plus OpenAI chat's "content" list ({"token", "logprob", "bytes",
-  "top_logprobs": [{"token", "logprob", "bytes"}]}), as koboldcpp.py builds both in one object.
+- KoboldCpp: the same lists plus "token_ids" and OpenAI chat's "content" list ({"token",
+  "token_id", "logprob", "bytes", "top_logprobs": [{"token", "token_id", "logprob", "bytes"}]}), as
+  koboldcpp.py's parse_last_logprobs builds both in one object ("bytes": the text's UTF-8).
 - llama.cpp server `completion_probabilities`: [{"id", "token", "bytes", "logprob", "top_logprobs":
   [{"id", "token", "bytes", "logprob"}]}]; with `post_sampling_probs` "prob" / "top_probs".
 """
@@ -20,7 +21,7 @@ from typing import Sequence
 
 from ..logprobs import TokenLogprob
 
-KOBOLD_TOP = 5  # alternatives per token KoboldCpp reports for `logprobs: true`
+KOBOLD_TOP = 10  # alternatives per token KoboldCpp reports (its logprob_item holds 10)
 
 
 def shown(job, upto: int | None = None) -> list[TokenLogprob]:
@@ -48,13 +49,17 @@ def openai(entries: Sequence[TokenLogprob], text_of, offset: int = 0) -> dict:
     return out
 
 
-def kobold(entries: Sequence[TokenLogprob], text_of, bytes_of) -> dict:
+def kobold(entries: Sequence[TokenLogprob], text_of) -> dict:
     """KoboldCpp's `logprobs` object (generate result and /api/extra/last_logprobs)."""
     out = openai(entries, text_of)
-    out["content"] = [{"token": text_of(e.token), "logprob": e.logprob, "bytes": list(bytes_of(e.token)),
-                       "story_logprob": e.story_logprob,
-                       "top_logprobs": [{"token": text_of(i), "logprob": lp, "bytes": list(bytes_of(i))}
-                                        for i, lp in e.top]} for e in entries]
+    out["token_ids"] = [e.token for e in entries]
+
+    def item(token: int, lp: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "token_id": token, "logprob": lp, "bytes": list(text.encode())}
+
+    out["content"] = [{**item(e.token, e.logprob), "story_logprob": e.story_logprob,
+                       "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
     return out
 
 
