@@ -368,3 +368,12 @@ class Mirostat(SamplerSettings):
     version: Annotated[Literal[1, 2], BeforeValidator(_choice)] = _f(2, "the algorithm (Mirostat 1 or 2)")
     tau: Float = _f(5.0, "target surprise in bits", gt=0)
     eta: Float = _f(0.1, "learning rate of mu", gt=0)
+
+
+@_setting
+class AdaptiveP(SamplerSettings):
+    """Adaptive-P: favour tokens near a target probability, steered by the picked tokens' history."""
+    sampler: Literal["adaptive_p"]
+    target: Float = _f(-1.0, "probability the picked tokens should average; negative is off", le=1)
+    decay: Float = _f(0.9, "decay of the history of picked probabilities (about 1 / (1 - decay) tokens)",
+                      ge=0, le=0.99)

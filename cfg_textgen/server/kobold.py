@@ -9,7 +9,7 @@ with an empty token and the finish reason. A request names itself with `genkey` 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, PrivateAttr, create_model
 
 from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
 from .errors import APIError
@@ -35,6 +35,11 @@ class GenerateBody(BaseModel):
     trim_stop: Flag = True  # checked; stop strings are always trimmed
     genkey: Text = None
     truncate: Flag = True
+    _skipped: list[str] = PrivateAttr(default_factory=list)  # sampler_order ids not known here
+
+    @property
+    def skipped_samplers(self) -> list[str]:
+        return self._skipped
 
 
 def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
@@ -43,7 +48,7 @@ def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
     if g.max_length >= service.n_ctx:
         raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
-    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
+    preset, g._skipped = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
     g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
     return g, preset
 

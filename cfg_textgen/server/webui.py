@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model
 
 from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
@@ -44,6 +44,11 @@ class CompletionBody(BaseModel):
     truncation_length: Annotated[Int, Field(ge=0)] = None
     add_bos_token: Flag = True
     preset: Text = None
+    _skipped: list[str] = PrivateAttr(default_factory=list)  # sampler_priority names not known here
+
+    @property
+    def skipped_samplers(self) -> list[str]:
+        return self._skipped
 
     @property
     def length_field(self) -> str:
@@ -64,8 +69,8 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
         prompt = service.tokenize(prompt, special=False) or prompt
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
-    preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+    preset, c._skipped = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
+                                      c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
 
