@@ -1182,3 +1182,35 @@ class AdaptiveP(Sampler):
         self._prev_ids = input_ids.clone()
         self._prev_probs = probs
         return torch.where(torch.isfinite(scores), out, scores)
+
+
+@register
+class Quadratic(Sampler):
+    r"""Quadratic sampling ("smoothing factor"): every logit is bent around the best one of its row.
+
+    Formula, per row, with `h` the highest finite score and `d = scores - h` (<= 0):
+    `h - k * factor * d**2 + s * factor * d**3`, `k = (3 - curve) / 2`, `s = (curve - 1) / 2`.
+    curve 1 is the plain quadratic `h - factor * d**2` (KoboldCpp's rule, which has no curve).
+    The best token keeps its score; a small factor flattens the top of the distribution, a large
+    one sharpens it. Removed (-inf) tokens stay removed; computed in float64, results clamped to
+    the finite range of the scores' dtype. factor 0 is off.
+
+    Reference: kalomaze's quadratic sampling, text-generation-webui `QuadraticSamplingLogitsWarper`
+    (`smoothing_factor`, `smoothing_curve`); KoboldCpp `sample_temperature` (`smoothing_factor`).
+
+    Args:
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "quadratic"
+
+    def __call__(self, input_ids, scores):
+        if self.factor == 0.0:
+            return scores.clone()
+        x = scores.double()
+        finite = torch.isfinite(x)
+        h = torch.where(finite, x, torch.full_like(x, NEG_INF)).amax(dim=-1, keepdim=True)
+        d = torch.where(finite, x - h, torch.zeros_like(x))
+        k, s = (3.0 - self.curve) / 2.0, (self.curve - 1.0) / 2.0
+        out = (h - k * self.factor * d * d + s * self.factor * d * d * d).to(scores.dtype)
+        return _keep_finite(torch.where(finite, out, scores), scores)

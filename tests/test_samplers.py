@@ -63,6 +63,7 @@ CONTRACT = {
             "sequence_breakers": (("\n", ":", '"', "*"), "a list of strings")},
     "top_n_sigma": {"n": (0.0, "a float >= 0")},
     "adaptive_p": {"target": (-1.0, "a float <= 1"), "decay": (0.9, "a float in [0, 0.99]")},
+    "quadratic": {"factor": (0.0, "a float >= 0"), "curve": (1.0, "a finite float")},
 }
 
 
@@ -557,6 +558,17 @@ def test_adaptive_p_keeps_removed_tokens_removed_and_is_off_below_zero():
     off = SAMPLERS["adaptive_p"](target=-0.01)
     assert torch.equal(off(torch.tensor([[0]]), scores), scores)
     assert off.weighted_sum is None  # no history while off
+
+
+def test_quadratic_by_hand_from_the_web_uis_formula():
+    # scores [2, 1, -1, -inf]: h = 2, d = [0, -1, -3]; curve 1: 2 - 0.5 d^2
+    scores = torch.tensor([[2.0, 1.0, -1.0, -INF]])
+    out = SAMPLERS["quadratic"](factor=0.5)(torch.tensor([[0]]), scores)
+    assert out[0].tolist() == pytest.approx([2.0, 1.5, -2.5, -INF])
+    # curve 2: k = 0.5, s = 0.5: 2 - 0.25 d^2 + 0.25 d^3 = [2, 1.5, -6.5]
+    out = SAMPLERS["quadratic"](factor=0.5, curve=2.0)(torch.tensor([[0]]), scores)
+    assert out[0].tolist() == pytest.approx([2.0, 1.5, 2 - 0.25 * 9 - 0.25 * 27, -INF])
+    assert torch.equal(SAMPLERS["quadratic"](factor=0.0)(torch.tensor([[0]]), scores), scores)
 
 # ---- no-repeat n-gram fallback, pick_token -----------------------------------------------------------
 

@@ -98,3 +98,18 @@ def test_translate_sillytavern_adaptive_p_request_is_off_at_its_default_and_on_a
     assert kob["samplers"][-1] == {"sampler": "adaptive_p", "target": 0.0, "decay": 0.99}
     kob_off, _ = kobold.import_request({"adaptive_target": -0.01, "top_k": 10})
     assert all(s["sampler"] != "adaptive_p" for s in kob_off["samplers"])
+
+
+def test_translate_smoothing_factor_is_quadratic_sampling_in_both_flavours():
+    # Kobold Lite: KoboldCpp bends the logits right after the temperature (sample_temperature)
+    kob, report = kobold.import_request({"temperature": 0.7, "top_k": 0, "top_p": 1, "rep_pen": 1,
+                                         "smoothing_factor": 0.3, "sampler_order": [6, 0, 1, 3, 4, 2, 5]})
+    assert kob["samplers"] == [{"sampler": "temperature", "temperature": 0.7},
+                               {"sampler": "quadratic", "factor": 0.3, "curve": 1.0}]
+    assert report.status("smoothing_factor") == "mapped"
+    # the web UI: its quadratic_sampling slot of sampler_priority, with the curve
+    web, _ = textgen_webui.import_request({"smoothing_factor": 0.3, "smoothing_curve": 2.0, "top_k": 20,
+                                           "sampler_priority": ["quadratic_sampling", "top_k"]})
+    assert web["samplers"] == [{"sampler": "quadratic", "factor": 0.3, "curve": 2.0}, {"sampler": "top_k", "k": 20}]
+    off, _ = kobold.import_request({"temperature": 0, "smoothing_factor": 0.3})  # greedy: no smoothing
+    assert all(s["sampler"] != "quadratic" for s in off["samplers"])

@@ -34,10 +34,11 @@ from .textgen_webui import DRY_BREAKERS, _breakers
 IDS = ["top_k", "top_a", "top_p", "tfs", "typical", "temperature", "repetition_penalty"]
 DEFAULT_ORDER = [6, 0, 1, 3, 4, 2, 5]
 VALUE_KEYS = {"top_k": ["top_k"], "top_a": ["top_a"], "top_p": ["top_p", "min_p"], "tfs": ["tfs"],
-              "typical": ["typical"], "temperature": ["temp", "temperature", "dynatemp_range", "dynatemp_exponent"],
+              "typical": ["typical"], "temperature": ["temp", "temperature", "dynatemp_range", "dynatemp_exponent",
+                                                  "smoothing_factor", "smoothing_curve"],
               "repetition_penalty": ["rep_pen", "rep_pen_range", "rep_pen_slope", "presence_penalty"]}
 OFF = {"top_k": 0, "top_a": 0, "top_p": 1, "min_p": 0, "tfs": 1, "typical": 1, "temp": 1, "temperature": 1,
-       "dynatemp_range": 0, "rep_pen": 1, "presence_penalty": 0}
+       "dynatemp_range": 0, "rep_pen": 1, "presence_penalty": 0, "smoothing_factor": 0, "smoothing_curve": 1}
 METADATA = {"uid", "Model Type", "Model Size", "Model Category", "Preset Category"}
 UI_KEYS = {"streaming_kobold": "SillyTavern streaming toggle", "can_use_streaming": "SillyTavern streaming toggle",
            "trim_stop": "KoboldCpp output trimming", "sampler_seed": "seeds are given when generating",
@@ -183,6 +184,7 @@ def _apply(b: Builder, sid: str, temp_key: str, koboldcpp: bool) -> None:
             temperature_sampler(b, temp_key)
             b.neutral("dynatemp_range", "0 is off")
             b.neutral("dynatemp_exponent", "unused while dynatemp_range is 0")
+        _smoothing(b, greedy=b.extra.get("do_sample") is False)
     elif sid == "repetition_penalty":
         _repetition_penalty(b, koboldcpp)
 
@@ -270,6 +272,20 @@ def _dry_xtc(b: Builder, koboldcpp: bool) -> None:
         b.neutral("xtc_threshold", "unused while xtc_probability is 0")
 
 
+def _smoothing(b: Builder, greedy: bool) -> None:
+    """Quadratic sampling right after the temperature, as KoboldCpp's `sample_temperature` and
+    `sample_entropy` apply it (off for a greedy temperature). KoboldCpp has no curve; a
+    `smoothing_curve` sent with it (SillyTavern does) is the web UI's, 1 being KoboldCpp's rule."""
+    factor = b.num("smoothing_factor", 0)
+    if factor > 0 and not greedy:
+        b.add({"sampler": "quadratic", "factor": factor, "curve": b.num("smoothing_curve", 1.0)})
+        b.mapped("smoothing_factor", "quadratic.factor (after the temperature)")
+        b.mapped("smoothing_curve", "quadratic.curve")
+    else:
+        b.neutral("smoothing_factor", "off" if factor <= 0 else "KoboldCpp turns smoothing off with greedy decoding")
+        b.neutral("smoothing_curve", "unused while smoothing is off")
+
+
 def _adaptive_p(b: Builder) -> None:
     target = b.num("adaptive_target", -1.0)
     if target >= 0:
@@ -304,7 +320,6 @@ def _other(b: Builder) -> None:
             b.neutral("stop_sequence", "empty")
     for key, off, why in (("grammar", "", "grammars are not supported"),
                           ("use_default_badwordsids", False, "KoboldAI's default bad-words list is tokenizer-specific"),
-                          ("smoothing_factor", 0, "quadratic sampling has no cfg-textgen equivalent"),
                           ("nsigma", 0, "KoboldCpp's top-n-sigma placement is not documented; not guessed")):
         if key in b.data:
             (b.neutral if b.data[key] == off else b.dropped)(key, "off" if b.data[key] == off else why)
@@ -324,7 +339,7 @@ REQUEST_KEYS = {"temperature", "top_k", "top_a", "top_p", "min_p", "typical", "t
                 "dynatemp_exponent", "rep_pen", "rep_pen_range", "rep_pen_slope", "presence_penalty",
                 "sampler_order", "mirostat", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base",
                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold",
-                "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "nsigma",
+                "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "smoothing_curve", "nsigma",
                 "adaptive_target", "adaptive_decay"}
 CFG_KEYS = ("guidance_scale", "negative_prompt")  # our extension (SillyTavern sends them to KoboldCpp)
 

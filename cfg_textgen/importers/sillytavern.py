@@ -105,7 +105,8 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None):
 
 _PRIORITY_NAME = {"temperature": "temperature", "dynamic_temperature": "dynamic_temperature", "top_k": "top_k",
                   "top_p": "top_p", "typical": "typical_p", "epsilon": "epsilon_cutoff", "eta": "eta_cutoff",
-                  "tfs": "tfs", "top_a": "top_a", "min_p": "min_p", "mirostat": "mirostat"}
+                  "tfs": "tfs", "top_a": "top_a", "min_p": "min_p", "mirostat": "mirostat",
+                  "quadratic": "quadratic_sampling"}
 _PROCESSORS = ("repetition_penalty", "dry", "no_repeat_ngram")
 
 
@@ -199,6 +200,8 @@ def export(preset: dict, report) -> dict:
             out["top_a"] = s["a"]
         elif name == "mirostat":
             out.update(mirostat_mode=s["version"], mirostat_tau=s["tau"], mirostat_eta=s["eta"])
+        elif name == "quadratic":
+            out.update(smoothing_factor=s["factor"], smoothing_curve=s["curve"])
         priority.append(_PRIORITY_NAME[name])
         report.mapped(key, f"{_PRIORITY_NAME[name]} (sampler_priority position {len(priority)})", name)
     if "temperature" in seen and "dynamic_temperature" in seen:

@@ -46,12 +46,13 @@ DEFAULT_PRIORITY = ["temperature", "dynamic_temperature", "quadratic_sampling", 
 LATER_WARPERS = ["adaptive_p", "xtc", "top_n_sigma"]
 KNOWN_SLOTS = set(PROCESSORS) | set(DEFAULT_PRIORITY) | set(LATER_WARPERS)
 TEMPERATURE_SLOTS = {"temperature", "dynamic_temperature"}
+LAST_SLOTS = ("temperature", "dynamic_temperature", "quadratic_sampling")  # temperature_last moves these, in order
 
 OUR_SLOT = {"repetition_penalty": "repetition_penalty", "dynamic_temperature": "dynamic_temperature",
             "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "typical": "typical_p",
             "epsilon": "epsilon_cutoff", "eta": "eta_cutoff", "tfs": "tfs", "top_a": "top_a", "min_p": "min_p",
             "mirostat": "mirostat", "xtc": "xtc", "top_n_sigma": "top_n_sigma", "dry": "dry",
-            "no_repeat_ngram": "no_repeat_ngram", "adaptive_p": "adaptive_p"}
+            "no_repeat_ngram": "no_repeat_ngram", "adaptive_p": "adaptive_p", "quadratic": "quadratic_sampling"}
 
 
 def looks_like(data: dict) -> bool:
@@ -161,11 +162,15 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
             b.add({"sampler": "temperature", "temperature": defaults["temperature"]})
         fill("temperature", n)
 
-    # quadratic sampling: no equivalent
+    # quadratic sampling (the web UI runs it for a factor above 0)
     factor = get("smoothing_factor")
-    if factor:
-        rep("smoothing_factor", "dropped", "quadratic sampling has no cfg-textgen equivalent")
-        rep("smoothing_curve", "dropped", "quadratic sampling has no cfg-textgen equivalent")
+    n = len(b.samplers)
+    if factor > 0:
+        curve = get("smoothing_curve")
+        b.add({"sampler": "quadratic", "factor": factor, "curve": DEFAULTS["smoothing_curve"] if curve is None else curve})
+        rep("smoothing_factor", "mapped", "quadratic.factor")
+        rep("smoothing_curve", "mapped", "quadratic.curve")
+        fill("quadratic_sampling", n)
     else:
         rep("smoothing_factor", "neutral", "0 is off")
         rep("smoothing_curve", "neutral", "unused while smoothing_factor is 0")
@@ -273,9 +278,10 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
     temperature_last = get("temperature_last")
     mirostat_on = "mirostat" in slots
     order = [p for p in PROCESSORS if p not in priority] + priority + [w for w in LATER_WARPERS if w not in priority]
+    # a sampler the given order does not name sorts to the front in the web UI (its sort key is -1)
+    order = [s for s in slots if s not in order] + order
     if temperature_last:
-        moved = [s for s in order if s in TEMPERATURE_SLOTS]
-        order = [s for s in order if s not in TEMPERATURE_SLOTS] + moved
+        order = [s for s in order if s not in LAST_SLOTS] + list(LAST_SLOTS)
         rep("temperature_last", "mapped", "sampler order: temperature moved to the end")
     else:
         rep("temperature_last", "neutral", "false: temperature stays where the order puts it")
@@ -297,6 +303,7 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
 
 def _slot_keys(slot: str) -> list[str]:
     return {"xtc": ["xtc_probability", "xtc_threshold"], "adaptive_p": ["adaptive_target", "adaptive_decay"],
+            "quadratic_sampling": ["smoothing_factor", "smoothing_curve"],
             "dynamic_temperature": ["dynamic_temperature", "dynatemp_low", "dynatemp_high", "dynatemp_exponent"],
             }.get(slot, [slot])
 
