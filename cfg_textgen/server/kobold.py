@@ -9,10 +9,10 @@ with an empty token and the finish reason. A request names itself with `genkey` 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, create_model
+from pydantic import create_model
 
 from ..errors import CFGTextgenError
-from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
+from .bodies import Count, Envelope, Flag, Seed, Stops, Text, TextPrompt, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset
 
@@ -20,11 +20,9 @@ DEFAULT_MAX_LENGTH = 200  # KoboldCpp's default for a request without max_length
 VERSION = "1.82"  # the KoboldCpp API level these routes follow (Kobold Lite gates features on it)
 
 
-class GenerateBody(BaseModel):
+class GenerateBody(Envelope):
     """The envelope of POST /api/v1/generate and /api/extra/generate/stream. A field may be left
     out but not sent as null. Unknown keys are ignored: Kobold Lite sends many we do not use."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: TextPrompt
     max_length: Count = DEFAULT_MAX_LENGTH
@@ -38,11 +36,6 @@ class GenerateBody(BaseModel):
     trim_stop: Flag = True  # checked; stop strings are always trimmed
     genkey: Text = None
     truncate: Flag = True
-    _skipped: list[str] = PrivateAttr(default_factory=list)  # sampler_order ids not known here
-
-    @property
-    def skipped_samplers(self) -> list[str]:
-        return self._skipped
 
     @property
     def bans_eos(self) -> bool:

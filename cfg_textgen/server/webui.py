@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model
+from pydantic import Field, create_model
 
-from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from .bodies import Count, Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
 
@@ -24,11 +24,9 @@ DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
 
 
-class CompletionBody(BaseModel):
+class CompletionBody(Envelope):
     """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
     the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: Prompt
     max_tokens: Count = None
@@ -44,11 +42,6 @@ class CompletionBody(BaseModel):
     truncation_length: Annotated[Int, Field(ge=0)] = None
     add_bos_token: Flag = True
     preset: Text = None
-    _skipped: list[str] = PrivateAttr(default_factory=list)  # sampler_priority names not known here
-
-    @property
-    def skipped_samplers(self) -> list[str]:
-        return self._skipped
 
     @property
     def length_field(self) -> str:
