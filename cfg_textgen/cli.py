@@ -452,7 +452,10 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
 @click.option("--opposing", metavar="TEXT", default=None,
               help="Default opposing prompt for requests without `negative_prompt` (wins over "
                    "--preset's; \"\" = a blank story).")
-def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, preset_name, cfg_scale, opposing):
+@click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
+                                            "method, path, status, prompt/new tokens, time).")
+def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale,
+          opposing):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -474,7 +477,8 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, pres
     preset = _load_preset_or_bad(preset_name, "'--preset'") if preset_name is not None else None
     defaults = ServerDefaults(preset, cfg_scale, opposing)
     sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
-                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, defaults=defaults))
+                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
+                 defaults=defaults))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

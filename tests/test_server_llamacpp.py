@@ -23,7 +23,7 @@ TIMINGS = {"prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second", 
            "predicted_per_token_ms", "predicted_per_second"}
 # SillyTavern's llama.cpp sampler order setting (textgen-settings.js), with a name we do not have
 ST_SAMPLERS = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "tfs_z", "top_p", "min_p", "xtc",
-               "temperature", "adaptive_p"]
+               "temperature", "adaptive_p", "infill"]
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +158,9 @@ def test_llamacpp_importer_runs_only_listed_samplers_and_skips_unknown_names():
     samplers, _, report = _samplers({"samplers": "kt", "repeat_penalty": 1.3, "top_k": 3})
     assert [s for s, _ in samplers] == ["top_k", "temperature"]  # penalties are not listed: not run
     assert "repeat_penalty" in report.render()
-    samplers, _, report = _samplers({"samplers": ["penalties", "adaptive_p", "temperature"], "repeat_penalty": 1.3})
+    samplers, _, report = _samplers({"samplers": ["penalties", "infill", "temperature"], "repeat_penalty": 1.3})
     assert [s for s, _ in samplers] == ["repetition_penalty", "temperature"]
-    assert "adaptive_p" in report.render()
+    assert report.skipped == ["infill"] and "infill" in report.render()
 
 
 def test_llamacpp_importer_dynatemp_range_spreads_temperature():

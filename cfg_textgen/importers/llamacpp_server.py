@@ -12,6 +12,8 @@ Semantics (llama.cpp tools/server, common/sampling.cpp):
 - `dynatemp_range` r > 0 makes temperature t dynamic over [t - r, t + r].
 - `repeat_last_n` -1 is the whole context, 0 turns the penalties off; `top_n_sigma` <= 0 is off.
 - `mirostat` 1 or 2 replaces the truncation samplers (penalties and temperature stay).
+- `adaptive_target` / `adaptive_decay`: Adaptive-P, where `samplers` lists `adaptive_p` (on for a
+  target above 0, the web UI's rule; llama.cpp's is "not negative", so a target of exactly 0 differs).
 - `guidance_scale` / `negative_prompt`: CFG (SillyTavern sends them to every Text Completion type).
 """
 
@@ -29,7 +31,8 @@ NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_
          "dry_multiplier": "dry_multiplier", "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
          "dry_sequence_breakers": "dry_sequence_breakers", "xtc_probability": "xtc_probability",
          "xtc_threshold": "xtc_threshold", "mirostat": "mirostat_mode", "mirostat_tau": "mirostat_tau",
-         "mirostat_eta": "mirostat_eta", "guidance_scale": "guidance_scale", "negative_prompt": "negative_prompt"}
+         "mirostat_eta": "mirostat_eta", "adaptive_target": "adaptive_target", "adaptive_decay": "adaptive_decay",
+         "guidance_scale": "guidance_scale", "negative_prompt": "negative_prompt"}
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_last_n": 64}
 DEFAULT_ORDER = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"]
 LETTERS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p",
@@ -38,12 +41,13 @@ LETTERS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": 
 SLOTS = {"penalties": ["repetition_penalty"], "dry": ["dry"], "top_n_sigma": ["top_n_sigma"], "top_k": ["top_k"],
          "typ_p": ["typical_p"], "typical_p": ["typical_p"], "typical": ["typical_p"], "top_p": ["top_p"],
          "nucleus": ["top_p"], "min_p": ["min_p"], "xtc": ["xtc"], "tfs_z": ["tfs"], "tfs": ["tfs"],
-         "temperature": ["temperature", "dynamic_temperature"], "temp": ["temperature", "dynamic_temperature"]}
+         "temperature": ["temperature", "dynamic_temperature"], "temp": ["temperature", "dynamic_temperature"],
+         "adaptive_p": ["adaptive_p"]}
 # the fields of each slot: left out when the slot is not in `samplers` (llama.cpp does not run it)
 SLOT_FIELDS = {"repetition_penalty": ["repeat_penalty", "presence_penalty", "frequency_penalty"],
                "dry": ["dry_multiplier"], "top_n_sigma": ["top_n_sigma"], "top_k": ["top_k"],
                "typical_p": ["typical_p"], "top_p": ["top_p"], "min_p": ["min_p"], "xtc": ["xtc_probability"],
-               "tfs": ["tfs_z"], "temperature": ["temperature", "dynatemp_range"]}
+               "tfs": ["tfs_z"], "temperature": ["temperature", "dynatemp_range"], "adaptive_p": ["adaptive_target"]}
 REQUEST_KEYS = set(NAMES) | {"samplers", "dynatemp_range", "dynatemp_exponent"}
 ORDER_KEY = "samplers"
 
@@ -81,6 +85,7 @@ def _order(b: Builder) -> list[str]:
     known = [n for n in dict.fromkeys(raw) if n in SLOTS]
     skipped = [n for n in raw if n not in SLOTS]
     if skipped:
+        b.report.skipped.extend(skipped)
         b.note(f"`{ORDER_KEY}`: skipped {', '.join(map(repr, skipped))} (not samplers cfg-textgen has; "
                "llama.cpp skips unknown names too).")
     return known

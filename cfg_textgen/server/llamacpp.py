@@ -13,22 +13,20 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field, create_model
 
 from . import logprobs
-from .bodies import Flag, Int, Prompt, Seed, Stops, Text, TokenList
+from .bodies import Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList
 from .errors import APIError
 from .translate import LLAMACPP_FLAVOUR, build_preset
 
 MAX_PROBS = 100
 
 
-class CompletionBody(BaseModel):
+class CompletionBody(Envelope):
     """POST /completion's envelope (llama.cpp's defaults). Unknown keys are ignored: SillyTavern
     sends several backends' names at once. `cache_prompt` is accepted; every request here is
     prefilled in full."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: Prompt
     n_predict: Int = None  # -1: until the context is full (or EOS, a stop string)
@@ -62,7 +60,7 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object, int]:
                             f"(this model's context window), or -1", c.length_field)
     else:
         max_new = asked
-    preset = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults)
+    preset, c._skipped = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults)
     return c, preset, max_new
 
 

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import llamacpp
-from .app import EventStream, _error_of, _sse, pieces_of, read_json, submit, wait_or_cancel
+from .app import EventStream, _error_of, _sse, _used, pieces_of, read_json, submit, wait_or_cancel
 from .bodies import read
 from .errors import WEBUI, error_body
 
@@ -17,9 +17,10 @@ async def completion(request: Request):
     service = request.app.state.service
     body = await read_json(request)
     c, preset, max_new = llamacpp.parse_completion(body, service)
+    request.state.skipped_samplers = c.skipped_samplers
     job = submit(service, c.length_field, c.prompt, preset, c.seed, ban_eos=c.ignore_eos, api=WEBUI,
                  logprobs=c.n_probs if c.n_probs else None)
-    prompt_n = len(service.tokenize(c.prompt)) if isinstance(c.prompt, str) else len(c.prompt)
+    prompt_n = _used(request, [job])
     if not c.stream:
         if not await wait_or_cancel(request, [job]):
             return JSONResponse({})

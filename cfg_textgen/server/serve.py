@@ -18,7 +18,10 @@ API_KEY_ENV = "CFG_TEXTGEN_API_KEY"
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
-          log=lambda msg: print(msg, file=sys.stderr, flush=True), defaults=None) -> int:
+          log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False,
+          defaults=None) -> int:
+    """Serve until SIGTERM; every request gets a line on `log` unless `quiet`; `defaults`: the
+    ServerDefaults every request gets unless it says otherwise."""
     import uvicorn
 
     from .app import create_app
@@ -35,7 +38,7 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
         f"together; context {service.n_ctx} tokens)")
     if not defaults.empty:
         log(defaults.describe())
-    app = create_app(service, api_key=api_key, cors_origins=cors_origins)
+    app = create_app(service, api_key=api_key, cors_origins=cors_origins, request_log=None if quiet else log)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE, lifespan="off")
     server = _Server(config)
