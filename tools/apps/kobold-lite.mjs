@@ -74,15 +74,21 @@ try {
     await shoot(page, args.shots, `${name}-1-connected`);
     result.connect_message = await dismissMessageBox('after connect');
     if (!/KoboldCpp|KoboldAI Endpoint/.test(result.connect_status)) throw new Error(`not connected: ${result.connect_status}`);
+    // first connection: "Welcome To KoboldAI Lite, pick a UI style" -> Classic UI, Set UI
+    const setUi = page.locator('button:visible', { hasText: 'Set UI' });
+    if (await setUi.count()) { await setUi.first().click(); step('welcome: Classic UI set'); await sleep(500); }
 
     // Settings: mode, token streaming, max output
     await page.locator('#btn_settings').click();
     await page.waitForSelector('#settingscontainer:not(.hidden)');
     await page.selectOption('#opmode', opmode);
-    await page.selectOption('#tokenstreammode', streamMode);
+    await page.locator('#settingsmenusamplers_tab a').click();
     await page.fill('#max_length', args.abort ? '400' : args.tokens);
     await page.locator('#max_length').dispatchEvent('input');
-    await shoot(page, args.shots, `${name}-2-settings`);
+    await shoot(page, args.shots, `${name}-2-settings-samplers`);
+    await page.locator('#settingsmenuadvanced_tab a').click();
+    await page.selectOption('#tokenstreammode', streamMode);
+    await shoot(page, args.shots, `${name}-2-settings-advanced`);
     await page.locator('#settingscontainer #btn_settingsaccept').click();
     step('settings', `opmode ${opmode}, tokenstreammode ${streamMode}`);
 

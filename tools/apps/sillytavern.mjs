@@ -6,7 +6,7 @@
 //
 // usage: node sillytavern.mjs --st http://127.0.0.1:8123 --server http://127.0.0.1:5152 \
 //          --type ooba|koboldcpp|llamacpp|tabby [--stream] [--logprobs] [--scale 1.5] \
-//          [--negative "..."] [--tokens 60] [--shots /work/apps/shots] [--name st-ooba]
+//          [--negative "..."] [--tokens 60] [--context 2048] [--shots /work/apps/shots] [--name st-ooba]
 import { parseArgs } from 'node:util';
 import { openBrowser, watchPage, shoot, writeResult, sleep } from './browser.mjs';
 
@@ -21,6 +21,8 @@ const { values: args } = parseArgs({
         negative: { type: 'string', default: 'Write short, dull replies in the past tense.' },
         message: { type: 'string', default: 'Seraphina, tell me about the forest. What lives there?' },
         tokens: { type: 'string', default: '60' },
+        // SillyTavern's "Context (tokens)": smaller prompts for a slow CPU
+        context: { type: 'string', default: '2048' },
         shots: { type: 'string', default: '/work/apps/shots' },
         name: { type: 'string' },
         timeout: { type: 'string', default: '300' },
@@ -60,6 +62,10 @@ try {
     await page.selectOption('#main_api', 'textgenerationwebui');
     await page.selectOption('#textgen_type', args.type);
     await page.fill(urlField, args.server);
+    // close the URL field's server-history list, which covers the Connect button
+    await page.evaluate(() => document.activeElement?.blur());
+    await page.locator('#api_button_textgenerationwebui').scrollIntoViewIfNeeded();
+    await sleep(300);
     await page.locator('#api_button_textgenerationwebui').click();
     const status = page.locator('#textgenerationwebui_api .online_status_text');
     await page.waitForFunction(() => {
@@ -71,15 +77,16 @@ try {
     await shoot(page, args.shots, `${name}-1-connect`);
 
     // response length, streaming and token probabilities, as set in the UI panels
-    await page.evaluate(({ tokens, stream, logprobs }) => {
+    await page.evaluate(({ tokens, context, stream, logprobs }) => {
         const $ = window.jQuery;
         $('#amount_gen').val(tokens).trigger('input');
+        $('#max_context').val(context).trigger('input');
         $('#streaming_textgenerationwebui').prop('checked', stream).trigger('input');
         $('#request_token_probabilities').prop('checked', logprobs).trigger('input');
-    }, { tokens: Number(args.tokens), stream: args.stream, logprobs: args.logprobs });
+    }, { tokens: Number(args.tokens), context: Number(args.context), stream: args.stream, logprobs: args.logprobs });
     await page.locator('#sys-settings-button .drawer-toggle').click();
 
-    // the default character; a fresh chat each run so runs do not see each other
+    // the default character (its one chat: earlier runs' messages stay in it, cut to the context)
     await page.evaluate(() => {
         const $ = window.jQuery;
         const card = $('.character_select').filter((i, e) => $(e).find('.ch_name').text().trim() === 'Seraphina');
