@@ -56,15 +56,26 @@ http.createServer((req, res) => {
             });
         });
         upstream.on('error', (err) => {
+            if (res.destroyed) return; // the app went away first: logged on close
             fs.appendFileSync(args.log, JSON.stringify({
                 time: new Date(started).toISOString(), method: req.method, path: req.url,
                 body: parsedOrText(body), status: null, error: String(err),
             }) + '\n');
+            if (res.headersSent) { res.end(); return; }
             res.writeHead(502, { 'content-type': 'text/plain' });
             res.end(`proxy: ${err}`);
         });
-        // the app closing its side (an abort) closes ours, as it would reach the server directly
-        res.on('close', () => { if (!res.writableFinished) upstream.destroy(); });
+        // the app closing its side (an abort) closes ours, as it would reach the server directly;
+        // the log says so, with the body the app had sent
+        res.on('close', () => {
+            if (res.writableFinished) return;
+            upstream.destroy();
+            fs.appendFileSync(args.log, JSON.stringify({
+                time: new Date(started).toISOString(), ms: Date.now() - started, method: req.method,
+                path: req.url, origin: req.headers.origin ?? null, body: parsedOrText(body), status: null,
+                error: 'the app closed the connection before the answer ended',
+            }) + '\n');
+        });
         upstream.end(body);
     });
 }).listen(Number(args.listen), '127.0.0.1', () => {
