@@ -50,4 +50,25 @@ export function writeResult(dir, name, result) {
     console.log(`result ${file}`);
 }
 
+/** Ends a driver run whatever happened: the error (if any) and what the page saw go into the result file. */
+export async function endRun({ page, browser, seen, shots, name, result, step, error }) {
+    if (error) {
+        step('DRIVER ERROR', String(error).split('\n')[0]);
+        await shoot(page, shots, `${name}-error`).catch(() => {});
+    }
+    result.page_console = seen.console;
+    result.page_http_errors = seen.http;
+    writeResult(shots, name, result);
+    await browser.close();
+}
+
+/** The command-line options every driver takes (parseArgs format). */
+export const commonOptions = {
+    server: { type: 'string', default: 'http://127.0.0.1:5000' },
+    tokens: { type: 'string', default: '60' },
+    shots: { type: 'string', default: '/work/apps/shots' },
+    name: { type: 'string' },
+    timeout: { type: 'string', default: '300' },
+};
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -7,22 +7,18 @@
 // usage: node kobold-lite.mjs --lite http://127.0.0.1:8124/klite.html --server http://127.0.0.1:5152 \
 //          --mode story|instruct --stream off|poll|sse [--abort] [--tokens 60] [--shots DIR] [--name N]
 import { parseArgs } from 'node:util';
-import { openBrowser, watchPage, shoot, writeResult, sleep } from './browser.mjs';
+import { openBrowser, watchPage, shoot, endRun, sleep, commonOptions } from './browser.mjs';
 
 const { values: args } = parseArgs({
     options: {
+        ...commonOptions,
         lite: { type: 'string', default: 'http://127.0.0.1:8124/klite.html' },
-        server: { type: 'string', default: 'http://127.0.0.1:5000' },
         mode: { type: 'string', default: 'story' },
         stream: { type: 'string', default: 'sse' },
         abort: { type: 'boolean', default: false },
-        tokens: { type: 'string', default: '60' },
         memory: { type: 'string', default: '[Genre: gothic horror. The narrator is Mara, a lighthouse keeper on a cold northern island.]' },
         story: { type: 'string', default: 'The lighthouse keeper had not seen a ship in eleven years. Then, one foggy night,' },
         instruction: { type: 'string', default: 'Write a short poem about a lighthouse in winter.' },
-        shots: { type: 'string', default: '/work/apps/shots' },
-        name: { type: 'string' },
-        timeout: { type: 'string', default: '300' },
     },
 });
 const opmode = { story: '1', instruct: '4' }[args.mode];
@@ -121,12 +117,7 @@ try {
     step('story', JSON.stringify(result.story.slice(-400)));
     await shoot(page, args.shots, `${name}-3-result`);
     result.message_box = await dismissMessageBox('after generation');
-} catch (err) {
-    step('DRIVER ERROR', String(err).split('\n')[0]);
-    await shoot(page, args.shots, `${name}-error`).catch(() => {});
-} finally {
-    result.page_console = seen.console;
-    result.page_http_errors = seen.http;
-    writeResult(args.shots, name, result);
-    await browser.close();
+    await endRun({ page, browser, seen, shots: args.shots, name, result, step });
+} catch (error) {
+    await endRun({ page, browser, seen, shots: args.shots, name, result, step, error });
 }

@@ -8,24 +8,20 @@
 //          --type ooba|koboldcpp|llamacpp|tabby [--stream] [--logprobs] [--scale 1.5] \
 //          [--negative "..."] [--tokens 60] [--context 2048] [--shots /work/apps/shots] [--name st-ooba]
 import { parseArgs } from 'node:util';
-import { openBrowser, watchPage, shoot, writeResult, sleep } from './browser.mjs';
+import { openBrowser, watchPage, shoot, endRun, sleep, commonOptions } from './browser.mjs';
 
 const { values: args } = parseArgs({
     options: {
+        ...commonOptions,
         st: { type: 'string', default: 'http://127.0.0.1:8123' },
-        server: { type: 'string', default: 'http://127.0.0.1:5000' },
         type: { type: 'string', default: 'ooba' },
         stream: { type: 'boolean', default: false },
         logprobs: { type: 'boolean', default: false },
         scale: { type: 'string', default: '1.5' },
         negative: { type: 'string', default: 'Write short, dull replies in the past tense.' },
         message: { type: 'string', default: 'Seraphina, tell me about the forest. What lives there?' },
-        tokens: { type: 'string', default: '60' },
         // SillyTavern's "Context (tokens)": smaller prompts for a slow CPU
         context: { type: 'string', default: '2048' },
-        shots: { type: 'string', default: '/work/apps/shots' },
-        name: { type: 'string' },
-        timeout: { type: 'string', default: '300' },
     },
 });
 const name = args.name ?? `st-${args.type}${args.stream ? '-stream' : ''}${args.logprobs ? '-logprobs' : ''}`;
@@ -148,12 +144,7 @@ try {
         step('logprobs panel', JSON.stringify(result.logprobs_panel.slice(0, 300)));
         await shoot(page, args.shots, `${name}-4-logprobs`);
     }
-} catch (err) {
-    step('DRIVER ERROR', String(err).split('\n')[0]);
-    await shoot(page, args.shots, `${name}-error`).catch(() => {});
-} finally {
-    result.page_console = seen.console;
-    result.page_http_errors = seen.http;
-    writeResult(args.shots, name, result);
-    await browser.close();
+    await endRun({ page, browser, seen, shots: args.shots, name, result, step });
+} catch (error) {
+    await endRun({ page, browser, seen, shots: args.shots, name, result, step, error });
 }
