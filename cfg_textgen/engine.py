@@ -40,6 +40,7 @@ import torch
 from .backends.transformers import REPLACEMENT, IncrementalDecoder, TransformersBackend  # noqa: F401
 from .context import context_length, eos_ids, fit_context  # noqa: F401  (context_length, eos_ids: API)
 from .errors import CFGTextgenError
+from .grammar import make_grammar
 from .guidance import MODES, cfg_combine, check_scale, opposing_token_ids
 from .samplers import pick_token
 
@@ -106,7 +107,7 @@ class Generation:
                  max_new_tokens: int = 200, stop: Sequence[str] = (), do_sample: bool = True,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  on_cut: Callable[[int, int], None] | None = None, ban_eos: bool = False,
-                 truncate: bool = True):
+                 truncate: bool = True, grammar: str = ""):
         self.backend = backend = as_backend(model, tokenizer)
         self.scale = check_scale(scale)
         if opposing_mode not in MODES:
@@ -161,6 +162,7 @@ class Generation:
         self._filled = len(self.prompt_ids)
         self._eos_index = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
         self._decoder = backend.decoder(self.prompt_ids)
+        self.grammar = make_grammar(backend, grammar) if grammar else None  # grammar.py
         self._start = time.perf_counter()
 
     def _fit(self, ids: list[int], on_cut, truncate: bool) -> list[int]:
@@ -196,9 +198,17 @@ class Generation:
         if self.ban_eos and len(self._eos_index):
             scores = scores.index_fill(-1, self._eos_index, float("-inf"))
         history = self._history[:, :self._filled]
+        guided = scores
         for processor in self.chain:
             scores = processor(history, scores)
+        if self.grammar is not None:
+            scores = self._grammar_allowed(history, guided, scores)
+            if not torch.isfinite(scores).any():  # complete, and its end is banned: nothing may follow
+                self.stop_reason = "stop"
+                return self._finish()
         tok = int(pick_token(scores, self.do_sample, self.generator))
+        if self.grammar is not None and tok not in self.eos:
+            self.grammar.accept(tok)
         if self.stats.first_token_seconds is None:
             self.stats.first_token_seconds = time.perf_counter() - self._start
         self._history[0, self._filled] = tok
@@ -218,6 +228,17 @@ class Generation:
             self.stop_reason = "max_tokens"
             return piece + self._finish()
         return piece
+
+    def _grammar_allowed(self, history, guided, scores):
+        """The chain's scores limited to what the grammar allows; if that leaves nothing, the
+        grammar filters the guided scores and the chain runs again (llama.cpp's resampling)."""
+        allowed = self.grammar.allowed(scores)
+        if torch.isfinite(allowed).any():
+            return allowed
+        scores = self.grammar.allowed(guided)
+        for processor in self.chain:
+            scores = processor(history, scores)
+        return self.grammar.allowed(scores)
 
     def _finish(self) -> str:
         self.done = True
@@ -287,7 +308,7 @@ def _preset_settings(backend, preset, generator) -> dict:
                 opposing_mode=preset.cfg.opposing_mode,
                 chain=build_chain(preset, backend.tokenizer, generator),
                 max_new_tokens=preset.max_new_tokens, stop=preset.stop, do_sample=preset.do_sample,
-                generator=generator)
+                generator=generator, grammar=preset.grammar)
 
 
 def stream_preset(model, tokenizer, prompt: str | Sequence[int], preset, *,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, create_model
 
 from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
 from .errors import APIError
-from .translate import KOBOLD_FLAVOUR, build_preset
+from .translate import KOBOLD_FLAVOUR, build_preset, check_request_grammar
 
 DEFAULT_MAX_LENGTH = 200  # KoboldCpp's default for a request without max_length
 VERSION = "1.82"  # the KoboldCpp API level these routes follow (Kobold Lite gates features on it)
@@ -43,7 +43,8 @@ def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
     if g.max_length >= service.n_ctx:
         raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
-    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
+    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence, vocab_size=service.vocab_size)
+    check_request_grammar(service, preset, body, ("grammar",))
     g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
     return g, preset
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
-from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
+from .translate import KOBOLD_FLAVOUR, build_preset, check_request_grammar, flavour_of_completion
 
 NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
                       "n", "presence_penalty", "stop", "stream", "suffix", "temperature", "top_p", "user", "seed"})
@@ -65,7 +65,8 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
     preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames, service.vocab_size)
+    check_request_grammar(service, preset, body, ("grammar_string", "grammar"))
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
 
