@@ -333,6 +333,8 @@ class Request:
     seed: int | None = None  # same seed + same request -> same text, whatever else runs
     ban_eos: bool = False
     truncate: bool = True  # False: a prompt longer than the window is an error
+    opposing_ids: tuple[int, ...] | None = None  # the opposing prompt as token ids (a chat rendered
+    # by its template), instead of the preset's opposing text
 
 
 _END = object()
@@ -446,9 +448,11 @@ class Scheduler:
         with self._setup:
             seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
             generator = torch.Generator(device=backend.device).manual_seed(int(seed))
+            settings = _preset_settings(backend, request.preset, generator)
+            if request.opposing_ids is not None:
+                settings.update(opposing_prompt=list(request.opposing_ids), opposing_mode="text")
             gen = Generation(backend, None, request.prompt, ban_eos=request.ban_eos,
-                             truncate=request.truncate, on_cut=lambda kept, total: None,
-                             **_preset_settings(backend, request.preset, generator))
+                             truncate=request.truncate, on_cut=lambda kept, total: None, **settings)
         gen._start = submitted
         job = Job(request, gen, submitted)
         job._wake = self._notify

@@ -17,6 +17,7 @@ What each app means (read from their sources):
 
 from __future__ import annotations
 
+import json
 import math
 
 from ._common import Builder
@@ -104,8 +105,127 @@ def add_token_steering(b: Builder, *, bias_key: str | None = None, ban_keys=(), 
             b.mapped(key, "logit_bias.ban")
         else:
             b.neutral(key, "empty")
+    _insert(b, bias, ban)
+
+
+# ---- preset files: NovelAI and SillyTavern -------------------------------------------------------
+
+
+def _id_list(value) -> list[int] | None:
+    """A JSON list of token ids (ints >= 0), else None."""
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in value):
+        return value
+    return None
+
+
+def _text_ids(text: str) -> list[int] | None:
+    """SillyTavern writes token ids as a JSON list in a text line ("[123, 456]")."""
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        return _id_list(json.loads(text))
+    except ValueError:
+        return None
+
+
+def _report_entries(b: Builder, key: str, kept: int, lost: list[str], target: str) -> None:
+    if kept and not lost:
+        b.mapped(key, target)
+    elif kept:
+        b.mapped(key, f"{target}; not carried: {'; '.join(lost)}")
+    elif lost:
+        b.dropped(key, "not carried: " + "; ".join(lost))
+    else:
+        b.neutral(key, "empty")
+
+
+def novelai_steering(b: Builder) -> None:
+    """NovelAI's `logit_bias_exp` ([{sequence, bias, ensure_sequence_finish, generate_once}]) and
+    `bad_words_ids` ([[ids]]): a bias or ban of ONE token maps (bias added to its logit); a
+    sequence of several tokens (NovelAI biases or bans the whole sequence as it is written) and
+    `generate_once` entries do not. The ids are NovelAI's tokenizer's, carried unchanged."""
+    bias: dict[int, float] = {}
+    ban: list[int] = []
+    if b.has("logit_bias_exp"):
+        raw = b.data["logit_bias_exp"]
+        lost = []
+        for i, e in enumerate(raw if isinstance(raw, list) else []):
+            seq = _id_list(e.get("sequence")) if isinstance(e, dict) else None
+            value = e.get("bias") if isinstance(e, dict) else None
+            if seq is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise b.error(f"logit_bias_exp[{i}]", f'must be {{"sequence": [token ids], "bias": number, ...}}, got {e!r}')
+            if e.get("enabled", True) is False:
+                continue
+            if len(seq) > 1:
+                lost.append(f"[{i}] biases a sequence of {len(seq)} tokens (no phrase bias here)")
+            elif e.get("generate_once"):
+                lost.append(f"[{i}] generate_once (the bias ends after the token is written once)")
+            else:
+                bias[seq[0]] = bias.get(seq[0], 0.0) + float(value)
+        if raw not in (None, []) and not isinstance(raw, list):
+            raise b.error("logit_bias_exp", f"must be a list of bias entries, got {raw!r}")
+        _report_entries(b, "logit_bias_exp", len(bias), lost, "logit_bias.bias (one-token entries)")
+    if b.has("bad_words_ids"):
+        raw = b.data["bad_words_ids"]
+        lost = []
+        for i, seq in enumerate(raw if isinstance(raw, list) else []):
+            ids = _id_list(seq)
+            if ids is None:
+                raise b.error(f"bad_words_ids[{i}]", f"must be a list of token ids, got {seq!r}")
+            if len(ids) == 1:
+                ban.append(ids[0])
+            else:
+                lost.append(f"[{i}] bans a sequence of {len(ids)} tokens (no phrase bans here)")
+        if raw not in (None, []) and not isinstance(raw, list):
+            raise b.error("bad_words_ids", f"must be a list of token-id lists, got {raw!r}")
+        _report_entries(b, "bad_words_ids", len(ban), lost, "logit_bias.ban (one-token entries)")
+    if bias or ban:
+        b.note("NovelAI's logit_bias_exp / bad_words_ids hold token ids of NovelAI's tokenizer; they are carried "
+               "unchanged and mean the same tokens only in a model with that tokenizer (Llama 3 for Erato).")
+    _insert(b, bias, ban)
+
+
+def sillytavern_steering(b: Builder) -> None:
+    """SillyTavern's `banned_tokens` (lines: `[ids]` are token ids, other lines text it tokenizes
+    with the model's tokenizer or, in quotes, phrases) and `logit_bias` ([{text, value}]: text as
+    `[ids]`, or text it tokenizes). Token ids map; text needs SillyTavern's tokenizer at request
+    time and is not carried."""
+    bias: dict[int, float] = {}
+    ban: list[int] = []
+    if b.has("banned_tokens"):
+        text = b.string("banned_tokens") or ""
+        lost = 0
+        for line in (line.strip() for line in text.splitlines()):
+            ids = _text_ids(line)
+            if ids is not None:
+                ban += ids
+            elif line:
+                lost += 1
+        _report_entries(b, "banned_tokens", len(ban), [f"{lost} text lines (SillyTavern tokenizes them; phrase "
+                                                       "bans are not supported)"] if lost else [], "logit_bias.ban")
+    if b.has("logit_bias"):
+        raw = b.list_("logit_bias") or []
+        lost = 0
+        for i, e in enumerate(raw):
+            value = e.get("value") if isinstance(e, dict) else None
+            ids = _text_ids(e.get("text", "")) if isinstance(e, dict) and isinstance(e.get("text"), str) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise b.error(f"logit_bias[{i}]", f'must be {{"text": ..., "value": number}}, got {e!r}')
+            if ids is None:
+                lost += 1
+                continue
+            for t in ids:
+                bias[t] = float(value)
+        _report_entries(b, "logit_bias", len(bias), [f"{lost} entries given as text (SillyTavern tokenizes them "
+                                                     "with the model's tokenizer)"] if lost else [], "logit_bias.bias")
+    _insert(b, bias, ban)
+
+
+def _insert(b: Builder, bias: dict[int, float], ban: list[int]) -> None:
     ban = sorted(set(ban))
-    bias = {t: v for t, v in bias.items() if t not in ban}
+    bias = {t: v for t, v in bias.items() if t not in ban and v != 0}
     if bias or ban:
         entry = {"sampler": "logit_bias"}
         if bias:
@@ -113,3 +233,18 @@ def add_token_steering(b: Builder, *, bias_key: str | None = None, ban_keys=(), 
         if ban:
             entry["ban"] = ban
         b.samplers.insert(0, entry)
+
+
+def export_entries(samplers: list[dict], report, fmt: str) -> tuple[dict[int, float], list[int]]:
+    """The bias and bans of a preset's logit_bias entries (all of them, merged), reported."""
+    bias: dict[int, float] = {}
+    ban: list[int] = []
+    for i, s in enumerate(samplers):
+        if s["sampler"] == "logit_bias":
+            for t, v in s["bias"].items():
+                bias[int(t)] = bias.get(int(t), 0.0) + v
+            ban += list(s["ban"])
+            if i != 0:
+                report.note(f"samplers[{i}]: {fmt} applies logit biases and bans before every sampler; "
+                            "the position in our order is not carried.")
+    return bias, sorted(set(ban))
