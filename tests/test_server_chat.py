@@ -9,9 +9,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from llamacpp_reference import LlamaRef, have_llama_cpp
-from server_process import ServerProcess
+from llamacpp_reference import have_llama_cpp
 from test_chat import smollm2_template
+from test_server_steering import ref, server  # noqa: F401  (the same llama.cpp server and reference)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python is not installed")]
@@ -22,19 +22,6 @@ MESSAGES = [{"role": "system", "content": "You write short gothic ghost stories.
 NEGATIVE_MESSAGES = [{"role": "system", "content": "You write cheerful children's stories."},
                      {"role": "user", "content": "Tell me about the lighthouse keeper."}]
 NEGATIVE = "A dull, generic story."
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess("--backend", "llama.cpp", "--parallel", "2")
-    yield srv
-    assert srv.terminate() == 0, srv.stderr()
-
-
-@pytest.fixture(scope="module")
-def ref():
-    with LlamaRef() as r:
-        yield r
 
 
 @pytest.fixture(scope="module")

@@ -13,46 +13,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat import ChatTemplateError
-from .bodies import Count, Flag, Int, Seed, Stops, Text, read
+from .bodies import Count, read
 from .errors import APIError, bad
 from .translate import WEBUI_FLAVOUR, build_preset, check_request_grammar
-from .webui import DEFAULT_MAX_TOKENS, MAX_N, NULLABLE, finish_reason, usage
+from .webui import DEFAULT_MAX_TOKENS, NULLABLE, ChoicesBody, finish_reason, usage
 
 CHAT_NULLABLE = NULLABLE | {"max_completion_tokens", "stream_options", "negative_messages", "response_format",
                             "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"}
 
 
-class ChatBody(BaseModel):
+class ChatBody(ChoicesBody):
     """POST /v1/chat/completions' envelope; `messages` and `negative_messages` are checked by
-    `messages_of`. Unknown keys are ignored (clients send OpenAI's whole parameter set)."""
-
-    model_config = ConfigDict(extra="ignore")
+    `messages_of`."""
 
     messages: Any = None
     negative_messages: Any = None
-    max_tokens: Count = None
     max_completion_tokens: Count = None  # OpenAI's newer name; wins when both are sent
-    max_new_tokens: Count = None
-    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
-    seed: Seed = None
-    stop: Stops = []
-    stopping_strings: Stops = []
-    stream: Flag = False
-    ban_eos_token: Flag = False
-    truncate: Flag = True
-    preset: Text = None
 
     @property
     def length_field(self) -> str:
-        for field in ("max_completion_tokens", "max_tokens", "max_new_tokens"):
-            if getattr(self, field) is not None:
-                return field
-        return "max_tokens"
+        return "max_completion_tokens" if self.max_completion_tokens is not None else super().length_field
 
 
 def messages_of(field: str, value) -> list[dict]:

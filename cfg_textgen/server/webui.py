@@ -24,13 +24,13 @@ DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
 
 
-class CompletionBody(BaseModel):
-    """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
-    the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
+class ChoicesBody(BaseModel):
+    """What /v1/completions and /v1/chat/completions share: lengths, `n`, seeds, stops, flags. A
+    field typed without None may be absent but not null (as in the web UI's typing.py); NULLABLE's
+    nulls are dropped before. Unknown keys are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Prompt
     max_tokens: Count = None
     max_new_tokens: Count = None
     n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
@@ -38,17 +38,23 @@ class CompletionBody(BaseModel):
     stop: Stops = []
     stopping_strings: Stops = []
     stream: Flag = False
-    echo: Flag = False
     ban_eos_token: Flag = False
     truncate: Flag = True
-    truncation_length: Annotated[Int, Field(ge=0)] = None
-    add_bos_token: Flag = True
     preset: Text = None
 
     @property
     def length_field(self) -> str:
         """The field that sets the length: `max_tokens` wins when both are sent."""
         return "max_tokens" if self.max_tokens is not None else "max_new_tokens"
+
+
+class CompletionBody(ChoicesBody):
+    """POST /v1/completions' envelope."""
+
+    prompt: Prompt
+    echo: Flag = False
+    truncation_length: Annotated[Int, Field(ge=0)] = None
+    add_bos_token: Flag = True
 
 
 def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
