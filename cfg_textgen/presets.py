@@ -416,6 +416,9 @@ def build_processors(preset: Preset, model=None, tokenizer=None, generator=None)
 
     from .guidance import CFGLogitsProcessor
 
+    if preset.grammar:  # transformers has no grammar engine; the llama.cpp backend's engine does it
+        raise CFGTextgenError(f"preset {preset.name}: grammar: GBNF grammars need the llama.cpp backend "
+                              "(the streaming engine on a .gguf model), not model.generate")
     processors = LogitsProcessorList()
     if preset.cfg.active:
         if model is None:

@@ -98,3 +98,11 @@ def test_invalid_grammar_says_why(backend):
         make_grammar(backend, 'root ::= ("yes" | ')
     with pytest.raises(GrammarError, match="empty"):
         make_grammar(backend, "  ")
+
+
+def test_generate_kwargs_refuses_a_grammar_naming_it(tiny_model, tiny_tokenizer):
+    from cfg_textgen.errors import CFGTextgenError
+    from cfg_textgen.presets import generate_kwargs
+
+    with pytest.raises(CFGTextgenError, match="preset g: grammar: GBNF grammars need the llama.cpp backend"):
+        generate_kwargs(parse_preset({"name": "g", "grammar": YES_NO}), tiny_model, tiny_tokenizer)
