@@ -27,6 +27,7 @@ from ..errors import CFGTextgenError
 from . import chat, kobold, webui
 from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite
+from .requestlog import SKIPPED_HEADER, RequestLog
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
 
@@ -216,8 +217,9 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
 async def completions(request: Request):
     service = request.app.state.service
     c, preset = webui.parse_completion(await read_json(request), service)
+    request.state.skipped_samplers = c.skipped_samplers
     jobs = submit_choices(service, c, c.prompt, preset)
-    prompt_tokens = len(service.tokenize(c.prompt)) if isinstance(c.prompt, str) else len(c.prompt)
+    prompt_tokens = _used(request, jobs)
     echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
     cid, model = webui.new_id(), service.model_name
     return await answer(request, jobs, c.stream,
@@ -230,15 +232,25 @@ async def completions(request: Request):
 async def chat_completions(request: Request):
     service = request.app.state.service
     c, preset, prompt, opposing = chat.parse_chat(await read_json(request), service)
+    request.state.skipped_samplers = c.skipped_samplers
     jobs = submit_choices(service, c, prompt, preset, opposing)
+    prompt_tokens = _used(request, jobs)
     cid, model = chat.new_id(), service.model_name
     return await answer(request, jobs, c.stream,
-                        whole=lambda: chat.chat_response(cid, model, jobs, len(prompt)),
+                        whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens),
                         chunk=lambda i, text, reason: chat.chat_chunk(cid, model, i, {"content": text} if text else {},
                                                                       reason),
-                        usage=lambda: webui.usage(jobs, len(prompt)),
+                        usage=lambda: webui.usage(jobs, prompt_tokens),
                         opening=[chat.chat_chunk(cid, model, i, {"role": "assistant", "content": ""})
                                  for i in range(len(jobs))])
+
+
+def _used(request: Request, jobs) -> int:
+    """The prompt tokens the model saw (after the client's and the window's cuts), for `usage` and
+    the request log, which also counts the jobs' new tokens."""
+    request.state.jobs = jobs
+    request.state.prompt_tokens = jobs[0].stats.kept_tokens
+    return request.state.prompt_tokens
 
 
 def _sse(data: dict) -> str:
@@ -295,10 +307,10 @@ async def stop_generation(request: Request):
 def _kobold_job(request: Request, body: dict):
     service = request.app.state.service
     g, preset = kobold.parse_generate(body, service)
+    request.state.skipped_samplers = g.skipped_samplers
     job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
-                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
-    prompt_tokens = len(service.tokenize(g.prompt)) if isinstance(g.prompt, str) else len(g.prompt)
-    return job, prompt_tokens
+                 ban_eos=g.bans_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
+    return job, _used(request, [job])
 
 
 async def kobold_generate(request: Request):
@@ -413,7 +425,9 @@ class APIKey:
         return await self.app(scope, receive, send)
 
 
-def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> Starlette:
+def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
+               request_log=None) -> Starlette:
+    """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request."""
     routes = [
         Route("/v1/models", models), Route("/v1/models/{model:path}", model_detail),
         Route("/v1/internal/model/info", model_info), Route("/v1/internal/health", health),
@@ -437,7 +451,8 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
     middleware = []
     if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
-                                     allow_headers=["*"]))
+                                     allow_headers=["*"], expose_headers=[SKIPPED_HEADER]))
+    middleware.append(Middleware(RequestLog, log=request_log))  # outside the key check: 401s are logged too
     middleware.append(Middleware(APIKey, key=api_key))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash})

@@ -79,8 +79,8 @@ def parse_chat(body: dict, service) -> tuple[ChatBody, object, list[int], list[i
     if c.negative_messages is not None and body.get("negative_prompt"):
         raise APIError(400, "give `negative_prompt` (text) or `negative_messages` (a conversation), not both",
                        "negative_messages")
-    preset = build_preset(body, WEBUI_FLAVOUR, max_new, c.stop + c.stopping_strings, c.preset, None,
-                          service.vocab_size)
+    preset, c._skipped = build_preset(body, WEBUI_FLAVOUR, max_new, c.stop + c.stopping_strings, c.preset, None,
+                                      service.vocab_size)
     check_request_grammar(service, preset, body, ("grammar_string", "grammar"))
     prompt = _rendered(service, "messages", messages)
     opposing = None

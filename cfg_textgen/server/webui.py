@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field, create_model
 
-from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from .bodies import Count, Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, check_request_grammar, flavour_of_completion
 
@@ -24,12 +24,10 @@ DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
 
 
-class ChoicesBody(BaseModel):
+class ChoicesBody(Envelope):
     """What /v1/completions and /v1/chat/completions share: lengths, `n`, seeds, stops, flags. A
     field typed without None may be absent but not null (as in the web UI's typing.py); NULLABLE's
     nulls are dropped before. Unknown keys are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
     max_tokens: Count = None
     max_new_tokens: Count = None
@@ -70,8 +68,8 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
         prompt = service.tokenize(prompt, special=False) or prompt
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
-    preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames, service.vocab_size)
+    preset, c._skipped = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
+                                      c.preset if flavour != KOBOLD_FLAVOUR else None, renames, service.vocab_size)
     check_request_grammar(service, preset, body, ("grammar_string", "grammar"))
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
