@@ -17,7 +17,7 @@ from ..errors import CFGTextgenError
 from . import logprobs
 from .bodies import Count, Envelope, Flag, Seed, Stops, Text, TextPrompt, read
 from .errors import APIError
-from .translate import KOBOLD_FLAVOUR, build_preset
+from .translate import KOBOLD_FLAVOUR, build_preset, check_request_grammar
 
 DEFAULT_MAX_LENGTH = 200  # KoboldCpp's default for a request without max_length
 VERSION = "1.82"  # the KoboldCpp API level these routes follow (Kobold Lite gates features on it)
@@ -56,7 +56,8 @@ def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
         raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
     preset, g._skipped = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence,
-                                  defaults=service.defaults)
+                                  defaults=service.defaults, vocab_size=service.vocab_size)
+    check_request_grammar(service, preset, body, ("grammar",))
     if g.memory:
         try:
             g.prompt = service.fit_memory(g.memory, g.prompt, g.max_context_length, g.max_length)

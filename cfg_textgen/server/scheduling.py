@@ -48,6 +48,14 @@ class Service:
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (chat.py); the
+        template writes its own special tokens, so none are added."""
+        from ..chat import render, template_of
+
+        template, special = template_of(self.backend)
+        return self.tokenize(render(template, messages, special), special=False)
+
     def detokenize(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -88,11 +96,12 @@ class Service:
 
     # -- jobs
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",
-               genkey=None, logprobs: int | None = None):
+               genkey=None, logprobs: int | None = None, opposing_ids=None):
         if seed is None:
             seed = random.randrange(2**31)
         job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
-                                            truncate=truncate, logprobs=logprobs))
+                                            truncate=truncate, logprobs=logprobs,
+                                            opposing_ids=opposing_ids))
         job.seed = seed
         with self._lock:
             self.last_request = time.time()
