@@ -80,7 +80,7 @@ def parse_chat(body: dict, service) -> tuple[ChatBody, object, list[int], list[i
         raise APIError(400, "give `negative_prompt` (text) or `negative_messages` (a conversation), not both",
                        "negative_messages")
     preset, c._skipped = build_preset(body, WEBUI_FLAVOUR, max_new, c.stop + c.stopping_strings, c.preset, None,
-                                      service.vocab_size)
+                                      defaults=service.defaults, vocab_size=service.vocab_size)
     check_request_grammar(service, preset, body, ("grammar_string", "grammar"))
     prompt = _rendered(service, "messages", messages)
     opposing = None

@@ -30,7 +30,7 @@ SAMPLER_KEYS = {WEBUI_FLAVOUR: textgen_webui.PRESET_KEYS - {"guidance_scale", "n
 
 
 def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
-                 preset_name: str | None = None, renames: dict[str, str] | None = None, defaults=None,
+                 preset_name: str | None = None, renames: dict[str, str] | None = None, *, defaults=None,
                  vocab_size: int | None = None):
     """(Preset, skipped) for a request: samplers and CFG from the flavour's importer, the server's
     defaults where the request is silent (defaults.py), or a built-in preset named by the web UI's
