@@ -17,7 +17,7 @@ API_KEY_ENV = "CFG_TEXTGEN_API_KEY"
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
-          api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
+          runtime=None, api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
           log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> int:
     import uvicorn
 
@@ -28,9 +28,12 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
     if host not in LOOPBACK and not api_key:
         log(f"warning: serving on {host} without an API key: anyone who can reach this port can use "
             f"the model. Set --api-key or {API_KEY_ENV}.")
-    service = Service(model, backend=backend, parallel=parallel, log=log)
+    service = Service(model, backend=backend, parallel=parallel, runtime=runtime, log=log)
     log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
         f"together; context {service.n_ctx} tokens)")
+    memory = kv_memory_line(service.backend, parallel)
+    if memory:
+        log(memory)
     app = create_app(service, api_key=api_key, cors_origins=cors_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE, lifespan="off")
@@ -43,6 +46,18 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
         service.close(finish=False)  # anything still running after the grace period ends now
     log("server stopped")
     return 0
+
+
+def kv_memory_line(backend, parallel: int) -> str | None:
+    """What the llama.cpp KV cache of `parallel` requests takes (None on transformers, whose
+    caches grow with each request)."""
+    kv_bytes = getattr(backend, "kv_bytes", None)
+    if kv_bytes is None:
+        return None
+    rt = backend.runtime
+    return (f"KV cache: {kv_bytes() / 2**20:,.0f} MiB for --parallel {parallel} ({parallel} requests x "
+            f"2 sequences (story, opposing prompt) x {backend.seq_cells} tokens, K {rt.cache_type_k} / "
+            f"V {rt.cache_type_v}); --ctx-size and --cache-type-k/-v q8_0 make it smaller")
 
 
 def _show(host: str) -> str:
