@@ -53,7 +53,8 @@ TURN2_EXTRA = 40
 
 
 class LlamaCppPythonServer:
-    """`python -m llama_cpp.server` on a free local port (its own prompt cache on)."""
+    """`python -m llama_cpp.server` on a free local port: its prompt cache on, and flash attention
+    on as llama.cpp's "auto" turns it on for ours (its own default is off)."""
 
     def __init__(self, model: Path, threads: int, n_ctx: int, timeout: float = 600):
         from server_process import free_port
@@ -65,7 +66,7 @@ class LlamaCppPythonServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(self.port),
              "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-             "--cache", "true", "--verbose", "false"],
+             "--flash_attn", "true", "--cache", "true", "--verbose", "false"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         _wait_up(self.url, self.proc, timeout, self.log_path)
 

@@ -220,8 +220,8 @@ def test_scheduler_identical_long_prompt_greedy_jobs_at_once_equal_alone():
     Failed before the fix (2 of 2 and 4 of 4 texts parted at token 20): a lone scale-1 job steps
     one token, and with 2 threads ggml's CPU flash attention splits that query's keys (512+ cells
     once the story passes 256 tokens) into one chunk per thread, while several jobs' step runs
-    each query whole. The backend now decodes single tokens on one thread (n_threads=2 here so the
-    split would happen)."""
+    each query whole. In the deterministic mode the backend decodes single tokens on one thread
+    (n_threads=2 here so the split would happen)."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
     from cfg_textgen.presets import parse_preset
