@@ -27,5 +27,7 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q
 
+# the bench extra adds llama-cpp-python's own server (the baseline of the writers section)
 bench: setup
+	$(PYTHON) -m pip install -e ".[bench]"
 	$(PYTHON) benchmarks/run_all.py

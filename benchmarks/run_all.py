@@ -12,9 +12,11 @@
 Sections: decode (tokens/s of the CFG paths, with token-for-token checks), growth (CFG overhead vs
 generated length), samplers (the full chain per token), stream_decode (text decoding per token,
 DecodeStream vs the re-decoding fallback, 10 to 4,000 tokens), memory (peak RSS, child processes),
-startup (first streamed token, child processes), llamacpp (issue 11: our llama.cpp backend vs
+startup (first streamed token, child processes), llamacpp (our llama.cpp backend vs
 bare llama.cpp loops and the transformers engine, sampler chains per preset, time to first token,
-memory, CLI start; `--only llamacpp` runs just that). Exit code 1 if two paths that must agree gave
+memory, CLI start; `--only llamacpp` runs just that), writers (a 1B/3B/7B-shaped model or your own
+GGUF: llama-cpp-python's server vs `cfg-textgen serve`, bare loops vs ours; bench_writers.py;
+`--writers-shape 7b`, `--writers-model PATH`). Exit code 1 if two paths that must agree gave
 different tokens (nothing is written then) or a section crashed; a missed target is reported in
 the table, not in the exit code (these are measurements on a shared machine, not tests).
 """
@@ -31,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("decode", "growth", "samplers", "stream_decode", "memory", "startup", "llamacpp")
+SECTIONS = ("decode", "growth", "samplers", "stream_decode", "memory", "startup", "llamacpp", "writers")
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -43,6 +45,12 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own, = cores)")
     ap.add_argument("--llama-threads", type=int, default=2,
                     help="llama.cpp threads in the llamacpp section (default 2, as in issue 11)")
+    ap.add_argument("--writers-shape", default="1b", choices=["1b", "3b", "7b"],
+                    help="the random-weight model shape of the writers section (default 1b)")
+    ap.add_argument("--writers-model", metavar="GGUF",
+                    help="run the writers section on your own GGUF instead of a random-weight shape")
+    ap.add_argument("--writers-threads", type=int,
+                    help="llama.cpp threads in the writers section (default: the physical cores)")
     ap.add_argument("--profile-startup", action="store_true",
                     help="also profile the warm start (-X importtime, py-spy)")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -59,9 +67,7 @@ def main(argv=None) -> int:
     if args.threads:  # before torch is imported, so child processes get the same
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    # as `import cfg_textgen` does before torch: idle OpenMP threads (torch's, and llama.cpp's ggml,
-    # which shares the runtime) wait passively instead of spinning on cores others use
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    # OpenMP's waiting (OMP_WAIT_POLICY) is left as the user's environment has it, as cfg_textgen does
     sys.path.insert(0, str(HERE))
     import torch
 
@@ -150,10 +156,15 @@ def run_section(name, args):
         import bench_memory
 
         return bench_memory.run(args.quick)
-    if name == "llamacpp":  # last: our llama.cpp backend sets torch to 1 thread in this process
+    if name == "llamacpp":  # late: it sets torch to 1 thread in this process, as the CLI does for llama.cpp
         import bench_llamacpp
 
         return bench_llamacpp.run(args.quick, args.reps, args.llama_threads)
+    if name == "writers":
+        import bench_writers
+
+        return bench_writers.run(args.writers_shape, args.writers_model, args.quick, args.writers_threads,
+                                 args.reps)
     import bench_startup
 
     return bench_startup.run(args.quick, args.profile_startup)

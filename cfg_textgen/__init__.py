@@ -3,19 +3,7 @@
     from cfg_textgen import CFGLogitsProcessor, load_model
 """
 
-import importlib.util as _util
-import os as _os
-
 __version__ = "0.1.0"
-
-# llama.cpp's CPU threads are OpenMP threads from the same libgomp.so.1 that torch loads first (the
-# loader shares one copy), which reads OMP_WAIT_POLICY once, at torch's import. Spinning idle
-# threads take the cores from the other library's work and, on a busy machine, from llama.cpp
-# itself: measured on 2 loaded cores, llama.cpp with 2 threads decoded 9 tokens/s spinning and
-# 73 passive. So when llama.cpp may run, set it before anything imports torch; a value the user
-# set wins.
-if _util.find_spec("llama_cpp") is not None:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 _LAZY = {
     "CFGLogitsProcessor": "guidance",

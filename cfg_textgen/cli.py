@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .cli_options import model_options
 from .errors import CFGTextgenError
 
 
@@ -22,6 +23,9 @@ class _Group(click.Group):
         except CFGTextgenError as err:
             if os.environ.get("CFG_TEXTGEN_DEBUG"):
                 raise
+            flag = getattr(err, "flag", None)  # a runtime setting the model refused
+            if flag:
+                raise click.BadParameter(str(err), param_hint=f"'{flag}'") from err
             raise click.ClickException(str(err)) from err
 
 
@@ -194,15 +198,6 @@ def _check_scale(ctx, param, value):
     return value
 
 
-def _check_model(ctx, param, value):
-    from .models import DEFAULT_NAME
-
-    if value is not None and value not in ("default", DEFAULT_NAME) and not os.path.exists(value):
-        raise click.BadParameter(f"{value}: no such file or folder (give a local model folder or "
-                                 f".gguf file; leave --model out for the embedded default)")
-    return value
-
-
 def _read_opposing_file(ctx, param, value):
     if value is None:
         return None
@@ -257,24 +252,12 @@ def _generation_options(f):
         click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), callback=_read_grammar_file,
                      metavar="FILE", help="A GBNF grammar (rule root) the text must follow; llama.cpp backend."),
         click.option("--seed", type=int, metavar="S", help="Random seed, for repeatable sampling."),
-        click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
-                     help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
-        _backend_options,
+        model_options,
         _verbose_option,
     ]
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def _backend_options(f):
-    """--backend / --threads: every command that runs the model (write, generate, sweep, explain, eval)."""
-    f = click.option("--threads", type=click.IntRange(min=1), metavar="N",
-                     help="CPU threads for llama.cpp (default: the physical cores).")(f)
-    return click.option("--backend", "backend_name", type=click.Choice(["transformers", "llama.cpp"]),
-                        default=None,
-                        help="Where the model runs (default: llama.cpp for .gguf files and the default "
-                             "model when llama-cpp-python is installed, else transformers).")(f)
 
 
 def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file=None):
@@ -311,7 +294,7 @@ def _verbose_option(f):
                         help="Show transformers' own loading progress bars (default: one status line).")(f)
 
 
-def _load(model_spec, verbose=False, backend_name=None, threads=None):
+def _load(model, verbose=False):
     """Load the model with ONE status line on stderr ("loading model X ... ready in 1.2 s").
 
     transformers draws a "Loading weights" progress bar (and "Writing model shards" when the
@@ -324,9 +307,9 @@ def _load(model_spec, verbose=False, backend_name=None, threads=None):
     from .models import choose_backend, load_backend
 
     try:
-        name = choose_backend(model_spec, backend_name, _say)
+        name = choose_backend(model.spec, model.backend, _say)
     except BackendUnavailable as err:  # only an explicit --backend llama.cpp gets here: name the flag
-        raise BackendUnavailable(f"--backend {backend_name}: {err}") from None
+        raise BackendUnavailable(f"--backend {model.backend}: {err}") from None
     if name == "transformers":  # (llama.cpp loads without bars)
         from transformers.utils import logging as hf_logging
 
@@ -342,10 +325,10 @@ def _load(model_spec, verbose=False, backend_name=None, threads=None):
             open_line[0] = False
         _say(msg)
 
-    _say(f"loading model {model_spec or 'default (SmolLM2-135M-Instruct)'} ...", nl=verbose)
+    _say(f"loading model {model.spec or 'default (SmolLM2-135M-Instruct)'} ...", nl=verbose)
     t0 = time.perf_counter()
     try:
-        loaded = load_backend(model_spec, name, n_threads=threads, log=log)
+        loaded = load_backend(model.spec, name, runtime=model.runtime, log=log)
     except BaseException:
         if open_line[0]:
             _say("")
@@ -354,11 +337,11 @@ def _load(model_spec, verbose=False, backend_name=None, threads=None):
     return loaded
 
 
-def _start(model_spec, seed, backend_name=None, threads=None, verbose=False):
+def _start(model, seed, verbose=False):
     """Load the model on its backend (one status line on stderr) and make the random generator."""
     import torch
 
-    backend = _load(model_spec, verbose, backend_name=backend_name, threads=threads)
+    backend = _load(model, verbose)
     generator = torch.Generator(device=backend.device).manual_seed(seed) if seed is not None else None
     return backend, generator
 
@@ -388,8 +371,8 @@ def _exit_interrupted(ctx, err):
 @click.option("--interactive", "-i", is_flag=True,
               help="After each continuation, read a line: Enter continues, text is added, /help.")
 @click.pass_context
-def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model_spec,
-          backend_name, threads, verbose, interactive):
+def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model, verbose,
+          interactive):
     """Continue the story in STORY.txt, streaming the new text to the screen and into the file.
 
     A missing file starts a new story. Every piece is in the file before it is shown, so after
@@ -409,7 +392,7 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, g
     story = Story.open(story_file)  # not UTF-8 / not writable: an error before any generation
     with SignalGuard() as guard:
         try:
-            backend, generator = _start(model_spec, seed, backend_name, threads, verbose)
+            backend, generator = _start(model, seed, verbose)
             _check_grammar(backend, preset, grammar_file)
             _say(describe(preset))
             session = WriteSession(story, preset, _stream_factory(backend, generator),
@@ -427,8 +410,7 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, g
 @click.argument("prompt")
 @_generation_options
 @click.pass_context
-def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model_spec,
-             backend_name, threads, verbose):
+def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model, verbose):
     """Stream one continuation of PROMPT to stdout (nothing is written to disk).
 
     \b
@@ -442,7 +424,7 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, gr
     preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file)
     with SignalGuard() as guard:
         try:
-            backend, generator = _start(model_spec, seed, backend_name, threads, verbose)
+            backend, generator = _start(model, seed, verbose)
             _check_grammar(backend, preset, grammar_file)
             _say(describe(preset))
             stream = _stream_factory(backend, generator)(prompt, preset)
@@ -462,9 +444,7 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, gr
 
 
 @main.command("serve")
-@click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
-              help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct).")
-@click.option("--backend", metavar="NAME", default=None, help="Inference backend (default: the engine's choice).")
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback needs --api-key (or a warning is printed).")
 @click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
@@ -485,8 +465,7 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, gr
                    "--preset's; \"\" = a blank story).")
 @click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
                                             "method, path, status, prompt/new tokens, time).")
-def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale,
-          opposing):
+def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale, opposing):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -507,8 +486,8 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quie
 
     preset = _load_preset_or_bad(preset_name, "'--preset'") if preset_name is not None else None
     defaults = ServerDefaults(preset, cfg_scale, opposing)
-    sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
-                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
+    sys.exit(run(host=host, port=port, model=model.spec, backend=model.backend, runtime=model.runtime,
+                 api_key=api_key, cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
                  defaults=defaults))
 
 
@@ -516,13 +495,10 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quie
 
 
 def _analysis_model_options(default_tokens: int):
-    """--model / --backend / --threads / --seed / --preset / --opposing / --tokens for sweep and explain."""
+    """The model bundle, --seed / --preset / --opposing / --tokens for sweep and explain."""
     def decorate(f):
         for opt in reversed([
-            click.option("--model", "model_spec", metavar="PATH", default=None,
-                         help="A Hugging Face model folder or a .gguf file (default: the embedded "
-                              "SmolLM2-135M)."),
-            _backend_options,
+            model_options,
             click.option("--seed", type=int, default=None,
                          help="Random seed, the same for every scale (default: a random one, printed "
                               "on stderr)."),
@@ -541,8 +517,7 @@ def _analysis_model_options(default_tokens: int):
     return decorate
 
 
-def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tokens, prompt, verbose=False,
-                    backend_name=None, threads=None):
+def _analysis_setup(model, seed, preset_name, opposing, tokens, default_tokens, prompt, verbose=False):
     """Load the preset and the model on its backend, pick the seed, encode the prompt: everything
     sweep and explain share. Generation is the engine's (the same as `write`) on that backend."""
     import secrets
@@ -557,7 +532,7 @@ def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tok
     if seed is None:
         seed = secrets.randbelow(2**31)
         click.echo(f"seed {seed} (repeat with --seed {seed})", err=True)
-    backend = _load(model_spec, verbose, backend_name=backend_name, threads=threads)
+    backend = _load(model, verbose)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     prompt_ids = encode_prompt(None, prompt, backend, reserve=tokens, log=log)
     generate_fn = make_engine_generate_fn(backend, preset, seed=seed, max_new_tokens=tokens, opposing=opp)
@@ -572,8 +547,7 @@ def _analysis_setup(model_spec, seed, preset_name, opposing, tokens, default_tok
 @_analysis_model_options(default_tokens=60)
 @click.option("--report", "report_path", metavar="FILE.html", default=None,
               help="Also write a self-contained HTML report with a plot (needs matplotlib).")
-def sweep_command(prompt, scales, model_spec, backend_name, threads, seed, preset_name, opposing, tokens,
-                  verbose, report_path):
+def sweep_command(prompt, scales, model, seed, preset_name, opposing, tokens, verbose, report_path):
     """Continue PROMPT once per CFG scale with the same seed, show the texts side by side, and
     measure each: fluency under the plain model, entropy of the guided distribution, distinct-2,
     repeated 3-grams, and how far it is from the scale-1 text.
@@ -590,7 +564,7 @@ def sweep_command(prompt, scales, model_spec, backend_name, threads, seed, prese
     if report_path:
         report.require_matplotlib()  # fail before minutes of generation, not after
     preset, backend, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
-        model_spec, seed, preset_name, opposing, tokens, 60, prompt, verbose, backend_name, threads)
+        model, seed, preset_name, opposing, tokens, 60, prompt, verbose)
     # every scale side by side: one decode per step for all of them on llama.cpp
     rows = sweep(backend, None, prompt_ids, scale_list, generate_fn, opp,
                  progress=report.ProgressBar("sweep"))
@@ -599,7 +573,7 @@ def sweep_command(prompt, scales, model_spec, backend_name, threads, seed, prese
     click.echo(report.format_metrics(rows))
     click.echo(report.METRIC_HELP)
     if report_path:
-        settings = {"model": model_spec or "default (SmolLM2-135M-Instruct)", "backend": backend.name,
+        settings = {"model": model.spec or "default (SmolLM2-135M-Instruct)", "backend": backend.name,
                     "preset": preset.name,
                     "seed": seed, "tokens": tokens,
                     "opposing": "last prompt token" if opp.mode == "last-token" else (opp.prompt or "(blank story)")}
@@ -615,8 +589,7 @@ def sweep_command(prompt, scales, model_spec, backend_name, threads, seed, prese
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="Candidates shown before and after guidance.")
 @_analysis_model_options(default_tokens=20)
-def explain_command(prompt, scale, top, model_spec, backend_name, threads, seed, preset_name, opposing, tokens,
-                    verbose):
+def explain_command(prompt, scale, top, model, seed, preset_name, opposing, tokens, verbose):
     """Continue PROMPT with CFG and show, for every generated token, the top candidates before
     guidance (the plain model) and after it, marking the candidate CFG promoted most (+) and the one
     it demoted most (-). "After" is the guided distribution before the preset's samplers.
@@ -630,7 +603,7 @@ def explain_command(prompt, scale, top, model_spec, backend_name, threads, seed,
     from .report import format_explain, printable
 
     preset, backend, prompt_ids, generate_fn, opp, seed, tokens = _analysis_setup(
-        model_spec, seed, preset_name, opposing, tokens, 20, prompt, verbose, backend_name, threads)
+        model, seed, preset_name, opposing, tokens, 20, prompt, verbose)
     if scale is None:
         scale = preset.cfg.scale if preset_name and preset.cfg.active else 1.5
     try:
@@ -682,12 +655,9 @@ def _check_out_folder(ctx, param, value):
               help="Also write every example's prediction (one JSON object per example and scale).")
 @click.option("--batch", type=click.IntRange(1, 16), default=8, show_default=True, metavar="N",
               help="Examples (times scales) decoded side by side.")
-@click.option("--model", "model_spec", metavar="PATH", default=None,
-              help="A Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M).")
-@_backend_options
+@model_options
 @_verbose_option
-def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, batch, out_path, model_spec,
-                         backend_name, threads, verbose):
+def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, batch, out_path, model, verbose):
     """LAMBADA last-word accuracy per CFG scale (zero-shot, greedy), as in Table 1 of Sanchez et al.
     2023. FILE has one JSON object per line with a "text" field; the target is its last
     whitespace-separated word.
@@ -708,7 +678,7 @@ def eval_lambada_command(file, scales, limit, opposing, rule, max_tokens, batch,
 
     scale_list = parse_scales(scales)
     examples = read_lambada(file, limit)
-    backend = _load(model_spec, verbose, backend_name=backend_name, threads=threads)
+    backend = _load(model, verbose)
     results = eval_lambada(backend, None, examples, scale_list, lambada_opposing(opposing), max_tokens,
                            progress=ProgressBar("lambada"), rule=rule, lanes=batch)
     click.echo(f"LAMBADA last-word accuracy: {file}, {len(examples)} examples, greedy, "

@@ -535,9 +535,6 @@ class Scheduler:
         job._end(reason, error)
 
     def _loop(self) -> None:
-        threads = getattr(self.backend, "torch_threads", None)
-        if threads is not None:  # OpenMP's thread count is per thread: set it here too
-            torch.set_num_threads(threads)
         while True:
             with self._cv:
                 while not (self._pending or self._active or self._closing):

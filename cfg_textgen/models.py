@@ -174,20 +174,29 @@ def choose_backend(spec: str | Path | None = None, backend: str | None = None, l
 
 
 def load_backend(spec: str | Path | None = None, backend: str | None = None, *, pairs: int = 1,
-                 n_ctx: int | None = None, n_threads: int | None = None, use_cache: bool = True,
-                 log: Log = _stderr):
-    """The engine's backend for a model spec (see `load_model`), on `choose_backend`'s backend.
-    `pairs`, `n_ctx` and `n_threads` size the llama.cpp context (ignored on transformers)."""
+                 runtime=None, use_cache: bool = True, log: Log = _stderr):
+    """The engine's backend for a model spec (see `load_model`), on `choose_backend`'s backend,
+    with the process-wide settings decided first (`runtime.configure_process`). `runtime` (a
+    `runtime.RuntimeSettings`) says how it runs; `pairs` sizes the llama.cpp context. On
+    transformers, settings only llama.cpp has are an error naming them."""
+    from .runtime import RuntimeSettings, RuntimeSettingsError, configure_process
+
+    runtime = runtime or RuntimeSettings()
     name = choose_backend(spec, backend, log)
+    configure_process(name, runtime)
     if name == "llama.cpp":
         from .backends.llama_cpp import LlamaCppBackend
 
         kind, path = _model_kind(spec)
-        return LlamaCppBackend(default_gguf_path() if kind == "default" else path, pairs=pairs,
-                               n_ctx=n_ctx, n_threads=n_threads)
+        return LlamaCppBackend(default_gguf_path() if kind == "default" else path, runtime, pairs=pairs)
+    unused = runtime.llama_only()
+    if unused:
+        raise RuntimeSettingsError(unused[0], f"`{unused[0]}` is a llama.cpp setting; the "
+                                   f"transformers backend does not use it")
     from .backends.transformers import TransformersBackend
 
-    return TransformersBackend(*load_model(spec, use_cache=use_cache, log=log))
+    model, tokenizer = load_model(spec, use_cache=use_cache, log=log)
+    return TransformersBackend(model, tokenizer, runtime)
 
 
 def load_model(spec: str | Path | None = None, use_cache: bool = True, log: Log = _stderr):

@@ -351,13 +351,24 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 # ---- shared by the llama.cpp test files ---------------------------------------------------------
 
 
+def _deterministic():
+    from cfg_textgen.runtime import RuntimeSettings
+
+    return RuntimeSettings(deterministic=True)
+
+
+# the exactness checks compare a job with what else runs, and our backend with a reference: they
+# run in the batch-invariant mode (the default is the fast one, whose drift the README states)
+DETERMINISTIC = _deterministic()
+
+
 @contextmanager
 def exact_pair(threads: int):
     """(our LlamaCppBackend, LlamaRef), both with micro-batches of 32 tokens: the same kernels on
     both sides, so their logits can be compared exactly. Both are closed on the way out."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(default_gguf(), n_threads=threads, n_ubatch=32)
+    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=threads, n_ubatch=32)
     ref = LlamaRef(n_threads=threads, n_ubatch=32)
     try:
         yield backend, ref

@@ -34,7 +34,7 @@ import pytest
 from click.testing import CliRunner
 
 from cfg_textgen import analysis as A
-from llamacpp_reference import (WITHOUT_LLAMA_CPP, brute_force_cfg, default_gguf, exact_pair,
+from llamacpp_reference import (DETERMINISTIC, WITHOUT_LLAMA_CPP, brute_force_cfg, default_gguf, exact_pair,
                                have_llama_cpp, log_softmax64)
 from test_lambada_rule import HANDWRITTEN
 
@@ -72,7 +72,7 @@ def lcpp():
     """The llama.cpp backend with default micro-batches (one thread: see THREADS)."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(default_gguf(), n_threads=THREADS)
+    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS)
     yield backend
     backend.close()
 
@@ -262,7 +262,7 @@ def test_cli_backend_flag_picks_the_backend(tmp_path, command):
     args = _commands(tmp_path)[command]
     outs = {}
     for flag in ([], ["--backend", "llama.cpp"], ["--backend", "transformers"]):
-        r = CliRunner().invoke(main, args + flag + ["--threads", "1"])  # (THREADS; unused on transformers)
+        r = CliRunner().invoke(main, args + flag + ["--threads", "1"])  # (THREADS; torch's on transformers)
         assert r.exit_code == 0, r.output
         ran = re.search(r"model ready in [\d.]+ s \(([^)]+)\)", r.stderr).group(1)
         assert ran == (flag[1] if flag else "llama.cpp"), (flag, r.stderr)

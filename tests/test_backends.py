@@ -16,7 +16,7 @@ import torch
 
 from cfg_textgen.engine import Request, Scheduler, generate_stream
 from cfg_textgen.presets import load_preset
-from llamacpp_reference import WITHOUT_LLAMA_CPP
+from llamacpp_reference import DETERMINISTIC, WITHOUT_LLAMA_CPP
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -38,7 +38,7 @@ def backend():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
 
-    b = LlamaCppBackend(default_gguf_path(), pairs=4)
+    b = LlamaCppBackend(default_gguf_path(), DETERMINISTIC, pairs=4)
     yield b
     b.close()
 
@@ -220,15 +220,15 @@ def test_scheduler_identical_long_prompt_greedy_jobs_at_once_equal_alone():
     Failed before the fix (2 of 2 and 4 of 4 texts parted at token 20): a lone scale-1 job steps
     one token, and with 2 threads ggml's CPU flash attention splits that query's keys (512+ cells
     once the story passes 256 tokens) into one chunk per thread, while several jobs' step runs
-    each query whole. The backend now decodes single tokens on one thread (n_threads=2 here so the
-    split would happen)."""
+    each query whole. In the deterministic mode the backend decodes single tokens on one thread
+    (n_threads=2 here so the split would happen)."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
     from cfg_textgen.presets import parse_preset
 
     story = _bench_story()
     preset = parse_preset({"name": "t", "samplers": [], "do_sample": False, "max_new_tokens": 48})
-    b = LlamaCppBackend(default_gguf_path(), pairs=4, n_threads=2)
+    b = LlamaCppBackend(default_gguf_path(), DETERMINISTIC, pairs=4, n_threads=2)
     try:
         # story + new tokens pass 256 cells: llama.cpp then attends over 512 keys (padded to 256)
         assert len(b.tokenize(story)) + 48 > 256 + 16
@@ -284,7 +284,7 @@ def test_scheduler_long_run_of_submit_and_cancel_never_exhausts_the_context():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
 
-    small = LlamaCppBackend(default_gguf_path(), n_ctx=256, pairs=2)
+    small = LlamaCppBackend(default_gguf_path(), DETERMINISTIC, n_ctx=256, pairs=2)
     story = " ".join([STORY] * 4)
     assert 90 < len(small.tokenize(story)) < 256 - 32
     try:
@@ -307,7 +307,7 @@ def test_scheduler_refuses_bad_requests_at_submit():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
 
-    backend = LlamaCppBackend(default_gguf_path(), n_ctx=128, pairs=1)  # a small window: quick
+    backend = LlamaCppBackend(default_gguf_path(), DETERMINISTIC, n_ctx=128, pairs=1)  # a small window: quick
     with Scheduler(backend, max_parallel=1) as sched:
         with pytest.raises(ValueError, match="max_new_tokens"):
             sched.submit(Request(STORY, dataclasses.replace(_greedy(1.5), max_new_tokens=0)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llamacpp_reference import default_gguf, first_difference, have_llama_cpp
+from llamacpp_reference import DETERMINISTIC, default_gguf, first_difference, have_llama_cpp
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python is not installed")]
@@ -43,7 +43,7 @@ JOBS = [
 def backend():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
-    b = LlamaCppBackend(default_gguf(), n_threads=1, pairs=len(JOBS))
+    b = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=1, pairs=len(JOBS))
     yield b
     b.close()
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llamacpp_reference import (LlamaRef, exact_pair, brute_force_cfg, default_gguf, first_difference,
+from llamacpp_reference import (DETERMINISTIC, LlamaRef, exact_pair, brute_force_cfg, default_gguf, first_difference,
                                 have_llama_cpp, log_softmax64)
 
 pytestmark = [pytest.mark.slow,
@@ -94,7 +94,7 @@ def default():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
     ref = LlamaRef(n_threads=THREADS)
-    backend = LlamaCppBackend(default_gguf(), n_threads=THREADS)
+    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS)
     yield backend, ref
     backend.close()
     ref.close()

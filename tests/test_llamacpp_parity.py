@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamacpp_reference import default_gguf, first_difference, have_llama_cpp, log_softmax64
+from llamacpp_reference import DETERMINISTIC, default_gguf, first_difference, have_llama_cpp, log_softmax64
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python is not installed")]
@@ -58,7 +58,7 @@ def both():
     from cfg_textgen.models import load_default
 
     model, tokenizer = load_default()
-    lcpp = LlamaCppBackend(default_gguf(), n_threads=1)
+    lcpp = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=1)
     yield lcpp, TransformersBackend(model, tokenizer), model
     lcpp.close()
 

@@ -31,9 +31,10 @@ TOKENS = 8
 @pytest.fixture(scope="module")
 def server():
     # the engine picks the backend (llama.cpp for the default GGUF when installed);
-    # CFG_TEXTGEN_TEST_BACKEND=transformers runs this module on the other one
+    # CFG_TEXTGEN_TEST_BACKEND=transformers runs this module on the other one. Deterministic:
+    # the tests compare a request in a crowd with the same request alone and with the CLI
     backend = os.environ.get("CFG_TEXTGEN_TEST_BACKEND")
-    srv = ServerProcess(*(["--backend", backend] if backend else []))
+    srv = ServerProcess("--deterministic", *(["--backend", backend] if backend else []))
     yield srv
     assert srv.terminate() == 0, srv.stderr()
 
@@ -46,7 +47,7 @@ def _cli_backend_flags(srv) -> list[str]:
     if "--backend" not in help_text:
         assert loader == "Transformers", "the CLI has no --backend: it cannot run on the server's llama.cpp"
         return []
-    return ["--backend", "llama.cpp" if loader == "llama.cpp" else "transformers"]
+    return ["--deterministic", "--backend", "llama.cpp" if loader == "llama.cpp" else "transformers"]
 
 
 def cli_generate(srv, prompt: str, *flags: str) -> str:

@@ -52,7 +52,6 @@ def llama_cpp_available() -> bool:
 
 def require_llama_cpp():
     """The `llama_cpp` module, or a `BackendUnavailable` naming the install command."""
-    # (OMP_WAIT_POLICY: see cfg_textgen/__init__.py; it must be set before torch is imported)
     try:
         import llama_cpp
     except ImportError as err:

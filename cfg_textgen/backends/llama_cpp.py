@@ -13,12 +13,14 @@ Exactness: a step's logits are the same whatever else is in the batch (see `run`
 longer than a few dozen tokens is prefilled by llama.cpp's large-batch kernels, which round
 differently from token-by-token decoding (up to ~0.4 in a logit on the default model);
 `n_ubatch=32` makes every micro-batch small, so a prefill equals decoding token by token
-exactly (for references; prefill then takes ~2x longer). A decode of a single token (a scale-1
-job stepping alone) runs on one llama.cpp thread (`_make_context` says why: with more, flash
-attention splits a lone query's keys per thread and the job's logits depend on whether others ran;
-measured on 2 loaded cores the lone scale-1 rate was no lower, 150 vs 53 tokens/s with 2 threads).
+exactly (for references; prefill then takes ~2x longer). In the deterministic mode
+(`RuntimeSettings(deterministic=True)`) a decode of a single token (a scale-1 job stepping alone)
+runs on one llama.cpp thread (`_make_context` says why: with more, flash attention splits a lone
+query's keys per thread and the job's logits depend on whether others ran); by default it runs on
+every thread, faster, and a lone job's logits drift from the deterministic ones by a bounded amount
+(README, benchmarks/bench_drift.py).
 
-    backend = LlamaCppBackend("model.gguf", n_ctx=4096, pairs=1, n_threads=None, n_ubatch=512)
+    backend = LlamaCppBackend("model.gguf", RuntimeSettings(threads=8), pairs=1, n_ubatch=512)
     [pair] = backend.prefill([(story_ids, opposing_ids or None)])
     pair.logits                                   # (2 or 1, vocab) float32, zero-copy view
     [logits] = backend.step([(pair, token)])      # one token into both of the pair's sequences
@@ -61,6 +63,7 @@ import numpy as np
 import torch
 
 from ..errors import CFGTextgenError, ModelNotFoundError
+from ..runtime import CACHE_TYPES, FLASH_ATTN, QUANTIZED_BLOCK, RuntimeSettings, RuntimeSettingsError, kv_cell_bytes
 from . import require_llama_cpp
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
@@ -195,39 +198,43 @@ class LlamaCppBackend:
     name = "llama.cpp"
     device = torch.device("cpu")
 
-    def __init__(self, path: str | Path, *, n_ctx: int | None = None, pairs: int = 1,
-                 n_threads: int | None = None, n_ubatch: int = 512, torch_threads: int | None = 1,
+    def __init__(self, path: str | Path, runtime: RuntimeSettings | None = None, *, pairs: int = 1,
+                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = 512,
                  verbose: bool = False):
+        """`runtime`: threads, window, GPU layers, attention, KV cache types, determinism
+        (runtime.RuntimeSettings); `n_ctx` and `n_threads` are shorthands for its `ctx_size` and
+        `threads`."""
         L = self.lib = require_llama_cpp()
         path = Path(path).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such GGUF file")
-        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16):
-            raise ValueError(f"`n_ctx` has to be an integer >= 16, but is {n_ctx!r}")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
-                                      or n_threads < 1):
-            raise ValueError(f"`n_threads` has to be an integer >= 1, but is {n_threads!r}")
+        runtime = runtime or RuntimeSettings()
+        if n_ctx is not None or n_threads is not None:
+            runtime = runtime.replace(ctx_size=n_ctx if n_ctx is not None else runtime.ctx_size,
+                                      threads=n_threads if n_threads is not None else runtime.threads)
+        self.runtime = runtime
+        if runtime.n_gpu_layers != 0 and not L.llama_supports_gpu_offload():
+            raise RuntimeSettingsError("n_gpu_layers", "this llama-cpp-python was built without GPU "
+                                       "support; rebuild it for your GPU (e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\" "
+                                       "pip install --force-reinstall --no-cache-dir llama-cpp-python) or "
+                                       "leave the layers on the CPU")
         if not verbose:  # llama.cpp logs every load detail to stderr; keep its errors only
             _quiet_logs(L)
         L.llama_backend_init()
         self.path = path
-        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        model_params = L.llama_model_default_params()
+        model_params.n_gpu_layers = runtime.n_gpu_layers
+        self.model = L.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise ModelNotFoundError(f"{path}: llama.cpp could not load this GGUF file")
+        self._check_cache_types()
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         train = int(L.llama_model_n_ctx_train(self.model))
-        self.n_ctx = n_ctx or (min(train, DEFAULT_WINDOW) if train > 0 else DEFAULT_WINDOW)
+        self.n_ctx = runtime.ctx_size or (min(train, DEFAULT_WINDOW) if train > 0 else DEFAULT_WINDOW)
         self.window = self.n_ctx  # KV cells per sequence (reserve(window=...) may make it smaller)
-        self.n_threads = n_threads or physical_cores()
-        # torch only combines and samples (1-2 rows of the vocabulary per pair and step): its
-        # thread pool gains nothing there, and its waiting threads take the cores from
-        # llama.cpp's (measured on 2 loaded cores: cfg_combine 0.3 ms with 1 thread, 80 ms with
-        # 2). llama.cpp does the heavy work with its own `n_threads`. The setting is per thread
-        # (OpenMP): the Scheduler's decode thread applies `torch_threads` again.
-        self.torch_threads = torch_threads
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
+        self.n_threads = runtime.threads or physical_cores()
+        self.n_threads_batch = runtime.threads_batch or self.n_threads
         self.n_ubatch = n_ubatch
         bos = L.llama_vocab_bos(self.vocab)
         self.bos_id = int(bos) if bos >= 0 else None
@@ -264,18 +271,26 @@ class LlamaCppBackend:
         # attention splits the keys (512+ cells) into one chunk per thread and merges the partial
         # sums, while a step of several sequences runs each query row whole; with 2 threads a
         # job's logits moved by up to ~1 with what else ran once its story passed ~256 tokens
-        # (greedy texts parted). On one thread the split is one chunk: the same sums as in a
-        # crowd. (Plain attention would avoid the split but rounds a prefill differently from
-        # token-by-token steps, up to ~1 in a logit: the exact reference checks need flash.)
-        params.n_threads = 1
-        params.n_threads_batch = self.n_threads
+        # (greedy texts parted). The deterministic mode decodes it on one thread: the split is
+        # one chunk, the same sums as in a crowd. (Plain attention would avoid the split but
+        # rounds a prefill differently from token-by-token steps, up to ~1 in a logit: the exact
+        # reference checks need flash.) The default decodes it on every thread: a lone stream
+        # on a many-core machine is the common case, and the drift is small (README).
+        params.n_threads = 1 if self.runtime.deterministic else self.n_threads
+        params.n_threads_batch = self.n_threads_batch
+        params.flash_attn_type = FLASH_ATTN[self.runtime.flash_attn]
+        params.type_k = CACHE_TYPES[self.runtime.cache_type_k]
+        params.type_v = CACHE_TYPES[self.runtime.cache_type_v]
         # one KV stream per sequence: see the module docstring (a unified cache is not exact)
         params.kv_unified = False
         params.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise LlamaCppError(f"llama.cpp could not create a context of {cells} tokens for "
-                                f"{pairs} pairs (out of memory?)")
+                                f"{pairs} pairs ({self.kv_bytes(cells) / 2**20:.0f} MiB of KV cache: "
+                                f"out of memory? a smaller window, fewer parallel requests or a "
+                                f"quantized KV cache take less: --ctx-size, --parallel, "
+                                f"--cache-type-k/--cache-type-v)")
         self.cells = int(L.llama_n_ctx(self.ctx))
         self.seq_cells = int(L.llama_n_ctx_seq(self.ctx))
         if self.seq_cells < self.window:
@@ -304,6 +319,45 @@ class LlamaCppBackend:
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
+
+    def _meta_int(self, key: str) -> int | None:
+        """An integer from the GGUF's metadata (None when the model does not have it)."""
+        buf = ctypes.create_string_buffer(128)
+        if self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf)) < 0:
+            return None
+        try:
+            return int(buf.value.decode())
+        except ValueError:
+            return None
+
+    def _head_sizes(self) -> tuple[int, int]:
+        """(key, value) head sizes: the GGUF's `<arch>.attention.key_length/value_length`, else
+        the embedding split over the heads (llama.cpp's own fallback)."""
+        buf = ctypes.create_string_buffer(64)
+        self.lib.llama_model_meta_val_str(self.model, b"general.architecture", buf, len(buf))
+        arch = buf.value.decode()
+        default = int(self.lib.llama_model_n_embd(self.model)) // max(1, int(self.lib.llama_model_n_head(self.model)))
+        k = self._meta_int(f"{arch}.attention.key_length") or default
+        v = self._meta_int(f"{arch}.attention.value_length") or default
+        return k, v
+
+    def _check_cache_types(self) -> None:
+        """The head-size rule llama.cpp applies to a quantized cache with flash attention (it
+        refuses a context otherwise): checked first, so the error can name the flag."""
+        head_k, head_v = self._head_sizes()
+        for field, quantized, head in (("cache_type_k", self.runtime.k_quantized, head_k),
+                                       ("cache_type_v", self.runtime.v_quantized, head_v)):
+            if quantized and self.runtime.flash_attn != "off" and head % QUANTIZED_BLOCK:
+                raise RuntimeSettingsError(field, f"`{field}` {getattr(self.runtime, field)} stores "
+                                           f"blocks of {QUANTIZED_BLOCK} values, which do not divide "
+                                           f"this model's head size of {head}: use f16")
+        self.cell_bytes = kv_cell_bytes(int(self.lib.llama_model_n_layer(self.model)),
+                                        int(self.lib.llama_model_n_head_kv(self.model)),
+                                        head_k, head_v, self.runtime)
+
+    def kv_bytes(self, cells: int | None = None) -> float:
+        """Bytes of KV cache for `cells` cells (default: the context's now)."""
+        return self.cell_bytes * (self.cells if cells is None else cells)
 
     def reserve(self, pairs: int, window: int | None = None) -> None:
         """Make room for `pairs` live pairs; a new context is made only when none is live.

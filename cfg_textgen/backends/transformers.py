@@ -166,6 +166,16 @@ class IncrementalDecoder:
         return piece
 
 
+def _cuda_device() -> torch.device:
+    from ..runtime import RuntimeSettingsError
+
+    if not torch.cuda.is_available():
+        raise RuntimeSettingsError("n_gpu_layers", "no CUDA GPU is available to this torch build "
+                                   f"(torch {torch.__version__}); install a CUDA build of torch from "
+                                   "pytorch.org, or leave the model on the CPU")
+    return torch.device("cuda")
+
+
 class TransformersPair:
     """One (story, opposing) pair: its left-padded rows' cache, mask and next positions."""
 
@@ -182,10 +192,17 @@ class TransformersPair:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, runtime=None):
+        """`runtime` (runtime.RuntimeSettings): `n_gpu_layers` != 0 moves the model to CUDA (all of
+        it: transformers has no partial offload here) and `ctx_size` narrows the window; the
+        threads are torch's, set at start-up (runtime.configure_process)."""
+        if runtime is not None and runtime.n_gpu_layers != 0:
+            model = model.to(_cuda_device())
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
         self.n_ctx = context_length(model)
+        if runtime is not None and runtime.ctx_size is not None:
+            self.n_ctx = min(self.n_ctx, runtime.ctx_size) if self.n_ctx else runtime.ctx_size
         self.eos_ids = eos_ids(model, tokenizer)  # context.py: one EOS rule everywhere
         self.bos_id = bos_id(model, tokenizer)
         self.special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())

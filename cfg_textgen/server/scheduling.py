@@ -22,13 +22,13 @@ class Service:
     """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
     def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
-                 log=print, defaults: ServerDefaults = ServerDefaults()):
+                 log=print, runtime=None, defaults: ServerDefaults = ServerDefaults()):
         from ..models import DEFAULT_NAME
 
         self.defaults = defaults  # serve --preset / --cfg-scale / --opposing (defaults.py)
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
-        self.backend = _load_backend(model_spec, backend, parallel, log)
+        self.backend = _load_backend(model_spec, backend, parallel, log, runtime)
         self.scheduler = Scheduler(self.backend, max_parallel=parallel)
         self.backend_name = self.backend.name
         self.tokenizer = self.backend.tokenizer
@@ -154,12 +154,12 @@ class Service:
         self.scheduler.close(finish=finish)
 
 
-def _load_backend(spec, backend, parallel, log):
+def _load_backend(spec, backend, parallel, log, runtime=None):
     """The engine backend: `models.load_backend` (llama.cpp for GGUF when installed, else
     transformers), sized for `parallel` live pairs."""
     from ..models import load_backend
 
-    return load_backend(spec, backend, pairs=parallel, log=log)
+    return load_backend(spec, backend, pairs=parallel, runtime=runtime, log=log)
 
 
 KEPT_GENKEYS = 64  # poll mode asks about the generation just made; a few dozen users at most

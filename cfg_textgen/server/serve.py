@@ -17,7 +17,7 @@ API_KEY_ENV = "CFG_TEXTGEN_API_KEY"
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
-          api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
+          runtime=None, api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
           log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False,
           defaults=None) -> int:
     """Serve until SIGTERM; every request gets a line on `log` unless `quiet`; `defaults`: the
@@ -33,9 +33,12 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
         log(f"warning: serving on {host} without an API key: anyone who can reach this port can use "
             f"the model. Set --api-key or {API_KEY_ENV}.")
     defaults = defaults or ServerDefaults()
-    service = Service(model, backend=backend, parallel=parallel, log=log, defaults=defaults)
+    service = Service(model, backend=backend, parallel=parallel, runtime=runtime, log=log, defaults=defaults)
     log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
         f"together; context {service.n_ctx} tokens)")
+    memory = kv_memory_line(service.backend, parallel)
+    if memory:
+        log(memory)
     if not defaults.empty:
         log(defaults.describe())
     app = create_app(service, api_key=api_key, cors_origins=cors_origins, request_log=None if quiet else log)
@@ -50,6 +53,18 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
         service.close(finish=False)  # anything still running after the grace period ends now
     log("server stopped")
     return 0
+
+
+def kv_memory_line(backend, parallel: int) -> str | None:
+    """What the llama.cpp KV cache of `parallel` requests takes (None on transformers, whose
+    caches grow with each request)."""
+    kv_bytes = getattr(backend, "kv_bytes", None)
+    if kv_bytes is None:
+        return None
+    rt = backend.runtime
+    return (f"KV cache: {kv_bytes() / 2**20:,.0f} MiB for --parallel {parallel} ({parallel} requests x "
+            f"2 sequences (story, opposing prompt) x {backend.seq_cells} tokens, K {rt.cache_type_k} / "
+            f"V {rt.cache_type_v}); --ctx-size and --cache-type-k/-v q8_0 make it smaller")
 
 
 def _show(host: str) -> str:
