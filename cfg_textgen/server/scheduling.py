@@ -13,19 +13,26 @@ from pathlib import Path
 
 from ..context import fit_context
 from ..engine import Request, Scheduler
+from ..errors import CFGTextgenError
+from .errors import APIError
+
+RETRY_AFTER = 5  # seconds a client refused for a full queue is asked to wait
 
 
 class Service:
     """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
     def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
-                 log=print):
+                 max_queue: int = 16, log=print):
         from ..models import DEFAULT_NAME
 
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
         self.backend = _load_backend(model_spec, backend, parallel, log)
         self.scheduler = Scheduler(self.backend, max_parallel=parallel)
+        self.max_queue = max_queue  # jobs waiting for a free slot; more are refused with a 503
+        self._submitting = 0  # submits under way (tokenizing), counted against the queue bound
+        self._stopping = False
         self.backend_name = self.backend.name
         self.tokenizer = self.backend.tokenizer
         self.n_ctx = int(self.backend.n_ctx or 2048)
@@ -63,22 +70,56 @@ class Service:
                genkey=None):
         if seed is None:
             seed = random.randrange(2**31)
-        job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
-                                                 truncate=truncate))
+        with self._lock:
+            if self._stopping:
+                raise shutting_down()
+            if self.scheduler.waiting(coming=self._submitting) >= self.max_queue:
+                raise APIError(503, f"the server is busy: {self.max_queue} requests are already waiting "
+                                    f"(serve --max-queue); try again in a few seconds", None,
+                               "service_unavailable", headers={"Retry-After": str(RETRY_AFTER)})
+            self._submitting += 1
+        try:
+            job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
+                                                truncate=truncate))
+        except CFGTextgenError:
+            if self._stopping:  # the scheduler closed while this one was tokenized
+                raise shutting_down() from None
+            raise
+        finally:
+            with self._lock:
+                self._submitting -= 1
         with self._lock:
             self._jobs = {i: v for i, v in self._jobs.items() if not _done(v[0])}
             self._jobs[id(job)] = (job, api, genkey)
             self.total = getattr(self, "total", 0) + 1
         return job
 
-    def cancel(self, api: str | None = None, genkey: str | None = None) -> int:
-        """Cancel running jobs of one API (and one Kobold genkey, if given); how many."""
+    def _live(self) -> list[tuple[object, str, str | None]]:
         with self._lock:
-            hits = [j for j, a, k in self._jobs.values()
-                    if not _done(j) and (api is None or a == api) and (genkey is None or k == genkey)]
-        for job in hits:
-            job.cancel()
-        return len(hits)
+            return [v for v in self._jobs.values() if not _done(v[0])]
+
+    def stop_running(self, api: str) -> int:
+        """The web UI's stop button: end the generations of `api` that run now. Waiting ones still
+        run later, as in the web UI (each generation clears its stop flag when it starts)."""
+        return _cancel([job for job, a, _ in self._live() if a == api and job.started])
+
+    def abort(self, genkey: str | None) -> int:
+        """KoboldCpp's abort: the job named by `genkey`, running or waiting; without a genkey the
+        running job only when it is the one job on the server (KoboldCpp honours a keyless abort
+        only with nothing queued: with several users it cannot tell whose job to end)."""
+        live = self._live()
+        if genkey:
+            return _cancel([job for job, _, k in live if k == genkey])
+        return _cancel([job for job, _, _ in live]) if len(live) == 1 and live[0][0].started else 0
+
+    def cancel_all(self) -> int:
+        """End every job (shutdown after the grace period): each ends with what it has so far."""
+        return _cancel([job for job, _, _ in self._live()])
+
+    def stop_taking(self) -> int:
+        """Shutdown begins: no new jobs; the waiting ones end now (their requests get a 503)."""
+        self._stopping = True
+        return self.scheduler.refuse_waiting(SHUTDOWN)
 
     def running(self) -> int:
         """Jobs submitted and not yet ended (running or waiting), over both APIs."""
@@ -95,6 +136,19 @@ def _load_backend(spec, backend, parallel, log):
     from ..models import load_backend
 
     return load_backend(spec, backend, pairs=parallel, log=log)
+
+
+SHUTDOWN = "shutdown"  # the stop reason of a job the server refused to start because it stops
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down and takes no new requests", None, "service_unavailable")
+
+
+def _cancel(jobs) -> int:
+    for job in jobs:
+        job.cancel()
+    return len(jobs)
 
 
 def _done(job) -> bool:
