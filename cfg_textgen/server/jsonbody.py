@@ -58,7 +58,7 @@ def parse(raw: bytes) -> dict:
     for key, value in body.items():
         field = _shown(key)
         if field != key:
-            raise APIError(400, f"the key {field} holds a lone surrogate, which is not a Unicode character",
+            raise APIError(400, f"`{field}`: a key with a lone surrogate, which is not a Unicode character",
                            field)
         problem = _problem(value)
         if problem is not None:
