@@ -6,8 +6,11 @@ KoboldCpp serves it) over the engine, for SillyTavern, Kobold Lite and OpenAI cl
     kobold.py      the KoboldAI API's envelope and response shapes
     translate.py   sampler fields -> Preset, through the importers of the same apps' preset files
     errors.py      error shapes per API, typed field reads
+    jsonbody.py    a body as JSON, refusing deep nesting, huge integers, NaN, lone surrogates
+    origin.py      without an API key: loopback Host names only, page origins from --cors-origin
+    connections.py header timeout and connection cap (slowloris, idle floods); open-file limit
     scheduling.py  the loaded backend and the engine's Scheduler; which API runs which job
-    serve.py       the process: uvicorn, SIGTERM, warnings
+    serve.py       the process: uvicorn, SIGTERM (503 to the queue, then the grace), warnings
 """
 
 from .serve import serve
