@@ -169,8 +169,9 @@ class EventStream(StreamingResponse):
             await send({"type": "http.response.body", "body": refusal.body, "more_body": False})
             return
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        chunks = [first] if first else []
-        async for chunk in _chain(chunks, self.body_iterator):
+        if first:
+            await send({"type": "http.response.body", "body": first.encode(self.charset), "more_body": True})
+        async for chunk in self.body_iterator:
             await send({"type": "http.response.body", "body": chunk.encode(self.charset), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -184,16 +185,11 @@ class EventStream(StreamingResponse):
             await run(partial(self.listen_for_disconnect, receive))
 
 
-async def _chain(first: list, rest):
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
-
-
 def _ended(jobs) -> None:
     """A non-streaming request's jobs have ended: raise the 503 or 500 to answer instead, if any."""
     if any(job.stop_reason == SHUTDOWN for job in jobs):
+        for job in jobs:
+            job.cancel()  # n > 1: the choices that did start
         raise shutting_down()
     failed = next((j for j in jobs if j.stop_reason == "error"), None)
     if failed is not None:
@@ -474,7 +470,9 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
     ]
     middleware = [Middleware(LocalOnly, cors_origins=cors_origins, check_host=loopback and not api_key,
                              check_origin=not api_key)]
-    if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered
+    # LocalOnly first (it lets preflights through); CORS before the key check, so that a
+    # browser's preflight (which carries no key) is answered
+    if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                                      allow_headers=["*"]))
     middleware.append(Middleware(APIKey, key=api_key))
