@@ -376,3 +376,52 @@ def test_server_non_ascii_api_key_is_refused_at_start(how):
     out = subprocess.run([sys.executable, "-m", "cfg_textgen.cli", "serve", "--port", "1", *args], cwd=REPO,
                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert out.returncode == 2 and "--api-key" in out.stderr and "ASCII" in out.stderr
+
+
+class _Transport:
+    def __init__(self):
+        self.closed = False
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+
+class _Cycle:
+    def __init__(self, complete: bool):
+        self.response_complete = complete
+
+
+class _Conn:
+    """What the guard reads of a uvicorn connection: its current request cycle and transport."""
+
+    def __init__(self, cycle=None):
+        self.cycle, self.transport = cycle, _Transport()
+
+
+def test_connection_guard_closes_late_headers_and_the_longest_idle_beyond_the_cap():
+    from cfg_textgen.server.connections import SETTLE, ConnectionGuard
+
+    guard = ConnectionGuard(header_timeout=10, max_connections=3)
+    old = [_Conn(), _Conn(_Cycle(complete=True))]  # no request yet; a kept-alive one after its response
+    busy = _Conn(_Cycle(complete=False))  # a request being answered (a long stream)
+    conns = set(old) | {busy}
+    assert guard.sweep(conns, now=0.0) == 0
+    new = [_Conn(), _Conn()]
+    conns |= set(new)
+    # 5 > 3: the two idle since t=0 go first; the new ones settle, the busy one is never closed
+    assert guard.sweep(conns, now=SETTLE / 2) == 0
+    assert guard.sweep(conns, now=1.0) == 2
+    assert all(c.transport.closed for c in old) and not any(c.transport.closed for c in new + [busy])
+    conns -= set(old)
+    # headers still missing after the timeout: closed, however few connections there are
+    assert guard.sweep(conns, now=1.0 + 10.5) == 2
+    assert all(c.transport.closed for c in new) and not busy.transport.closed
+    # a kept-alive connection's next request starts its wait again
+    again = _Conn(_Cycle(complete=True))
+    assert guard.sweep({again}, now=20.0) == 0
+    again.cycle = _Cycle(complete=True)
+    assert guard.sweep({again}, now=29.0) == 0  # 9 s after its first response: its wait starts anew
+    assert guard.sweep({again}, now=38.0) == 0 and guard.sweep({again}, now=39.5) == 1

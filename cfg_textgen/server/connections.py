@@ -9,7 +9,8 @@ them exhaust the process' open files ("Too many open files": then nobody is answ
 - a connection waiting for its request's headers (none begun yet, or the previous response
   sent) for longer than `header_timeout` seconds is closed;
 - beyond `max_connections`, the ones waiting longest for headers are closed first, so that a
-  real client's new connection always finds room; a request being answered (a long stream) is
+  real client's new connection always finds room; one just accepted (whose headers the server
+  may not have read yet) is left `SETTLE` seconds; a request being answered (a long stream) is
   never closed by either rule.
 `raise_open_file_limit` lifts the soft limit on open files to the hard one at start;
 `max_connections` stays below it, leaving files for the model and the process itself.
@@ -18,6 +19,7 @@ them exhaust the process' open files ("Too many open files": then nobody is answ
 from __future__ import annotations
 
 HEADER_TIMEOUT = 15.0  # seconds; a real client sends its headers in one packet
+SETTLE = 0.5  # seconds a new connection has to send its headers before the cap may close it
 RESERVED_FILES = 128  # open files kept for the model, logs, threads, pipes
 
 
@@ -62,7 +64,8 @@ class ConnectionGuard:
         excess = len(connections) - len(late) - self.max_connections
         if excess > 0:
             closing = set(late)
-            rest = sorted((since, id(conn), conn) for conn, (_, since) in waiting.items() if conn not in closing)
+            rest = sorted((since, id(conn), conn) for conn, (_, since) in waiting.items()
+                          if conn not in closing and now - since >= SETTLE)
             late += [conn for _, _, conn in rest[:excess]]
         for conn in late:
             waiting.pop(conn, None)
