@@ -462,8 +462,18 @@ def _check_api_key(ctx, param, value):
 @click.option("--max-connections", type=click.IntRange(min=1), default=None, metavar="N",
               help="Open connections at most; beyond it the ones idle longest are closed "
                    "(default: what the open-file limit allows, at most 4096).")
-def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, max_queue, shutdown_grace,
-          header_timeout, max_connections):
+@click.option("--preset", "preset_name", metavar="NAME|FILE", default=None,
+              help="Default CFG and samplers for requests that do not set them (a request's own "
+                   "fields win; one that sends no sampler field gets this preset's samplers).")
+@click.option("--cfg-scale", type=float, callback=_check_scale, metavar="X", default=None,
+              help="Default CFG scale for requests without `guidance_scale` (wins over --preset's).")
+@click.option("--opposing", metavar="TEXT", default=None,
+              help="Default opposing prompt for requests without `negative_prompt` (wins over "
+                   "--preset's; \"\" = a blank story).")
+@click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
+                                            "method, path, status, prompt/new tokens, time).")
+def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale,
+          opposing, max_queue, shutdown_grace, header_timeout, max_connections):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -471,6 +481,7 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, max_
     Examples:
       cfg-textgen serve
       cfg-textgen serve --port 5001 --cors-origin https://lite.koboldai.net
+      cfg-textgen serve --preset negative-prompt      # CFG for clients that cannot send it
       CFG_TEXTGEN_API_KEY=secret cfg-textgen serve --host 0.0.0.0
     """
     try:
@@ -479,11 +490,14 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, max_
     except ImportError as err:
         raise click.ClickException(f"serving needs the server extra: pip install 'cfg-textgen[server]' ({err})")
     from .server import serve as run
+    from .server.defaults import ServerDefaults
 
+    preset = _load_preset_or_bad(preset_name, "'--preset'") if preset_name is not None else None
+    defaults = ServerDefaults(preset, cfg_scale, opposing)
     sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
-                 cors_origins=tuple(cors_origins), parallel=parallel, max_queue=max_queue, grace=shutdown_grace,
-                 header_timeout=header_timeout, max_connections=max_connections, log=_say))
-
+                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
+                 defaults=defaults, max_queue=max_queue, grace=shutdown_grace, header_timeout=header_timeout,
+                 max_connections=max_connections))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

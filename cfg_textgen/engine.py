@@ -41,6 +41,7 @@ from .backends.transformers import REPLACEMENT, IncrementalDecoder, Transformers
 from .context import context_length, eos_ids, fit_context  # noqa: F401  (context_length, eos_ids: API)
 from .errors import CFGTextgenError
 from .guidance import MODES, cfg_combine, check_scale, opposing_token_ids
+from .logprobs import TokenLogprob, token_logprob
 from .samplers import pick_token
 
 
@@ -106,7 +107,7 @@ class Generation:
                  max_new_tokens: int = 200, stop: Sequence[str] = (), do_sample: bool = True,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  on_cut: Callable[[int, int], None] | None = None, ban_eos: bool = False,
-                 truncate: bool = True):
+                 truncate: bool = True, logprobs: int | None = None):
         self.backend = backend = as_backend(model, tokenizer)
         self.scale = check_scale(scale)
         if opposing_mode not in MODES:
@@ -117,6 +118,10 @@ class Generation:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` has to be an integer >= 1, but is {max_new_tokens!r}")
         self.max_new_tokens = max_new_tokens
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"`logprobs` has to be None or an integer >= 0, but is {logprobs!r}")
+        self.logprobs = logprobs  # None: not recorded; n: each token's log-prob and n alternatives
+        self.token_logprobs: list[TokenLogprob] = []  # logprobs.py: one per generated token
         self.stop = [s for s in stop if s]
         self.chain = chain if chain is not None else []
         self.do_sample = do_sample
@@ -199,6 +204,8 @@ class Generation:
         for processor in self.chain:
             scores = processor(history, scores)
         tok = int(pick_token(scores, self.do_sample, self.generator))
+        if self.logprobs is not None:  # the distribution the token was drawn from (logprobs.py)
+            self.token_logprobs.append(token_logprob(scores, logits[:1], tok, self.logprobs))
         if self.stats.first_token_seconds is None:
             self.stats.first_token_seconds = time.perf_counter() - self._start
         self._history[0, self._filled] = tok
@@ -312,6 +319,7 @@ class Request:
     seed: int | None = None  # same seed + same request -> same text, whatever else runs
     ban_eos: bool = False
     truncate: bool = True  # False: a prompt longer than the window is an error
+    logprobs: int | None = None  # record each token's log-prob and this many alternatives
 
 
 _END = object()
@@ -360,6 +368,12 @@ class Job:
 
     def pieces(self) -> Iterator[str]:
         """Text pieces as they become final (stop strings cut off); ends when the job ends."""
+        for piece, _ in self.pieces_with_tokens():
+            yield piece
+
+    def pieces_with_tokens(self) -> Iterator[tuple[str, int]]:
+        """(piece, tokens generated when it became final): the piece is the text of the tokens
+        up to that count that was not given out before."""
         while True:
             item = self._queue.get()
             if item is _END:
@@ -378,7 +392,7 @@ class Job:
 
     def _put(self, piece: str) -> None:
         if piece:
-            self._queue.put(piece)
+            self._queue.put((piece, len(self.generation.token_ids)))
 
     def _end(self, reason: str | None, error: BaseException | None = None) -> None:
         gen = self.generation
@@ -433,6 +447,7 @@ class Scheduler:
             generator = torch.Generator(device=backend.device).manual_seed(int(seed))
             gen = Generation(backend, None, request.prompt, ban_eos=request.ban_eos,
                              truncate=request.truncate, on_cut=lambda kept, total: None,
+                             logprobs=request.logprobs,
                              **_preset_settings(backend, request.preset, generator))
         gen._start = submitted
         job = Job(request, gen, submitted)
@@ -444,7 +459,7 @@ class Scheduler:
             self._cv.notify()
         return job
 
-    def waiting(self, coming: int = 0) -> int:
+    def would_wait(self, coming: int = 0) -> int:
         """Jobs that will wait, of those submitted and `coming` more: those beyond the free
         places of `max_parallel`."""
         with self._cv:
@@ -461,6 +476,11 @@ class Scheduler:
                 job._end(reason)
             self._cv.notify()
         return len(ended)
+
+    def waiting(self) -> int:
+        """Submitted jobs not yet started (queued behind `max_parallel` or the backend's room)."""
+        with self._cv:
+            return len(self._pending)
 
     def _notify(self) -> None:
         with self._cv:

@@ -29,10 +29,11 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import CFGTextgenError
-from . import jsonbody, kobold, webui
+from . import jsonbody, kobold, logprobs, webui
 from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, error_body
 from .origin import LocalOnly
+from .requestlog import SKIPPED_HEADER, RequestLog
 from .scheduling import SHUTDOWN, shutting_down
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
@@ -90,7 +91,8 @@ def submit(service, length_field: str, prompt, preset, seed, **kw):
 
 
 async def pieces_of(jobs):
-    """(index, piece) as the jobs produce text; (index, None) when job `index` has ended."""
+    """(index, piece, tokens so far) as the jobs produce text; (index, None, None) when job
+    `index` has ended."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -100,18 +102,18 @@ async def pieces_of(jobs):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
-        for piece in job.pieces():
-            put((i, piece))
+        for piece, upto in job.pieces_with_tokens():
+            put((i, piece, upto))
         job.wait()
-        put((i, None))
+        put((i, None, None))
 
     for i, job in enumerate(jobs):
         threading.Thread(target=pump, args=(i, job), daemon=True, name="cfg-textgen-pump").start()
     left = len(jobs)
     while left:
-        i, piece = await queue.get()
+        i, piece, upto = await queue.get()
         left -= piece is None
-        yield i, piece
+        yield i, piece, upto
 
 
 async def wait_or_cancel(request: Request, jobs) -> bool:
@@ -156,7 +158,7 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, api: str):
+    def __init__(self, content, api: str = WEBUI):
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.api = api
 
@@ -203,35 +205,49 @@ def _error_of(job) -> APIError:
 # ---- text-generation-webui API ----------------------------------------------------------------
 
 
-def _start_completion(service, body: dict):
+def _start_completion(request: Request, body: dict):
     """Parse, tokenize and queue a completion's n jobs (in a worker thread)."""
+    service = request.app.state.service
     c, preset = webui.parse_completion(body, service)
+    request.state.skipped_samplers = c.skipped_samplers
     jobs = []
     try:
         for i in range(c.n):
             jobs.append(submit(service, c.length_field, c.prompt, preset,
                                None if c.seed is None else (c.seed + i) % 2**64, ban_eos=c.ban_eos_token,
-                               truncate=c.truncate, api=WEBUI))
-        prompt_tokens = len(service.tokenize(c.prompt)) if isinstance(c.prompt, str) else len(c.prompt)
+                               truncate=c.truncate, api=WEBUI, logprobs=c.logprobs))
         echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
     except BaseException:
         for job in jobs:
             job.cancel()
         raise
-    return c, jobs, prompt_tokens, echo
+    return c, jobs, _used(request, jobs), echo
 
 
 async def completions(request: Request):
     service = request.app.state.service
-    c, jobs, prompt_tokens, echo = await off_loop(_start_completion, service, await read_json(request))
+    c, jobs, prompt_tokens, echo = await off_loop(_start_completion, request, await read_json(request))
     cid, model = webui.new_id(), service.model_name
+    text_of = service.token_text if c.logprobs is not None else None
     if not c.stream:
         if not await wait_or_cancel(request, jobs):
             return JSONResponse({})  # the client is gone; nobody reads this
         _ended(jobs)
-        return JSONResponse(webui.completion_response(cid, model, jobs, prompt_tokens, echo))
+        return JSONResponse(webui.completion_response(cid, model, jobs, prompt_tokens, echo, text_of))
 
     async def events():
+        # per choice: tokens whose log-probs were sent, and where the next token's text starts
+        sent, offset = [0] * len(jobs), [len(echo)] * len(jobs)
+
+        def token_logprobs(i: int, upto: int | None) -> dict | None:
+            if text_of is None:
+                return None
+            entries = logprobs.shown(jobs[i], upto)[sent[i]:]
+            out = logprobs.openai(entries, text_of, offset[i])
+            sent[i] += len(entries)
+            offset[i] += sum(map(len, out["tokens"]))
+            return out
+
         try:
             refused = await started(jobs)
             if refused is not None:
@@ -242,16 +258,16 @@ async def completions(request: Request):
                 for i in range(len(jobs)):
                     yield _sse(webui.chunk(cid, model, i, echo))
             ended = 0
-            async for i, piece in pieces_of(jobs):
+            async for i, piece, upto in pieces_of(jobs):
                 if piece is not None:
-                    yield _sse(webui.chunk(cid, model, i, piece))
+                    yield _sse(webui.chunk(cid, model, i, piece, token_logprobs=token_logprobs(i, upto)))
                     continue
                 ended += 1
                 job = jobs[i]
                 if job.stop_reason == "error":
                     yield _sse(error_body(WEBUI, _error_of(job)))
                     continue
-                last = webui.chunk(cid, model, i, "", webui.finish_reason(job))
+                last = webui.chunk(cid, model, i, "", webui.finish_reason(job), token_logprobs(i, None))
                 if ended == len(jobs):
                     last["usage"] = webui.usage(jobs, prompt_tokens)
                 yield _sse(last)
@@ -261,6 +277,14 @@ async def completions(request: Request):
                 job.cancel()  # a no-op for a finished job; frees the slot of a dropped client
 
     return EventStream(events(), WEBUI)
+
+
+def _used(request: Request, jobs) -> int:
+    """The prompt tokens the model saw (after the client's and the window's cuts), for `usage` and
+    the request log, which also counts the jobs' new tokens."""
+    request.state.jobs = jobs
+    request.state.prompt_tokens = jobs[0].stats.kept_tokens
+    return request.state.prompt_tokens
 
 
 def _sse(data: dict) -> str:
@@ -316,25 +340,27 @@ async def stop_generation(request: Request):
 # ---- KoboldAI API (KoboldCpp) -----------------------------------------------------------------
 
 
-def _kobold_job(service, body: dict):
+def _kobold_job(request: Request, body: dict):
     """Parse, tokenize and queue a Kobold generation (in a worker thread)."""
+    service = request.app.state.service
     g, preset = kobold.parse_generate(body, service)
+    request.state.skipped_samplers = g.skipped_samplers
     job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
-                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
-    prompt_tokens = len(service.tokenize(g.prompt)) if isinstance(g.prompt, str) else len(g.prompt)
-    return job, prompt_tokens
+                 ban_eos=g.bans_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey,
+                 logprobs=logprobs.KOBOLD_TOP if g.logprobs else None)
+    return job, _used(request, [job])
 
 
 async def kobold_generate(request: Request):
-    job, prompt_tokens = await off_loop(_kobold_job, request.app.state.service, await read_json(request))
+    job, prompt_tokens = await off_loop(_kobold_job, request, await read_json(request))
     if not await wait_or_cancel(request, [job]):
         return JSONResponse({})
     _ended([job])
-    return JSONResponse(kobold.generate_response(job, prompt_tokens))
+    return JSONResponse(kobold.generate_response(job, prompt_tokens, request.app.state.service))
 
 
 async def kobold_stream(request: Request):
-    job, _ = await off_loop(_kobold_job, request.app.state.service, await read_json(request))
+    job, _ = await off_loop(_kobold_job, request, await read_json(request))
 
     async def events():
         try:
@@ -343,7 +369,7 @@ async def kobold_stream(request: Request):
                 yield refused
                 return
             yield ""  # the status line: the job runs
-            async for _, piece in pieces_of([job]):
+            async for _, piece, _ in pieces_of([job]):
                 if piece is not None:
                     yield _kobold_event({"token": piece, "finish_reason": None})
                 elif job.stop_reason == "error":
@@ -374,11 +400,34 @@ async def kobold_tokencount(request: Request):
 
 
 async def kobold_perf(request: Request):
-    # KoboldCpp's status route (Kobold Lite polls it): `idle` 1 when nothing runs, `queue` waiting
+    return JSONResponse(kobold.perf_response(request.app.state.service))
+
+
+async def _genkey(request: Request) -> str | None:
+    """The `genkey` of a poll: KoboldCpp takes it from a JSON body (POST); GET has none."""
+    if request.method == "GET":
+        return None
+    return read(kobold.AbortBody, await read_json(request, empty={})).genkey  # chunked bodies too
+
+
+async def kobold_check(request: Request):
+    # poll mode: the text so far of the generation named by genkey (kept after it ends or aborts)
+    job = request.app.state.service.kobold_job(await _genkey(request))
+    return JSONResponse({"results": [{"text": job.text if job is not None else ""}]})
+
+
+async def kobold_last_logprobs(request: Request):
     service = request.app.state.service
-    running = service.running()
-    return JSONResponse({"total_gens": getattr(service, "total", 0), "queue": max(0, running - 1),
-                         "idle": int(running == 0), "backend": service.backend_name})
+    job = service.kobold_job(await _genkey(request))
+    return JSONResponse({"logprobs": kobold.logprobs_of(job, service) if job is not None and job.done else None})
+
+
+async def kobold_preloadstory(request: Request):
+    return JSONResponse({})  # KoboldCpp without --preloadstory: no story to hand out
+
+
+async def sd_models(request: Request):
+    return JSONResponse([])  # KoboldCpp without an image model: Lite hides image generation
 
 
 async def kobold_model(request: Request):
@@ -446,9 +495,10 @@ class APIKey:
 
 
 def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
-               loopback: bool = False) -> Starlette:
-    """The app; `loopback`: the server is bound to a loopback address (without an API key it then
-    answers only loopback Host names: see origin.py)."""
+               request_log=None, loopback: bool = False) -> Starlette:
+    """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request;
+    `loopback`: the server is bound to a loopback address (without an API key it then answers only
+    loopback Host names: see origin.py)."""
     routes = [
         Route("/v1/models", models), Route("/v1/models/{model:path}", model_detail),
         Route("/v1/internal/model/info", model_info), Route("/v1/internal/health", health),
@@ -467,14 +517,21 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
         Route("/api/extra/abort", kobold_abort, methods=["POST"]),
         Route("/api/extra/tokencount", kobold_tokencount, methods=["POST"]),
         Route("/api/extra/perf", kobold_perf),
+        Route("/api/extra/generate/check", kobold_check, methods=["GET", "POST"]),
+        Route("/api/extra/last_logprobs", kobold_last_logprobs, methods=["GET", "POST"]),
+        Route("/api/extra/preloadstory", kobold_preloadstory), Route("/sdapi/v1/sd-models", sd_models),
     ]
+    from .llamacpp_routes import ROUTES as LLAMACPP_AND_TABBY  # they use this module's helpers
+
+    routes += LLAMACPP_AND_TABBY
     middleware = [Middleware(LocalOnly, cors_origins=cors_origins, check_host=loopback and not api_key,
                              check_origin=not api_key)]
     # LocalOnly first (it lets preflights through); CORS before the key check, so that a
     # browser's preflight (which carries no key) is answered
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
-                                     allow_headers=["*"]))
+                                     allow_headers=["*"], expose_headers=[SKIPPED_HEADER]))
+    middleware.append(Middleware(RequestLog, log=request_log))  # outside the key check: 401s are logged too
     middleware.append(Middleware(APIKey, key=api_key))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash})

@@ -31,13 +31,16 @@ def check_api_key(key: str | None) -> str | None:
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
-          max_queue: int = 16, grace: float = GRACE, header_timeout: float | None = None,
-          max_connections: int | None = None,
-          log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> int:
+          log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False,
+          defaults=None, max_queue: int = 16, grace: float = GRACE, header_timeout: float | None = None,
+          max_connections: int | None = None) -> int:
+    """Serve until SIGTERM; every request gets a line on `log` unless `quiet`; `defaults`: the
+    ServerDefaults every request gets unless it says otherwise."""
     import uvicorn
 
     from .app import create_app
     from .connections import HEADER_TIMEOUT, ConnectionGuard, default_max_connections, raise_open_file_limit
+    from .defaults import ServerDefaults
     from .scheduling import Service
 
     api_key = check_api_key(api_key or os.environ.get(API_KEY_ENV) or None)
@@ -51,10 +54,14 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
             f"using {limit}")
     guard = ConnectionGuard(HEADER_TIMEOUT if header_timeout is None else header_timeout,
                             limit if max_connections is None else min(max_connections, limit))
-    service = Service(model, backend=backend, parallel=parallel, max_queue=max_queue, log=log)
+    defaults = defaults or ServerDefaults()
+    service = Service(model, backend=backend, parallel=parallel, log=log, defaults=defaults, max_queue=max_queue)
     log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
         f"together, {max_queue} waiting; context {service.n_ctx} tokens)")
-    app = create_app(service, api_key=api_key, cors_origins=cors_origins, loopback=host in LOOPBACK)
+    if not defaults.empty:
+        log(defaults.describe())
+    app = create_app(service, api_key=api_key, cors_origins=cors_origins, request_log=None if quiet else log,
+                     loopback=host in LOOPBACK)
     # uvicorn's own deadline comes after ours: by then every generation has been cancelled and
     # its stream has ended, so uvicorn never has to cut a response
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

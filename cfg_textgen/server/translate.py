@@ -4,11 +4,11 @@ preset files (importers/textgen_webui.py, importers/kobold.py): import and API c
 from __future__ import annotations
 
 from ..errors import PresetError
-from ..importers import kobold, textgen_webui
+from ..importers import kobold, llamacpp_server, textgen_webui
 from ..presets import builtin_names, load_preset, parse_preset
 from .errors import APIError, from_preset_error
 
-WEBUI_FLAVOUR, KOBOLD_FLAVOUR = "webui", "kobold"
+WEBUI_FLAVOUR, KOBOLD_FLAVOUR, LLAMACPP_FLAVOUR = "webui", "kobold", "llama.cpp"
 
 
 def flavour_of_completion(body: dict) -> str:
@@ -22,19 +22,32 @@ def flavour_of_completion(body: dict) -> str:
     return WEBUI_FLAVOUR
 
 
+# a request's sampler fields, per flavour: sending any of them means "my samplers, not the server's"
+SAMPLER_KEYS = {WEBUI_FLAVOUR: textgen_webui.PRESET_KEYS - {"guidance_scale", "negative_prompt"},
+                KOBOLD_FLAVOUR: kobold.REQUEST_KEYS - {"max_length", "stop_sequence"},
+                LLAMACPP_FLAVOUR: llamacpp_server.REQUEST_KEYS - {"guidance_scale", "negative_prompt"}}
+
+
 def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
-                 preset_name: str | None = None, renames: dict[str, str] | None = None):
-    """The Preset for a request: samplers and CFG from the flavour's importer (or from a built-in
-    preset named by the web UI's `preset` field, whose sampler settings win as in the web UI),
-    length and stop strings from the envelope (already checked by the caller)."""
+                 preset_name: str | None = None, renames: dict[str, str] | None = None, defaults=None):
+    """(Preset, skipped) for a request: samplers and CFG from the flavour's importer, the server's
+    defaults where the request is silent (defaults.py), or a built-in preset named by the web UI's
+    `preset` field (whose sampler settings win, as in the web UI); length and stop strings from
+    the envelope (already checked by the caller). `skipped` lists the `sampler_priority` /
+    `sampler_order` entries the importer did not know and skipped, as the imitated app does, for
+    the response header and the request log."""
     try:
         if flavour == KOBOLD_FLAVOUR:
             view = {k: v for k, v in body.items() if k not in ("max_length", "stop_sequence")}
             data, report = kobold.import_request(view)
+        elif flavour == LLAMACPP_FLAVOUR:
+            data, report = llamacpp_server.import_request(body)
         else:
             data, report = textgen_webui.import_request(body)
     except PresetError as err:
         raise from_preset_error(err, None, None, renames) from None
+    if defaults is not None:
+        data = defaults.apply(data, body, "guidance_scale", "negative_prompt", SAMPLER_KEYS[flavour])
     if preset_name is not None:
         if preset_name not in builtin_names():
             raise APIError(400, f"`preset`: no built-in preset named {preset_name!r}; known: "
@@ -46,6 +59,6 @@ def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
     data["max_new_tokens"] = max_new_tokens
     data["stop"] = list(dict.fromkeys(list(data.get("stop", [])) + stop))
     try:
-        return parse_preset(data, "request")
+        return parse_preset(data, "request"), list(report.skipped)
     except PresetError as err:
         raise from_preset_error(err, data, report, renames) from None

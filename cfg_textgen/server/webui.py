@@ -12,9 +12,10 @@ import time
 import uuid
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field, create_model
 
-from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from . import logprobs
+from .bodies import Count, Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
 
@@ -22,13 +23,12 @@ NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bi
                       "n", "presence_penalty", "stop", "stream", "suffix", "temperature", "top_p", "user", "seed"})
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
+MAX_LOGPROBS = 100  # alternatives per token (SillyTavern asks for 10)
 
 
-class CompletionBody(BaseModel):
+class CompletionBody(Envelope):
     """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
     the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: Prompt
     max_tokens: Count = None
@@ -44,6 +44,7 @@ class CompletionBody(BaseModel):
     truncation_length: Annotated[Int, Field(ge=0)] = None
     add_bos_token: Flag = True
     preset: Text = None
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] = None  # OpenAI's: n alternatives per token
 
     @property
     def length_field(self) -> str:
@@ -64,8 +65,8 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
         prompt = service.tokenize(prompt, special=False) or prompt
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
-    preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+    preset, c._skipped = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
+                                      c.preset if flavour != KOBOLD_FLAVOUR else None, renames, service.defaults)
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
 
@@ -83,11 +84,14 @@ def new_id() -> str:
     return "cmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "") -> dict:
+def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "",
+                        text_of=None) -> dict:
+    """`text_of` (token id -> its text) when the request asked for logprobs."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": finish_reason(job),
-                         "logprobs": None} for i, job in enumerate(jobs)],
+                         "logprobs": logprobs.openai(logprobs.shown(job), text_of, len(echo_text))
+                         if text_of else None} for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}
 
 
@@ -97,10 +101,12 @@ def usage(jobs, prompt_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
-def chunk(cid: str, model: str, index: int, text: str, reason: str | None = None) -> dict:
+def chunk(cid: str, model: str, index: int, text: str, reason: str | None = None,
+          token_logprobs: dict | None = None) -> dict:
+    """One streamed piece; `token_logprobs` (logprobs.openai) covers the tokens that made it."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": token_logprobs}]}
 
 
 def models_response(service) -> dict:
