@@ -112,16 +112,24 @@ class Stream:
             time.sleep(0.05)
 
 
-def live_jobs(srv) -> int:
-    perf = httpx.get(srv.url + "/api/extra/perf", timeout=10).json()
-    return 0 if perf["idle"] else perf["queue"] + 1
-
-
-def wait_live(srv, n: int, timeout: float = 60) -> None:
+def wait_perf(srv, timeout: float = 60, **expected) -> None:
+    """Until KoboldCpp's /api/extra/perf says `expected` (`queue`: requests waiting; `idle`: 1 when
+    nothing runs or waits)."""
     deadline = time.monotonic() + timeout
-    while live_jobs(srv) != n:
-        assert time.monotonic() < deadline, f"expected {n} live jobs, have {live_jobs(srv)}"
+    while True:
+        perf = httpx.get(srv.url + "/api/extra/perf", timeout=10).json()
+        if all(perf[k] == v for k, v in expected.items()):
+            return
+        assert time.monotonic() < deadline, f"perf is {perf}, expected {expected}"
         time.sleep(0.05)
+
+
+def still_running(stream: Stream, timeout: float = 60) -> bool:
+    """The stream keeps producing tokens (it was not cancelled)."""
+    seen, deadline = len(stream.events), time.monotonic() + timeout
+    while len(stream.events) == seen and not stream.done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return len(stream.events) > seen and not stream.events[-1].endswith('"cancelled"}')
 
 
 def answers(srv) -> bool:
@@ -135,12 +143,11 @@ def test_server_abort_with_a_chunked_genkey_stops_only_that_job_and_keyless_need
     a = Stream(slow, "/api/extra/generate/stream", LONG_K | {"genkey": "KCPPaaaa"})
     b = Stream(slow, "/api/extra/generate/stream", LONG_K | {"genkey": "KCPPbbbb"})
     a.wait_for_tokens(), b.wait_for_tokens()
-    wait_live(slow, 2)
     # keyless, two users running: KoboldCpp cannot tell whose job it is and ends none
     for raw in (b"", b"{}"):
         r = httpx.post(slow.url + "/api/extra/abort", content=raw, timeout=10)
         assert r.json()["success"] == "false"
-    assert live_jobs(slow) == 2
+    assert still_running(a) and still_running(b)
 
     def chunked():  # no Content-Length: the body must still be read
         yield b'{"genkey": '
@@ -149,13 +156,13 @@ def test_server_abort_with_a_chunked_genkey_stops_only_that_job_and_keyless_need
     assert r.status_code == 200 and r.json()["success"] == "true"
     assert a.done.wait(30)
     assert json.loads(a.events[-1]) == {"token": "", "finish_reason": "cancelled"}
-    assert not b.done.is_set() and live_jobs(slow) == 1
+    assert still_running(b)
 
     # keyless with one job on the server: that one ends, as in KoboldCpp
     assert httpx.post(slow.url + "/api/extra/abort", timeout=10).json()["success"] == "true"
     assert b.done.wait(30)
     assert json.loads(b.events[-1])["finish_reason"] == "cancelled"
-    wait_live(slow, 0)
+    wait_perf(slow, idle=1)
     assert answers(slow)
 
 
@@ -166,7 +173,7 @@ def test_server_stop_generation_ends_running_jobs_not_waiting_ones(slow):
     for s in running:
         s.wait_for_tokens()
     waiting = Stream(slow, "/v1/completions", LONG_W | {"seed": 9})
-    wait_live(slow, 3)
+    wait_perf(slow, queue=1)
     assert httpx.post(slow.url + "/v1/internal/stop-generation", timeout=10).json() == "OK"
     for s in running:
         assert s.done.wait(30)
@@ -176,7 +183,7 @@ def test_server_stop_generation_ends_running_jobs_not_waiting_ones(slow):
     first = waiting.text_events()[0]["choices"][0]
     assert waiting.status == 200 and first["finish_reason"] is None and first["text"]
     waiting.close()
-    wait_live(slow, 0)
+    wait_perf(slow, idle=1)
 
 
 def test_server_non_streaming_cancelled_request_says_cancelled(slow):
@@ -184,7 +191,7 @@ def test_server_non_streaming_cancelled_request_says_cancelled(slow):
     worker = threading.Thread(target=lambda: out.update(
         r=httpx.post(slow.url + "/api/v1/generate", json=LONG_K | {"genkey": "KCPPcccc"}, timeout=120)))
     worker.start()
-    wait_live(slow, 1)
+    wait_perf(slow, idle=0, queue=0)
     time.sleep(0.5)  # let it run past its prefill
     assert httpx.post(slow.url + "/api/extra/abort", json={"genkey": "KCPPcccc"}, timeout=10).json()["success"] == "true"
     worker.join(60)
@@ -199,7 +206,7 @@ def test_server_full_queue_is_a_503_with_retry_after_in_each_api_shape(slow):
     for s in jobs:
         s.wait_for_tokens()
     jobs.append(Stream(slow, "/v1/completions", LONG_W | {"seed": 3}))  # waits: --max-queue 1
-    wait_live(slow, 3)
+    wait_perf(slow, queue=1)
     r = httpx.post(slow.url + "/v1/completions", json=LONG_W, timeout=30)
     assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
     assert r.json()["error"]["code"] == "service_unavailable" and "--max-queue" in r.json()["error"]["message"]
@@ -208,7 +215,7 @@ def test_server_full_queue_is_a_503_with_retry_after_in_each_api_shape(slow):
     assert answers(slow)
     for s in jobs:
         s.close()
-    wait_live(slow, 0)
+    wait_perf(slow, idle=1)
 
 
 # ---- 2. tokenizing off the event loop -------------------------------------------------------
@@ -347,7 +354,7 @@ def test_server_sigterm_ends_every_stream_with_its_last_event_and_queued_get_503
         kobold = Stream(srv, "/api/extra/generate/stream", LONG_K)
         webui.wait_for_tokens(), kobold.wait_for_tokens()
         queued = [Stream(srv, "/v1/completions", LONG_W), Stream(srv, "/api/v1/generate", LONG_K, stream=False)]
-        wait_live(srv, 4)
+        wait_perf(srv, queue=2)
         srv.proc.send_signal(15)
         for q in queued:
             assert q.done.wait(30)
