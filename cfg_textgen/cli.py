@@ -443,18 +443,36 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, gr
 # ---- serve (server/) ----------------------------------------------------------------------
 
 
+def _check_api_key(ctx, param, value):
+    from .server.serve import check_api_key
+
+    try:
+        return check_api_key(value or None)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
 @main.command("serve")
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback needs --api-key (or a warning is printed).")
 @click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
-@click.option("--api-key", envvar="CFG_TEXTGEN_API_KEY", metavar="KEY", default=None,
+@click.option("--api-key", envvar="CFG_TEXTGEN_API_KEY", metavar="KEY", default=None, callback=_check_api_key,
               help="Require `Authorization: Bearer KEY` or `x-api-key: KEY` on every route "
-                   "(env: CFG_TEXTGEN_API_KEY).")
+                   "(env: CFG_TEXTGEN_API_KEY; printable ASCII).")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN (repeatable; e.g. Kobold Lite's). Default: CORS off.")
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests decoded together (batched scheduler).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests that may wait for a free slot; more get 503 with Retry-After.")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30, show_default=True, metavar="SECONDS",
+              help="On SIGTERM, running generations may finish for this long, then end (waiting ones get 503 at once).")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=15, show_default=True,
+              metavar="SECONDS", help="Close a connection that has not sent its request headers within this time.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Open connections at most; beyond it the ones idle longest are closed "
+                   "(default: what the open-file limit allows, at most 4096).")
 @click.option("--preset", "preset_name", metavar="NAME|FILE", default=None,
               help="Default CFG and samplers for requests that do not set them (a request's own "
                    "fields win; one that sends no sampler field gets this preset's samplers).")
@@ -465,7 +483,8 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, gr
                    "--preset's; \"\" = a blank story).")
 @click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
                                             "method, path, status, prompt/new tokens, time).")
-def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale, opposing):
+def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale, opposing,
+          max_queue, shutdown_grace, header_timeout, max_connections):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -488,7 +507,8 @@ def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name
     defaults = ServerDefaults(preset, cfg_scale, opposing)
     sys.exit(run(host=host, port=port, model=model.spec, backend=model.backend, runtime=model.runtime,
                  api_key=api_key, cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
-                 defaults=defaults))
+                 defaults=defaults, max_queue=max_queue, grace=shutdown_grace, header_timeout=header_timeout,
+                 max_connections=max_connections))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

@@ -360,6 +360,7 @@ class Job:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancel = threading.Event()
+        self._started = threading.Event()  # taken from the queue to run
         self._submitted = submitted
         self._wake: Callable[[], None] = lambda: None
 
@@ -382,6 +383,11 @@ class Job:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def started(self) -> bool:
+        """Taken from the queue to run (its prefill may still be under way)."""
+        return self._started.is_set()
 
     def pieces(self) -> Iterator[str]:
         """Text pieces as they become final (stop strings cut off); ends when the job ends."""
@@ -478,6 +484,24 @@ class Scheduler:
             self._cv.notify()
         return job
 
+    def would_wait(self, coming: int = 0) -> int:
+        """Jobs that will wait, of those submitted and `coming` more: those beyond the free
+        places of `max_parallel`."""
+        with self._cv:
+            return max(0, len(self._pending) + coming - (self.max_parallel - len(self._active)))
+
+    def refuse_waiting(self, reason: str = "shutdown") -> int:
+        """Take no new requests and end the waiting ones at once with `reason` (a server that stops
+        answers them now instead of after the running ones); running jobs go on. How many ended."""
+        with self._cv:
+            self._closing = True
+            ended = list(self._pending)
+            self._pending.clear()
+            for job in ended:
+                job._end(reason)
+            self._cv.notify()
+        return len(ended)
+
     def waiting(self) -> int:
         """Submitted jobs not yet started (queued behind `max_parallel` or the backend's room)."""
         with self._cv:
@@ -522,6 +546,7 @@ class Scheduler:
                 break  # waits until a job leaves and frees its sequences
             rows += need
             admit.append(self._pending.popleft())
+            job._started.set()
         return admit
 
     def _drop(self, job: Job, reason: str | None, error: BaseException | None = None) -> None:

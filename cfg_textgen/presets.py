@@ -57,6 +57,11 @@ def SamplerSpec(name: str, params: dict | None = None) -> SamplerSettings:  # no
     return SETTINGS[name].model_validate({**(params or {}), "sampler": name})
 
 
+# |scale| bound: far past where text burns (from about 6 on the default model), and small enough
+# that scale * (c - u) stays finite in float32 (log-probability gaps are at most a few thousand);
+# at 1e38 the combine overflows to inf and inf - inf leaves NaN probabilities
+MAX_SCALE = 1000.0
+
 # last-token mode takes the opposing branch from the prompt: no opposing text
 _LAST_TOKEN = {"if": {"properties": {"opposing_mode": {"const": "last-token"}}, "required": ["opposing_mode"]},
                "then": {"properties": {"opposing_prompt": {"const": ""}}}}
@@ -66,7 +71,8 @@ _LAST_TOKEN = {"if": {"properties": {"opposing_mode": {"const": "last-token"}}, 
 class CFGSettings:
     """Guidance settings: `guided = u + scale * (c - u)`; scale 1 means no opposing pass."""
 
-    scale: Float = Field(1.0, description="guidance scale in u + scale*(c - u); 1 = off (no opposing pass)")
+    scale: Float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE,
+                         description="guidance scale in u + scale*(c - u); 1 = off (no opposing pass)")
     opposing_prompt: Str = Field("", description='the opposing prompt; "" = a blank story')
     opposing_mode: OpposingMode = Field(
         "text", description='"last-token": the opposing branch starts from the last prompt token '

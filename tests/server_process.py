@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, key: str | None = None, timeout: float = 180):
+    def __init__(self, *args: str, env: dict | None = None, key: str | None = None, timeout: float = 180,
+                 preexec=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
@@ -32,7 +33,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cfg_textgen.cli", "serve", "--port", str(self.port), *args],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._log,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(env or {})}, preexec_fn=preexec)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         deadline = time.monotonic() + timeout
         while True:
@@ -49,7 +50,8 @@ class ServerProcess:
             time.sleep(0.3)
 
     def stderr(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.stderr_path.read_text()
 
     def terminate(self, timeout: float = 90) -> int:

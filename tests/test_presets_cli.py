@@ -97,9 +97,11 @@ BAD_PRESETS = [
     ("unknown-cfg-key", "{" + OK + ', "cfg": {"negative_prompt": "dull"}}',
      "$.cfg.negative_prompt: unknown key; valid cfg keys: scale, opposing_prompt, opposing_mode"),
     ("scale-is-a-string", "{" + OK + ', "cfg": {"scale": "1.5"}}',
-     '$.cfg.scale: must be a number, got string "1.5"'),
+     '$.cfg.scale: must be a number in [-1000, 1000], got string "1.5"'),
+    ("scale-beyond-the-range", "{" + OK + ', "cfg": {"scale": 1e39}}',  # the combine would overflow
+     "$.cfg.scale: must be a number in [-1000, 1000], got 1e+39"),
     ("scale-is-infinite", "{" + OK + ', "cfg": {"scale": Infinity}}',
-     "$.cfg.scale: must be a number (finite), got Infinity"),
+     "$.cfg.scale: must be a number in [-1000, 1000] (finite), got Infinity"),
     ("bad-opposing-mode", "{" + OK + ', "cfg": {"opposing_mode": "first-token"}}',
      '$.cfg.opposing_mode: must be one of "text", "last-token", got "first-token"'),
     ("last-token-with-prompt", "{" + OK + ', "cfg": {"opposing_mode": "last-token", '

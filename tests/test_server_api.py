@@ -168,6 +168,32 @@ BAD = [  # (path, body: dict or raw text, status, field, words in the message)
     (K, KOK | {"guidance_scale": "x"}, 400, "guidance_scale", "number"),
     (K, KOK | {"stop_sequence": [1]}, 400, "stop_sequence", "string"),
     ("/api/extra/tokencount", {"prompt": 5}, 400, "prompt", "string"),
+    # bodies whose shape broke the server (500s, tracebacks on stderr): huge integers (Python's
+    # int-digit limit, float overflow), deep nesting (recursion), lone surrogates (not Unicode:
+    # no tokenizer encodes them, no error message could echo them), scales that overflow the combine
+    (W, '{"prompt": "x", "max_tokens": 1%s}' % ("0" * 5000), 400, "max_tokens", "5001 digits"),
+    (K, '{"prompt": "x", "temperature": 1%s}' % ("0" * 5000), 400, "temperature", "5001 digits"),
+    (K, '{"prompt": "x", "temperature": 1%s}' % ("0" * 400), 400, "temperature", "too large"),
+    (W, '{"prompt": "x", "max_tokens": 2, "junk": %s}' % ("[" * 330 + "]" * 330), 400, "junk", "nested"),
+    (W, '{"prompt": "x", "junk": %s}' % ("[" * 979 + "]" * 979), 400, "junk", "nested"),
+    (K, '{"prompt": "x", "logit_bias": %s1%s}' % ('{"a":' * 600, "}" * 600), 400, "logit_bias", "nested"),
+    ("/api/extra/abort", '{"genkey": %s}' % ("[" * 979 + "]" * 979), 400, "genkey", "nested"),
+    ("/v1/internal/encode", {"text": "a\ud800"}, 400, "text", "lone surrogate"),
+    ("/v1/internal/token-count", {"text": "\udfff"}, 400, "text", "lone surrogate"),
+    ("/api/extra/tokencount", {"prompt": "\ud800"}, 400, "prompt", "lone surrogate"),
+    (W, OK | {"prompt": "\ud800 x", "add_bos_token": False}, 400, "prompt", "lone surrogate"),
+    (W, OK | {"prompt": "x \ud800", "truncation_length": 100}, 400, "prompt", "lone surrogate"),
+    (W, OK | {"stop": ["\n", "\ud800"]}, 400, "stop", "lone surrogate"),
+    (W, OK | {"guidance_scale": 1.5, "negative_prompt": "\ud800"}, 400, "negative_prompt", "lone surrogate"),
+    (W, OK | {"dry_multiplier": 0.8, "dry_sequence_breakers": ["\ud800"]}, 400, "dry_sequence_breakers", "surrogate"),
+    (K, KOK | {"stop_sequence": ["\udbff"]}, 400, "stop_sequence", "lone surrogate"),
+    (K, KOK | {"memory": "\ud800"}, 400, "memory", "lone surrogate"),
+    (W, {"prompt": "x", "\ud800": 1}, 400, "\\ud800", "lone surrogate"),
+    (W, OK | {"guidance_scale": 1e38}, 400, "guidance_scale", "[-1000, 1000]"),
+    (W, OK | {"guidance_scale": -1e38}, 400, "guidance_scale", "[-1000, 1000]"),
+    (W, OK | {"guidance_scale": -1e308}, 400, "guidance_scale", "[-1000, 1000]"),
+    (K, KOK | {"guidance_scale": 1e39}, 400, "guidance_scale", "[-1000, 1000]"),
+    (W, '{"prompt": "x", "guidance_scale": 1e400}', 400, "guidance_scale", "finite"),
 ]
 
 
@@ -187,6 +213,12 @@ def test_server_bad_request_is_a_4xx_naming_the_field(server, path, body, status
     assert words in message
     if field:
         assert field.split("[")[0] in message
+    assert_still_answers(server)
+
+
+def assert_still_answers(srv):
+    """After any bad request the server answers at once (timeout: 1 s)."""
+    assert httpx.get(srv.url + "/v1/models", timeout=1).status_code == 200
 
 
 # The request bodies are pydantic models (server/bodies.py) in strict mode: pydantic's lax mode
@@ -241,6 +273,7 @@ def test_server_request_fields_are_strict_as_before_pydantic(server, path, body,
         assert error["type"] == "invalid_request_error" and error["param"] == field
         message = error["message"]
     assert f"`{field}`" in message and words in message
+    assert_still_answers(server)
 
 
 def test_server_prompt_token_ids_outside_the_vocabulary_are_a_400(server):
@@ -270,6 +303,16 @@ def test_server_still_answers_after_the_bad_requests(server):
         httpx.post(server.url + path, content=body if isinstance(body, str) else json.dumps(body), timeout=60)
     assert httpx.get(server.url + "/v1/models").status_code == 200
     assert post(server, W, OK | {"temperature": 0}).json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert "Traceback" not in server.stderr()  # deep nesting printed ~1,000 frames per request
+
+
+def test_server_guidance_scale_at_the_bound_gives_finite_text(server):
+    # the combine c_raw + (scale - 1)(c - u) stays finite at |scale| = 1000: greedy text, no NaN pick
+    for scale in (1000, -1000):
+        r = post(server, W, OK | {"temperature": 0, "max_tokens": 4, "ban_eos_token": True, "guidance_scale": scale,
+                                  "negative_prompt": "The knight rode"})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_server_unknown_keys_are_ignored(server):

@@ -11,8 +11,11 @@ llama.cpp server's own API and TabbyAPI's status routes (SillyTavern's other two
     defaults.py    serve --preset / --cfg-scale / --opposing: defaults a request does not override
     translate.py   sampler fields -> Preset, through the importers of the same apps' preset files
     errors.py      error shapes per API, typed field reads
+    jsonbody.py    a body as JSON, refusing deep nesting, huge integers, NaN, lone surrogates
+    origin.py      without an API key: loopback Host names only, page origins from --cors-origin
+    connections.py header timeout and connection cap (slowloris, idle floods); open-file limit
     scheduling.py  the loaded backend and the engine's Scheduler; which API runs which job
-    serve.py       the process: uvicorn, SIGTERM, warnings
+    serve.py       the process: uvicorn, SIGTERM (503 to the queue, then the grace), warnings
 """
 
 from .serve import serve

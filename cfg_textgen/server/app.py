@@ -1,8 +1,13 @@
 """The ASGI app: both APIs' routes over one Service, the API key, the body limit and CORS.
 
 Every handler's failure is a JSON error in its API's shape (errors.py); nothing a client sends
-takes the process down. Generation runs on the Scheduler's thread; handlers wait for it without
-blocking the event loop, and a client that goes away cancels its jobs (streaming or not).
+takes the process down. Generation runs on the Scheduler's thread; parsing and tokenizing (a 9 MB
+prompt takes seconds) run in worker threads, so the event loop keeps answering other clients; a
+client that goes away cancels its jobs (streaming or not).
+
+A job that ends cancelled (stop-generation, abort, a shutdown's grace running out) says so:
+`finish_reason: "cancelled"` in both APIs. A job the server refused to start because it is
+shutting down is a 503, as is a request that finds the queue full (with Retry-After).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import CFGTextgenError
-from . import chat, kobold, logprobs, webui
+from . import chat, jsonbody, kobold, logprobs, webui
 from .bodies import read
-from .errors import KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite
+from .errors import KOBOLD, WEBUI, APIError, api_of_path, error_body
+from .origin import LocalOnly
 from .requestlog import SKIPPED_HEADER, RequestLog
+from .scheduling import SHUTDOWN, shutting_down
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
 
@@ -35,7 +42,9 @@ MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few 
 # ---- request bodies ---------------------------------------------------------------------------
 
 
-async def read_json(request: Request) -> dict:
+async def read_json(request: Request, empty: dict | None = None) -> dict:
+    """The body (any transfer encoding: Content-Length or chunked) as a JSON object, parsed in a
+    worker thread; `empty`, when given, stands for a body of no bytes."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY}", None,
@@ -46,21 +55,14 @@ async def read_json(request: Request) -> dict:
         if len(raw) > MAX_BODY:
             raise APIError(413, f"the request body is larger than the {MAX_BODY}-byte limit", None,
                            "body_too_large")
-    try:
-        body = json.loads(bytes(raw).decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise APIError(400, f"the request body is not UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise APIError(400, f"the request body is not valid JSON: {err.msg} at line {err.lineno} "
-                            f"column {err.colno}") from None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, but is {type(body).__name__}")
-    field = first_non_finite(body)
-    if field is not None:
-        raise bad(field, "must be a finite number (NaN and Infinity are not JSON)", body[field])
-    return body
+    if empty is not None and not raw.strip():
+        return empty
+    return await off_loop(jsonbody.parse, bytes(raw))
+
+
+async def off_loop(func, *args, **kw):
+    """func(*args, **kw) in a worker thread: tokenizing a long prompt must not stall other clients."""
+    return await anyio.to_thread.run_sync(partial(func, *args, **kw))
 
 
 _NAMED = re.compile(r"`(\w+)`")
@@ -135,14 +137,45 @@ async def wait_or_cancel(request: Request, jobs) -> bool:
     return finished
 
 
+async def started(jobs) -> APIError | None:
+    """Wait until every job has left the queue; the 503 to answer if the server refused to start
+    one because it is shutting down."""
+    while not all(job.started or job.done for job in jobs):
+        await asyncio.sleep(0.05)
+    if any(job.stop_reason == SHUTDOWN for job in jobs):
+        for job in jobs:
+            job.cancel()
+        return shutting_down()
+    return None
+
+
 class EventStream(StreamingResponse):
     """SSE that watches for the client's disconnect while streaming (Starlette only does that for
-    old ASGI servers); the body generator is cancelled then, and its `finally` cancels the jobs."""
+    old ASGI servers); the body generator is cancelled then, and its `finally` cancels the jobs.
+
+    The status line waits for the body's first item: a queued stream that the server refuses to
+    start (shutdown) is then still a plain 503 error in the API's shape, not a 200 stream."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content):
+    def __init__(self, content, api: str = WEBUI):
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.api = api
+
+    async def stream_response(self, send):
+        first = await anext(aiter(self.body_iterator), None)
+        if isinstance(first, APIError):
+            await self.body_iterator.aclose()
+            refusal = _error_response(self.api, first)
+            await send({"type": "http.response.start", "status": refusal.status_code, "headers": refusal.raw_headers})
+            await send({"type": "http.response.body", "body": refusal.body, "more_body": False})
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if first:
+            await send({"type": "http.response.body", "body": first.encode(self.charset), "more_body": True})
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk.encode(self.charset), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope, receive, send):
         async with anyio.create_task_group() as tg:
@@ -152,6 +185,17 @@ class EventStream(StreamingResponse):
 
             tg.start_soon(run, partial(self.stream_response, send))
             await run(partial(self.listen_for_disconnect, receive))
+
+
+def _ended(jobs) -> None:
+    """A non-streaming request's jobs have ended: raise the 503 or 500 to answer instead, if any."""
+    if any(job.stop_reason == SHUTDOWN for job in jobs):
+        for job in jobs:
+            job.cancel()  # n > 1: the choices that did start
+        raise shutting_down()
+    failed = next((j for j in jobs if j.stop_reason == "error"), None)
+    if failed is not None:
+        raise _error_of(failed)
 
 
 def _error_of(job) -> APIError:
@@ -188,9 +232,7 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
     if not stream:
         if not await wait_or_cancel(request, jobs):
             return JSONResponse({})  # the client is gone; nobody reads this
-        failed = next((j for j in jobs if j.stop_reason == "error"), None)
-        if failed is not None:
-            raise _error_of(failed)
+        _ended(jobs)
         return JSONResponse(whole())
 
     async def events():
@@ -207,6 +249,11 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
             return out
 
         try:
+            refused = await started(jobs)
+            if refused is not None:
+                yield refused
+                return
+            yield ""  # the status line: the jobs run
             for event in opening:
                 yield _sse(event)
             ended = 0
@@ -228,16 +275,27 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
             for job in jobs:
                 job.cancel()  # a no-op for a finished job; frees the slot of a dropped client
 
-    return EventStream(events())
+    return EventStream(events(), WEBUI)
+
+
+def _start_completion(request: Request, body: dict):
+    """Parse, tokenize and queue a completion's n jobs (in a worker thread)."""
+    service = request.app.state.service
+    c, preset = webui.parse_completion(body, service)
+    request.state.skipped_samplers = c.skipped_samplers
+    jobs = submit_choices(service, c, c.prompt, preset, logprobs=c.logprobs)
+    try:
+        echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+    return c, jobs, _used(request, jobs), echo
 
 
 async def completions(request: Request):
     service = request.app.state.service
-    c, preset = webui.parse_completion(await read_json(request), service)
-    request.state.skipped_samplers = c.skipped_samplers
-    jobs = submit_choices(service, c, c.prompt, preset, logprobs=c.logprobs)
-    prompt_tokens = _used(request, jobs)
-    echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
+    c, jobs, prompt_tokens, echo = await off_loop(_start_completion, request, await read_json(request))
     cid, model = webui.new_id(), service.model_name
     text_of = service.token_text if c.logprobs is not None else None
     return await answer(request, jobs, c.stream,
@@ -248,12 +306,18 @@ async def completions(request: Request):
                         text_of=text_of, offset=len(echo))
 
 
-async def chat_completions(request: Request):
+def _start_chat(request: Request, body: dict):
+    """Parse, render, tokenize and queue a chat's n jobs (in a worker thread)."""
     service = request.app.state.service
-    c, preset, prompt, opposing = chat.parse_chat(await read_json(request), service)
+    c, preset, prompt, opposing = chat.parse_chat(body, service)
     request.state.skipped_samplers = c.skipped_samplers
     jobs = submit_choices(service, c, prompt, preset, opposing)
-    prompt_tokens = _used(request, jobs)
+    return c, jobs, _used(request, jobs)
+
+
+async def chat_completions(request: Request):
+    service = request.app.state.service
+    c, jobs, prompt_tokens = await off_loop(_start_chat, request, await read_json(request))
     cid, model = chat.new_id(), service.model_name
     return await answer(request, jobs, c.stream,
                         whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens),
@@ -298,25 +362,27 @@ async def health(request: Request):
 
 async def encode(request: Request):
     service = request.app.state.service
-    tokens = service.tokenize(read(webui.TextBody, await read_json(request)).text)
+    text = read(webui.TextBody, await read_json(request)).text
+    tokens = await off_loop(service.tokenize, text)
     return JSONResponse({"tokens": tokens, "length": len(tokens)})
 
 
 async def decode(request: Request):
     service = request.app.state.service
     tokens = read(webui.TokensBody, await read_json(request), vocab_size=service.vocab_size).tokens
-    return JSONResponse({"text": service.detokenize(tokens)})
+    return JSONResponse({"text": await off_loop(service.detokenize, tokens)})
 
 
 async def token_count(request: Request):
     service = request.app.state.service
     text = read(webui.TextBody, await read_json(request)).text
-    return JSONResponse({"length": len(service.tokenize(text))})
+    return JSONResponse({"length": len(await off_loop(service.tokenize, text))})
 
 
 async def stop_generation(request: Request):
-    # the web UI's stop is global (one model, one generation); here it ends every web UI job
-    request.app.state.service.cancel(api=WEBUI)
+    # the web UI's stop button: the generations running now end (with what they have); waiting
+    # ones still run, as in the web UI, whose every generation clears the stop flag when it starts
+    request.app.state.service.stop_running(WEBUI)
     return JSONResponse("OK")
 
 
@@ -324,6 +390,7 @@ async def stop_generation(request: Request):
 
 
 def _kobold_job(request: Request, body: dict):
+    """Parse, tokenize and queue a Kobold generation (in a worker thread)."""
     service = request.app.state.service
     g, preset = kobold.parse_generate(body, service)
     request.state.skipped_samplers = g.skipped_samplers
@@ -334,19 +401,23 @@ def _kobold_job(request: Request, body: dict):
 
 
 async def kobold_generate(request: Request):
-    job, prompt_tokens = _kobold_job(request, await read_json(request))
+    job, prompt_tokens = await off_loop(_kobold_job, request, await read_json(request))
     if not await wait_or_cancel(request, [job]):
         return JSONResponse({})
-    if job.stop_reason == "error":
-        raise _error_of(job)
+    _ended([job])
     return JSONResponse(kobold.generate_response(job, prompt_tokens, request.app.state.service))
 
 
 async def kobold_stream(request: Request):
-    job, _ = _kobold_job(request, await read_json(request))
+    job, _ = await off_loop(_kobold_job, request, await read_json(request))
 
     async def events():
         try:
+            refused = await started([job])
+            if refused is not None:
+                yield refused
+                return
+            yield ""  # the status line: the job runs
             async for _, piece, _ in pieces_of([job]):
                 if piece is not None:
                     yield _kobold_event({"token": piece, "finish_reason": None})
@@ -357,7 +428,7 @@ async def kobold_stream(request: Request):
         finally:
             job.cancel()
 
-    return EventStream(events())
+    return EventStream(events(), KOBOLD)
 
 
 def _kobold_event(data: dict) -> str:
@@ -365,15 +436,15 @@ def _kobold_event(data: dict) -> str:
 
 
 async def kobold_abort(request: Request):
-    body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
-    genkey = read(kobold.AbortBody, body).genkey
-    n = request.app.state.service.cancel(api=KOBOLD, genkey=genkey or None)
+    # an empty body (KoboldCpp's clients send none, or `{}`) is a keyless abort
+    genkey = read(kobold.AbortBody, await read_json(request, empty={})).genkey
+    n = request.app.state.service.abort(genkey or None)
     return JSONResponse({"success": "true" if n else "false", "done": "true"})
 
 
 async def kobold_tokencount(request: Request):
     service = request.app.state.service
-    ids = service.tokenize(read(kobold.TokenCountBody, await read_json(request)).prompt)
+    ids = await off_loop(service.tokenize, read(kobold.TokenCountBody, await read_json(request)).prompt)
     return JSONResponse({"value": len(ids), "ids": ids})
 
 
@@ -383,9 +454,9 @@ async def kobold_perf(request: Request):
 
 async def _genkey(request: Request) -> str | None:
     """The `genkey` of a poll: KoboldCpp takes it from a JSON body (POST); GET has none."""
-    if request.method == "GET" or not int(request.headers.get("content-length") or 0):
+    if request.method == "GET":
         return None
-    return read(kobold.AbortBody, await read_json(request)).genkey
+    return read(kobold.AbortBody, await read_json(request, empty={})).genkey  # chunked bodies too
 
 
 async def kobold_check(request: Request):
@@ -431,8 +502,12 @@ async def kobold_max_length(request: Request):
 # ---- errors, auth ---------------------------------------------------------------------------
 
 
+def _error_response(api: str, err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(api, err), status_code=err.status, headers=err.headers)
+
+
 async def _api_error(request: Request, err: APIError):
-    return JSONResponse(error_body(api_of_path(request.url.path), err), status_code=err.status)
+    return _error_response(api_of_path(request.url.path), err)
 
 
 async def _http_error(request: Request, err: HTTPException):
@@ -469,8 +544,10 @@ class APIKey:
 
 
 def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
-               request_log=None) -> Starlette:
-    """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request."""
+               request_log=None, loopback: bool = False) -> Starlette:
+    """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request;
+    `loopback`: the server is bound to a loopback address (without an API key it then answers only
+    loopback Host names: see origin.py)."""
     routes = [
         Route("/v1/models", models), Route("/v1/models/{model:path}", model_detail),
         Route("/v1/internal/model/info", model_info), Route("/v1/internal/health", health),
@@ -497,8 +574,11 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
     from .llamacpp_routes import ROUTES as LLAMACPP_AND_TABBY  # they use this module's helpers
 
     routes += LLAMACPP_AND_TABBY
-    middleware = []
-    if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered
+    middleware = [Middleware(LocalOnly, cors_origins=cors_origins, check_host=loopback and not api_key,
+                             check_origin=not api_key)]
+    # LocalOnly first (it lets preflights through); CORS before the key check, so that a
+    # browser's preflight (which carries no key) is answered
+    if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                                      allow_headers=["*"], expose_headers=[SKIPPED_HEADER]))
     middleware.append(Middleware(RequestLog, log=request_log))  # outside the key check: 401s are logged too

@@ -8,7 +8,6 @@ add the field there too. Every error names the field it is about where there is 
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -16,9 +15,11 @@ WEBUI, KOBOLD = "webui", "kobold"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.code = status, message, field, code
+        self.headers = headers
 
 
 def error_body(api: str, err: APIError) -> dict:
@@ -44,20 +45,6 @@ def _kind(value: Any) -> str:
 def bad(field: str, rule: str, value: Any) -> APIError:
     shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
     return APIError(400, f"`{field}` {rule}, but is {_kind(value)} {shown}", field)
-
-
-def first_non_finite(body: dict) -> str | None:
-    """The first top-level field holding NaN or an infinity (anywhere inside it): JSON has no such
-    numbers, but Python's parser (and some clients) accept them."""
-    def walk(value) -> bool:
-        if isinstance(value, float):
-            return not math.isfinite(value)
-        if isinstance(value, dict):
-            return any(walk(v) for v in value.values())
-        if isinstance(value, list):
-            return any(walk(v) for v in value)
-        return False
-    return next((k for k, v in body.items() if walk(v)), None)
 
 
 # ---- errors from the preset translation (importers/ and presets.parse_preset) ----------------

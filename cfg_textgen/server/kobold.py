@@ -75,7 +75,8 @@ TokenCountBody = create_model("TokenCountBody", prompt=(Text, ...))  # /api/extr
 
 
 def finish_reason(job) -> str:
-    return "length" if job.stop_reason == "max_tokens" else "stop"
+    """"length", "stop", or "cancelled" for a job ended by a stop/abort request or a shutdown."""
+    return {"max_tokens": "length", "cancelled": "cancelled"}.get(job.stop_reason, "stop")
 
 
 def logprobs_of(job, service) -> dict | None:

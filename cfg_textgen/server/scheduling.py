@@ -15,14 +15,18 @@ from pathlib import Path
 
 from ..context import fit_context, fit_with_memory
 from ..engine import Request, Scheduler
+from ..errors import CFGTextgenError
 from .defaults import ServerDefaults
+from .errors import APIError
+
+RETRY_AFTER = 5  # seconds a client refused for a full queue is asked to wait
 
 
 class Service:
     """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
     def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
-                 log=print, runtime=None, defaults: ServerDefaults = ServerDefaults()):
+                 log=print, runtime=None, defaults: ServerDefaults = ServerDefaults(), max_queue: int = 16):
         from ..models import DEFAULT_NAME
 
         self.defaults = defaults  # serve --preset / --cfg-scale / --opposing (defaults.py)
@@ -30,6 +34,9 @@ class Service:
                            else "SmolLM2-135M-Instruct")
         self.backend = _load_backend(model_spec, backend, parallel, log, runtime)
         self.scheduler = Scheduler(self.backend, max_parallel=parallel)
+        self.max_queue = max_queue  # jobs waiting for a free slot; more are refused with a 503
+        self._submitting = 0  # submits under way (tokenizing), counted against the queue bound
+        self._stopping = False
         self.backend_name = self.backend.name
         self.tokenizer = self.backend.tokenizer
         self.n_ctx = int(self.backend.n_ctx or 2048)
@@ -99,9 +106,25 @@ class Service:
                genkey=None, logprobs: int | None = None, opposing_ids=None):
         if seed is None:
             seed = random.randrange(2**31)
-        job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
-                                            truncate=truncate, logprobs=logprobs,
-                                            opposing_ids=opposing_ids))
+        with self._lock:
+            if self._stopping:
+                raise shutting_down()
+            if self.scheduler.would_wait(coming=self._submitting) >= self.max_queue:
+                raise APIError(503, f"the server is busy: {self.max_queue} requests are already waiting "
+                                    f"(serve --max-queue); try again in a few seconds", None,
+                               "service_unavailable", headers={"Retry-After": str(RETRY_AFTER)})
+            self._submitting += 1
+        try:
+            job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
+                                                truncate=truncate, logprobs=logprobs,
+                                                opposing_ids=opposing_ids))
+        except CFGTextgenError:
+            if self._stopping:  # the scheduler closed while this one was tokenized
+                raise shutting_down() from None
+            raise
+        finally:
+            with self._lock:
+                self._submitting -= 1
         job.seed = seed
         with self._lock:
             self.last_request = time.time()
@@ -136,14 +159,32 @@ class Service:
         """Requests queued behind the running ones (KoboldCpp's `queue`)."""
         return self.scheduler.waiting()
 
-    def cancel(self, api: str | None = None, genkey: str | None = None) -> int:
-        """Cancel running jobs of one API (and one Kobold genkey, if given); how many."""
+    def _live(self) -> list[tuple[object, str, str | None]]:
         with self._lock:
-            hits = [j for j, a, k in self._jobs.values()
-                    if not _done(j) and (api is None or a == api) and (genkey is None or k == genkey)]
-        for job in hits:
-            job.cancel()
-        return len(hits)
+            return [v for v in self._jobs.values() if not _done(v[0])]
+
+    def stop_running(self, api: str) -> int:
+        """The web UI's stop button: end the generations of `api` that run now. Waiting ones still
+        run later, as in the web UI (each generation clears its stop flag when it starts)."""
+        return _cancel([job for job, a, _ in self._live() if a == api and job.started])
+
+    def abort(self, genkey: str | None) -> int:
+        """KoboldCpp's abort: the job named by `genkey`, running or waiting; without a genkey the
+        running job only when it is the one job on the server (KoboldCpp honours a keyless abort
+        only with nothing queued: with several users it cannot tell whose job to end)."""
+        live = self._live()
+        if genkey:
+            return _cancel([job for job, _, k in live if k == genkey])
+        return _cancel([job for job, _, _ in live]) if len(live) == 1 and live[0][0].started else 0
+
+    def cancel_all(self) -> int:
+        """End every job (shutdown after the grace period): each ends with what it has so far."""
+        return _cancel([job for job, _, _ in self._live()])
+
+    def stop_taking(self) -> int:
+        """Shutdown begins: no new jobs; the waiting ones end now (their requests get a 503)."""
+        self._stopping = True
+        return self.scheduler.refuse_waiting(SHUTDOWN)
 
     def running(self) -> int:
         """Jobs submitted and not yet ended (running or waiting), over both APIs."""
@@ -160,6 +201,19 @@ def _load_backend(spec, backend, parallel, log, runtime=None):
     from ..models import load_backend
 
     return load_backend(spec, backend, pairs=parallel, runtime=runtime, log=log)
+
+
+SHUTDOWN = "shutdown"  # the stop reason of a job the server refused to start because it stops
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down and takes no new requests", None, "service_unavailable")
+
+
+def _cancel(jobs) -> int:
+    for job in jobs:
+        job.cancel()
+    return len(jobs)
 
 
 KEPT_GENKEYS = 64  # poll mode asks about the generation just made; a few dozen users at most

@@ -84,7 +84,8 @@ TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal
 
 
 def finish_reason(job) -> str:
-    return "length" if job.stop_reason == "max_tokens" else "stop"
+    """"length", "stop", or "cancelled" for a job ended by a stop/abort request or a shutdown."""
+    return {"max_tokens": "length", "cancelled": "cancelled"}.get(job.stop_reason, "stop")
 
 
 def new_id() -> str:
