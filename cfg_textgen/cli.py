@@ -216,6 +216,31 @@ def _read_opposing_file(ctx, param, value):
     return text[:-1] if text.endswith("\n") else text  # an editor's final newline is not the prompt
 
 
+def _read_grammar_file(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            return value, f.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise click.BadParameter(f"{value}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise click.BadParameter(f"{value}: {err.strerror or err}") from None
+
+
+def _check_grammar(backend, preset, grammar_file) -> None:
+    """A grammar the backend cannot use is an error naming where it came from, before any text."""
+    from .grammar import GrammarError, check_grammar
+
+    if not preset.grammar:
+        return
+    try:
+        check_grammar(backend, preset.grammar)
+    except GrammarError as err:
+        where = f"--grammar {grammar_file[0]}" if grammar_file else f"preset {preset.name}: grammar"
+        raise CFGTextgenError(f"{where}: {err}") from None
+
+
 def _generation_options(f):
     """Options shared by `write` and `generate`: flags override the preset, which overrides defaults."""
     options = [
@@ -229,6 +254,8 @@ def _generation_options(f):
                      metavar="FILE", help="Read the opposing prompt from a UTF-8 file (one final newline dropped)."),
         click.option("--tokens", type=click.IntRange(min=1), metavar="N",
                      help="Tokens to generate per continuation."),
+        click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), callback=_read_grammar_file,
+                     metavar="FILE", help="A GBNF grammar (rule root) the text must follow; llama.cpp backend."),
         click.option("--seed", type=int, metavar="S", help="Random seed, for repeatable sampling."),
         click.option("--model", "model_spec", metavar="PATH", callback=_check_model,
                      help="A local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)."),
@@ -250,7 +277,7 @@ def _backend_options(f):
                              "model when llama-cpp-python is installed, else transformers).")(f)
 
 
-def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens):
+def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file=None):
     """The preset with the command-line flags applied on top."""
     import dataclasses
 
@@ -266,6 +293,8 @@ def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens):
     preset = dataclasses.replace(preset, cfg=cfg)
     if tokens is not None:
         preset = dataclasses.replace(preset, max_new_tokens=tokens)
+    if grammar_file is not None:
+        preset = dataclasses.replace(preset, grammar=grammar_file[1])
     return preset
 
 
@@ -359,7 +388,7 @@ def _exit_interrupted(ctx, err):
 @click.option("--interactive", "-i", is_flag=True,
               help="After each continuation, read a line: Enter continues, text is added, /help.")
 @click.pass_context
-def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
+def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model_spec,
           backend_name, threads, verbose, interactive):
     """Continue the story in STORY.txt, streaming the new text to the screen and into the file.
 
@@ -376,11 +405,12 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
     from .session import WriteSession, describe
     from .story import SignalGuard, Story, Terminated
 
-    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens)
+    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file)
     story = Story.open(story_file)  # not UTF-8 / not writable: an error before any generation
     with SignalGuard() as guard:
         try:
             backend, generator = _start(model_spec, seed, backend_name, threads, verbose)
+            _check_grammar(backend, preset, grammar_file)
             _say(describe(preset))
             session = WriteSession(story, preset, _stream_factory(backend, generator),
                                    _echo_story, _say, guard, load_preset=load_preset)
@@ -397,7 +427,7 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, s
 @click.argument("prompt")
 @_generation_options
 @click.pass_context
-def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, seed, model_spec,
+def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model_spec,
              backend_name, threads, verbose):
     """Stream one continuation of PROMPT to stdout (nothing is written to disk).
 
@@ -409,10 +439,11 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
     from .session import describe, summary
     from .story import SignalGuard, Terminated
 
-    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens)
+    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file)
     with SignalGuard() as guard:
         try:
             backend, generator = _start(model_spec, seed, backend_name, threads, verbose)
+            _check_grammar(backend, preset, grammar_file)
             _say(describe(preset))
             stream = _stream_factory(backend, generator)(prompt, preset)
             try:
@@ -444,9 +475,18 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
               help="Allow browser pages from ORIGIN (repeatable; e.g. Kobold Lite's). Default: CORS off.")
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests decoded together (batched scheduler).")
+@click.option("--preset", "preset_name", metavar="NAME|FILE", default=None,
+              help="Default CFG and samplers for requests that do not set them (a request's own "
+                   "fields win; one that sends no sampler field gets this preset's samplers).")
+@click.option("--cfg-scale", type=float, callback=_check_scale, metavar="X", default=None,
+              help="Default CFG scale for requests without `guidance_scale` (wins over --preset's).")
+@click.option("--opposing", metavar="TEXT", default=None,
+              help="Default opposing prompt for requests without `negative_prompt` (wins over "
+                   "--preset's; \"\" = a blank story).")
 @click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
                                             "method, path, status, prompt/new tokens, time).")
-def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quiet):
+def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale,
+          opposing):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -454,6 +494,7 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quie
     Examples:
       cfg-textgen serve
       cfg-textgen serve --port 5001 --cors-origin https://lite.koboldai.net
+      cfg-textgen serve --preset negative-prompt      # CFG for clients that cannot send it
       CFG_TEXTGEN_API_KEY=secret cfg-textgen serve --host 0.0.0.0
     """
     try:
@@ -462,9 +503,13 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quie
     except ImportError as err:
         raise click.ClickException(f"serving needs the server extra: pip install 'cfg-textgen[server]' ({err})")
     from .server import serve as run
+    from .server.defaults import ServerDefaults
 
+    preset = _load_preset_or_bad(preset_name, "'--preset'") if preset_name is not None else None
+    defaults = ServerDefaults(preset, cfg_scale, opposing)
     sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
-                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet))
+                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
+                 defaults=defaults))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

@@ -40,7 +40,9 @@ import torch
 from .backends.transformers import REPLACEMENT, IncrementalDecoder, TransformersBackend  # noqa: F401
 from .context import context_length, eos_ids, fit_context  # noqa: F401  (context_length, eos_ids: API)
 from .errors import CFGTextgenError
+from .grammar import make_grammar
 from .guidance import MODES, cfg_combine, check_scale, opposing_token_ids
+from .logprobs import TokenLogprob, token_logprob
 from .samplers import pick_token
 
 
@@ -106,7 +108,7 @@ class Generation:
                  max_new_tokens: int = 200, stop: Sequence[str] = (), do_sample: bool = True,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  on_cut: Callable[[int, int], None] | None = None, ban_eos: bool = False,
-                 truncate: bool = True):
+                 truncate: bool = True, logprobs: int | None = None, grammar: str = ""):
         self.backend = backend = as_backend(model, tokenizer)
         self.scale = check_scale(scale)
         if opposing_mode not in MODES:
@@ -117,6 +119,10 @@ class Generation:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` has to be an integer >= 1, but is {max_new_tokens!r}")
         self.max_new_tokens = max_new_tokens
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"`logprobs` has to be None or an integer >= 0, but is {logprobs!r}")
+        self.logprobs = logprobs  # None: not recorded; n: each token's log-prob and n alternatives
+        self.token_logprobs: list[TokenLogprob] = []  # logprobs.py: one per generated token
         self.stop = [s for s in stop if s]
         self.chain = chain if chain is not None else []
         self.do_sample = do_sample
@@ -161,6 +167,7 @@ class Generation:
         self._filled = len(self.prompt_ids)
         self._eos_index = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
         self._decoder = backend.decoder(self.prompt_ids)
+        self.grammar = make_grammar(backend, grammar) if grammar else None  # grammar.py
         self._start = time.perf_counter()
 
     def _fit(self, ids: list[int], on_cut, truncate: bool) -> list[int]:
@@ -196,9 +203,19 @@ class Generation:
         if self.ban_eos and len(self._eos_index):
             scores = scores.index_fill(-1, self._eos_index, float("-inf"))
         history = self._history[:, :self._filled]
+        guided = scores
         for processor in self.chain:
             scores = processor(history, scores)
+        if self.grammar is not None:
+            scores = self._grammar_allowed(history, guided, scores)
+            if not torch.isfinite(scores).any():  # complete, and its end is banned: nothing may follow
+                self.stop_reason = "stop"
+                return self._finish()
         tok = int(pick_token(scores, self.do_sample, self.generator))
+        if self.logprobs is not None:  # the distribution the token was drawn from (logprobs.py)
+            self.token_logprobs.append(token_logprob(scores, logits[:1], tok, self.logprobs))
+        if self.grammar is not None and tok not in self.eos:
+            self.grammar.accept(tok)
         if self.stats.first_token_seconds is None:
             self.stats.first_token_seconds = time.perf_counter() - self._start
         self._history[0, self._filled] = tok
@@ -218,6 +235,17 @@ class Generation:
             self.stop_reason = "max_tokens"
             return piece + self._finish()
         return piece
+
+    def _grammar_allowed(self, history, guided, scores):
+        """The chain's scores limited to what the grammar allows; if that leaves nothing, the
+        grammar filters the guided scores and the chain runs again (llama.cpp's resampling)."""
+        allowed = self.grammar.allowed(scores)
+        if torch.isfinite(allowed).any():
+            return allowed
+        scores = self.grammar.allowed(guided)
+        for processor in self.chain:
+            scores = processor(history, scores)
+        return self.grammar.allowed(scores)
 
     def _finish(self) -> str:
         self.done = True
@@ -287,7 +315,7 @@ def _preset_settings(backend, preset, generator) -> dict:
                 opposing_mode=preset.cfg.opposing_mode,
                 chain=build_chain(preset, backend.tokenizer, generator),
                 max_new_tokens=preset.max_new_tokens, stop=preset.stop, do_sample=preset.do_sample,
-                generator=generator)
+                generator=generator, grammar=preset.grammar)
 
 
 def stream_preset(model, tokenizer, prompt: str | Sequence[int], preset, *,
@@ -312,6 +340,9 @@ class Request:
     seed: int | None = None  # same seed + same request -> same text, whatever else runs
     ban_eos: bool = False
     truncate: bool = True  # False: a prompt longer than the window is an error
+    logprobs: int | None = None  # record each token's log-prob and this many alternatives
+    opposing_ids: tuple[int, ...] | None = None  # the opposing prompt as token ids (a chat rendered
+    # by its template), instead of the preset's opposing text
 
 
 _END = object()
@@ -354,6 +385,12 @@ class Job:
 
     def pieces(self) -> Iterator[str]:
         """Text pieces as they become final (stop strings cut off); ends when the job ends."""
+        for piece, _ in self.pieces_with_tokens():
+            yield piece
+
+    def pieces_with_tokens(self) -> Iterator[tuple[str, int]]:
+        """(piece, tokens generated when it became final): the piece is the text of the tokens
+        up to that count that was not given out before."""
         while True:
             item = self._queue.get()
             if item is _END:
@@ -372,7 +409,7 @@ class Job:
 
     def _put(self, piece: str) -> None:
         if piece:
-            self._queue.put(piece)
+            self._queue.put((piece, len(self.generation.token_ids)))
 
     def _end(self, reason: str | None, error: BaseException | None = None) -> None:
         gen = self.generation
@@ -425,9 +462,12 @@ class Scheduler:
         with self._setup:
             seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
             generator = torch.Generator(device=backend.device).manual_seed(int(seed))
+            settings = _preset_settings(backend, request.preset, generator)
+            if request.opposing_ids is not None:
+                settings.update(opposing_prompt=list(request.opposing_ids), opposing_mode="text")
             gen = Generation(backend, None, request.prompt, ban_eos=request.ban_eos,
                              truncate=request.truncate, on_cut=lambda kept, total: None,
-                             **_preset_settings(backend, request.preset, generator))
+                             logprobs=request.logprobs, **settings)
         gen._start = submitted
         job = Job(request, gen, submitted)
         job._wake = self._notify
@@ -437,6 +477,11 @@ class Scheduler:
             self._pending.append(job)
             self._cv.notify()
         return job
+
+    def waiting(self) -> int:
+        """Submitted jobs not yet started (queued behind `max_parallel` or the backend's room)."""
+        with self._cv:
+            return len(self._pending)
 
     def _notify(self) -> None:
         with self._cv:

@@ -100,15 +100,25 @@ class Preset:
     max_new_tokens: Int = Field(200, ge=1, description="continuation length")
     stop: tuple[Annotated[Str, MinLen(1)], ...] = Field((), description="stop sequences (not kept)")
     do_sample: Bool = Field(True, description="false = greedy pick after the chain")
+    grammar: Str = Field("", description='a GBNF grammar (llama.cpp\'s, rule "root") the text must follow, '
+                                         'applied after the samplers; "" = none; needs the llama.cpp backend')
 
     def to_dict(self) -> dict:
         """The JSON form: every top-level key, and per sampler only the parameters the preset gave
         (in the sampler's declaration order), so `parse_preset(p.to_dict(), ...) == p`."""
-        samplers = [{"sampler": s.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in s.params.items()}}
-                    for s in self.samplers]
+        samplers = [{"sampler": s.name, **{k: _json_value(v) for k, v in s.params.items()}} for s in self.samplers]
         return {"format": FORMAT, "name": self.name, "description": self.description,
                 "cfg": dataclasses.asdict(self.cfg), "samplers": samplers, "max_new_tokens": self.max_new_tokens,
-                "stop": list(self.stop), "do_sample": self.do_sample}
+                "stop": list(self.stop), "do_sample": self.do_sample, **({"grammar": self.grammar} if self.grammar else {})}
+
+
+def _json_value(value):
+    """A parameter as JSON holds it: tuples as arrays, {token id: bias} with string keys."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return value
 
 
 # ---- validation: pydantic's errors in the CLI's words ----------------------------------------
@@ -158,7 +168,7 @@ def _field_at(loc, data):
         return view.item() if view is not None and view.item_kind in (int, float, str, bool) else None
     model, _ = _model_at(parent, data)
     view = fields_of(model).get(last) if model is not None else None
-    return view if view is not None and view.kind in (int, float, str, bool, list) else None
+    return view if view is not None and view.kind in (int, float, str, bool, list, dict) else None
 
 
 def _line(e: dict, data: dict) -> str:
@@ -191,6 +201,8 @@ def _line(e: dict, data: dict) -> str:
             return f"{path}: {ctx['error']}"
         like = ' like {"sampler": "temperature", ...}' if loc[:1] == ["samplers"] else ""
         return f"{path}: must be {'a sampler ' if like else 'an '}object{like}, got {json_type(value)} {show(value)}"
+    if field.kind is dict:
+        return f"{path}: must be {field.rule(json=True)}, got {json_type(value)} {show(value)}"
     if field.kind is list and not isinstance(loc[-1], int):
         words = {"samplers": "an array of sampler objects", "stop": "an array of strings"}.get(loc[-1])
         return f"{path}: must be {words if len(loc) == 1 else 'an array'}, got {json_type(value)} {show(value)}"
@@ -404,6 +416,9 @@ def build_processors(preset: Preset, model=None, tokenizer=None, generator=None)
 
     from .guidance import CFGLogitsProcessor
 
+    if preset.grammar:  # transformers has no grammar engine; the llama.cpp backend's engine does it
+        raise CFGTextgenError(f"preset {preset.name}: grammar: GBNF grammars need the llama.cpp backend "
+                              "(the streaming engine on a .gguf model), not model.generate")
     processors = LogitsProcessorList()
     if preset.cfg.active:
         if model is None:

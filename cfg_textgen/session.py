@@ -64,7 +64,7 @@ def describe(preset) -> str:
     samplers = ", ".join(s.name for s in preset.samplers) or "none"
     return (f"preset {preset.name}: CFG scale {cfg.scale:g} (opposing: {opposing}); samplers: {samplers}; "
             f"{preset.max_new_tokens} tokens; {'sampling' if preset.do_sample else 'greedy'}"
-            + (f"; stop {list(preset.stop)!r}" if preset.stop else ""))
+            + (f"; stop {list(preset.stop)!r}" if preset.stop else "") + ("; grammar" if preset.grammar else ""))
 
 
 def summary(stream) -> str:

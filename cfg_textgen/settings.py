@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Mapping
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
                       ValidationInfo, model_validator)
+from pydantic_core import PydanticCustomError
 
 JSON = {"json": True}  # validation context for parsed JSON (or YAML) data
 
@@ -89,13 +90,15 @@ class Param:
     min_exclusive: bool = False
     max_exclusive: bool = False
     choices: tuple | None = None
-    item_kind: type | None = None  # element type when kind is list; min/max bound every element
+    item_kind: type | None = None  # element type when kind is list (value type for dict); min/max bound every element
     words: str = ""  # the rule in JSON's words where the kind's own are not the ones to say
 
     @classmethod
     def of(cls, name: str, field) -> "Param":
         kind, metadata, item = field.annotation, list(field.metadata), None
-        if typing.get_origin(kind) is tuple:  # tuple[Annotated[int, Ge(0), ...], ...]
+        if typing.get_origin(kind) is dict:  # dict[token id, float]: an object of numbers
+            kind, item = dict, float
+        elif typing.get_origin(kind) is tuple:  # tuple[Annotated[int, Ge(0), ...], ...]
             item = typing.get_args(kind)[0]
             if typing.get_origin(item) is Annotated:
                 item, *more = typing.get_args(item)
@@ -123,6 +126,9 @@ class Param:
         JSON's words with `json` ('a number in (0, 1]', 'true or false', 'an array')."""
         if json and self.words:
             return self.words
+        if self.kind is dict:
+            return ('an object of token ids ("123") to numbers' if json
+                    else "a dict of token ids to finite floats")
         if self.kind is list:
             if json:
                 return "an array"
@@ -212,6 +218,29 @@ SETTINGS: dict[str, type[SamplerSettings]] = {}
 def _setting(cls):
     SETTINGS[typing.get_args(cls.model_fields["sampler"].annotation)[0]] = cls
     return cls
+
+
+def _token_biases(value, info: ValidationInfo):
+    """{token id: bias} with ids as JSON object keys ("123", as OpenAI's `logit_bias`) or Python ints;
+    each bad entry is reported at its own key (`$.samplers[0].bias.abc`)."""
+    if not isinstance(value, dict):
+        return value  # the dict type reports it
+    out = {}
+    for key, bias in value.items():
+        token = key if isinstance(key, int) and not isinstance(key, bool) else (
+            int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None)
+        if token is None or token < 0:
+            raise PydanticCustomError("rule", "{message}", {"key": str(key), "message": (
+                f"a key must be a token id (an integer >= 0 written as a string), got {show(key)}")})
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise PydanticCustomError("rule", "{message}", {"key": str(key), "message": (
+                f"must be a finite number (the bias added to token {token}'s logit), got "
+                f"{json_type(bias)} {show(bias)}")})
+        out[token] = float(bias)
+    return out
+
+
+TokenId = Annotated[int, Ge(0), BeforeValidator(_integral), Strict()]
 
 
 def _f(default, doc, **bounds):
@@ -368,6 +397,15 @@ class Mirostat(SamplerSettings):
     version: Annotated[Literal[1, 2], BeforeValidator(_choice)] = _f(2, "the algorithm (Mirostat 1 or 2)")
     tau: Float = _f(5.0, "target surprise in bits", gt=0)
     eta: Float = _f(0.1, "learning rate of mu", gt=0)
+
+
+@_setting
+class LogitBias(SamplerSettings):
+    """Logit bias and token bans: add a fixed bias to chosen tokens' logits, remove banned tokens."""
+    sampler: Literal["logit_bias"]
+    bias: Annotated[dict[int, Float], BeforeValidator(_token_biases)] = _f(
+        {}, 'token id -> number added to its logit ({"123": -5}; OpenAI\'s logit_bias)')
+    ban: tuple[TokenId, ...] = _f((), "token ids that are never produced")
 
 
 @_setting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -63,3 +64,11 @@ class ServerProcess:
                 raise
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(*args: str, **kw):
+    """A ServerProcess for a `with` block (a module fixture's body); it must exit 0 on SIGTERM."""
+    srv = ServerProcess(*args, **kw)
+    yield srv
+    assert srv.terminate() == 0, srv.stderr()

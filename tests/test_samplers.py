@@ -62,6 +62,7 @@ CONTRACT = {
             "allowed_length": (2, "an integer >= 1"), "range": (0, "an integer >= 0"),
             "sequence_breakers": (("\n", ":", '"', "*"), "a list of strings")},
     "top_n_sigma": {"n": (0.0, "a float >= 0")},
+    "logit_bias": {"bias": ({}, "a dict of token ids to finite floats"), "ban": ((), "a list of integers >= 0")},
     "adaptive_p": {"target": (-1.0, "a float <= 1"), "decay": (0.9, "a float in [0, 0.99]")},
     "quadratic": {"factor": (0.0, "a float >= 0"), "curve": (1.0, "a finite float")},
 }
@@ -141,6 +142,10 @@ BAD = [
     ("dry", {"sequence_breakers": [1, 2]}, "sequence_breakers"),
     ("dry", {"sequence_breakers": "\n"}, "sequence_breakers"),
     ("top_n_sigma", {"n": -1.0}, "n"),
+    ("logit_bias", {"bias": {"x": 1.0}}, "bias"),
+    ("logit_bias", {"bias": {3: float("inf")}}, "bias"),
+    ("logit_bias", {"bias": [3, 1.0]}, "bias"),
+    ("logit_bias", {"ban": [-1]}, "ban"),
     ("top_k", {"min_tokens_to_keep": 0}, "min_tokens_to_keep"),
     ("top_p", {"min_tokens_to_keep": 1.0}, "min_tokens_to_keep"),
     ("dry", {"multiplier": 1.0, "tokenizer": None}, "tokenizer"),
@@ -620,3 +625,20 @@ def test_pick_token_matches_model_generate_after_manual_seed():
             scores = model(ids).logits[:, -1, :].float()
             ids = torch.cat([ids, pick_token(scores, do_sample=True)[:, None]], dim=1)
     assert torch.equal(ids, ref)
+
+
+# ---- logit bias and bans, by hand -------------------------------------------------------------
+
+
+def test_logit_bias_adds_each_bias_and_bans_by_hand():
+    scores = torch.tensor([[1.0, 2.0, float("-inf"), 0.5, 3.0]])
+    out = SAMPLERS["logit_bias"](bias={0: 2.5, 2: 10.0, 3: -1.0, 99: 4.0}, ban=[4, 77])(None, scores)
+    # token 2 was removed before: a bias never brings it back; 99 and 77 are beyond this vocabulary
+    assert out.tolist() == [[3.5, 2.0, float("-inf"), -0.5, float("-inf")]]
+    assert scores[0, 4] == 3.0  # the input is not changed
+
+
+def test_logit_bias_ban_of_every_token_keeps_the_best():
+    scores = torch.tensor([[1.0, 2.0, 0.0]])
+    out = SAMPLERS["logit_bias"](ban=[0, 1, 2])(None, scores)
+    assert kept(out) == [1]

@@ -39,6 +39,7 @@ ACTIVE = {  # parameters that make each sampler do its work
     "xtc": {"threshold": 0.01, "probability": 1.0},
     "dry": {"multiplier": 0.8, "allowed_length": 1},
     "top_n_sigma": {"n": 1.0},
+    "logit_bias": {"bias": {3: 2.5, 60: -1.0, 500: 1.0}, "ban": [0, 7]},
     "adaptive_p": {"target": 0.3, "decay": 0.8},
     "quadratic": {"factor": 0.5, "curve": 1.5},
 }

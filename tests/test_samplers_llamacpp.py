@@ -312,6 +312,44 @@ def test_mirostat_v2_equals_llamacpp_over_several_steps(real):
         llama_cpp.llama_sampler_free(smpl)
 
 
+def llama_logit_bias(n_vocab: int, pairs) -> object:
+    """llama.cpp's logit-bias sampler for [(token, bias)] (it copies the array)."""
+    entries = (llama_cpp.llama_logit_bias * len(pairs))(*[llama_cpp.llama_logit_bias(t, b) for t, b in pairs])
+    return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(pairs), entries)
+
+
+@pytest.mark.parametrize("bias", [5.0, -3.25, 100.0])
+def test_logit_bias_equals_llamacpp_logit_bias(bias, real):
+    # the greedy top three and a few ordinary tokens get `bias`; llama.cpp adds it to the float32
+    # logit, as we do: the resulting logits must be equal, not just close
+    for history, logits in real + random_cases(n=2):
+        top = [int(t) for t in np.argsort(-logits)[:3]]
+        tokens = top + [7, 1000, len(logits) - 1]
+        smpl = llama_logit_bias(len(logits), [(t, bias) for t in tokens])
+        try:
+            ref = apply_llama(smpl, logits)
+        finally:
+            llama_cpp.llama_sampler_free(smpl)
+        got = apply_ours(SAMPLERS["logit_bias"](bias={t: bias for t in tokens}), logits, history)
+        order = np.argsort(ref[0])
+        assert ref[0][order].tolist() == got[0].tolist()
+        np.testing.assert_array_equal(got[1], ref[1][order])
+        assert got[1][top[0]] == np.float32(logits[top[0]]) + np.float32(bias)
+
+
+def test_logit_bias_ban_equals_llamacpp_minus_infinity(real):
+    # llama.cpp's ban is a bias of -INFINITY; ours is the `ban` list: the same tokens survive
+    for history, logits in real:
+        top = [int(t) for t in np.argsort(-logits)[:5]]
+        smpl = llama_logit_bias(len(logits), [(t, float("-inf")) for t in top] + [(top[0] + 1, 2.0)])
+        try:
+            ref = apply_llama(smpl, logits)
+        finally:
+            llama_cpp.llama_sampler_free(smpl)
+        got = apply_ours(SAMPLERS["logit_bias"](bias={top[0] + 1: 2.0}, ban=top), logits, history)
+        order = np.argsort(ref[0])
+        assert ref[0][order].tolist() == got[0].tolist() and not set(top) & set(got[0].tolist())
+        np.testing.assert_array_equal(got[1], ref[1][order])
 # ---- adaptive-p: a stateful sampler, compared step by step over a whole generation -------------
 
 ADAPTIVE = [(0.3, 0.9), (0.7, 0.5), (0.05, 0.99), (0.0, 0.0)]  # target 0 is on in llama.cpp

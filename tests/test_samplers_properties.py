@@ -30,6 +30,8 @@ def param_values(p: Param):
         return st.sampled_from(p.choices)
     if p.kind is bool:
         return st.booleans()
+    if p.kind is dict:  # token id -> bias
+        return st.dictionaries(st.integers(0, 40), st.floats(-100, 100, allow_nan=False), max_size=5)
     if p.kind is list:
         if p.item_kind is int:
             return st.lists(st.integers(int(p.min or 0), 40), max_size=5)

@@ -162,13 +162,15 @@ def test_server_non_streaming_client_that_leaves_is_cancelled(server):
         assert _idle_soon(server)
 
 
-def test_server_readme_openai_example_runs_against_the_server(server, capsys):
+def test_server_readme_openai_examples_run_against_the_server(server, capsys):
     import re
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    (block,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "extra_body" in b]
-    exec(compile(block.replace("http://127.0.0.1:5000", server.url), "README openai example", "exec"), {})
-    assert capsys.readouterr().out.strip()
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "extra_body" in b]
+    assert len(blocks) == 2  # completions, chat completions
+    for block in blocks:
+        exec(compile(block.replace("http://127.0.0.1:5000", server.url), "README openai example", "exec"), {})
+        assert capsys.readouterr().out.strip()
 
 
 def test_server_stop_generation_and_abort_end_a_running_job(server):

@@ -373,3 +373,26 @@ def test_server_sigterm_finishes_the_running_stream_and_exits_0(tiny_model_dir):
             httpx.get(srv.url + "/v1/models", timeout=5)
     finally:
         srv.terminate()
+
+
+@pytest.mark.parametrize("path,field", [("/v1/completions", "grammar_string"), ("/v1/completions", "grammar"),
+                                        ("/v1/chat/completions", "grammar_string"), ("/api/v1/generate", "grammar")])
+def test_server_grammar_on_transformers_is_a_400_naming_the_field(server, path, field):
+    body = {"prompt": "Once", "messages": [{"role": "user", "content": "Once"}], "max_tokens": 2,
+            "max_length": 2, field: 'root ::= "yes"'}
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()
+    assert (err["error"]["param"] if "error" in err else err["detail"]["field"]) == field
+    assert "llama.cpp backend" in r.text
+
+
+def test_server_chat_on_a_model_without_template_uses_chatml(server):
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Once"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert done["object"] == "chat.completion" and done["choices"][0]["message"]["role"] == "assistant"
+    # "<|im_start|>user\nOnce<|im_end|>\n<|im_start|>assistant\n" in the tiny byte-level tokenizer
+    expected = post(server, "/v1/internal/token-count",
+                    {"text": "<|im_start|>user\nOnce<|im_end|>\n<|im_start|>assistant\n"}).json()["length"]
+    assert done["usage"]["prompt_tokens"] == expected

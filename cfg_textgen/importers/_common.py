@@ -153,7 +153,7 @@ class Builder:
         self.report = Report(source, fmt)
         self.samplers: list[dict] = []
         self.cfg = {"scale": 1.0, "opposing_prompt": ""}
-        self.extra: dict[str, Any] = {}  # max_new_tokens, stop, do_sample
+        self.extra: dict[str, Any] = {}  # max_new_tokens, stop, do_sample, grammar
 
     # -- reading
     def k(self, key: str) -> str:
@@ -225,7 +225,7 @@ class Builder:
             "cfg": dict(self.cfg),
             "samplers": self.samplers,
         }
-        for key in ("max_new_tokens", "stop", "do_sample"):
+        for key in ("max_new_tokens", "stop", "do_sample", "grammar"):
             if key in self.extra:
                 preset[key] = self.extra[key]
         return preset
@@ -243,6 +243,18 @@ def build(preset: dict, source: str):
 
 
 # ---- small helpers shared by several formats ------------------------------------------------
+
+
+def grammar_key(b: Builder, key: str) -> None:
+    """A GBNF grammar text (KoboldCpp `grammar`, the web UI's `grammar_string`) -> the preset's grammar."""
+    text = b.string(key)
+    if text is None:
+        return
+    if text.strip():
+        b.extra["grammar"] = text
+        b.mapped(key, "grammar")
+    else:
+        b.neutral(key, "empty: no grammar")
 
 
 def repetition_penalty_entry(penalty, range=0, slope=0, presence=0, frequency=0) -> dict:

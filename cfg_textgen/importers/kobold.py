@@ -27,8 +27,9 @@ Semantics (KoboldAI United / KoboldCpp sampler order): `sampler_order` ids 0 top
 from __future__ import annotations
 
 from ..errors import PresetError
-from ._common import (Builder, fmt_num, repetition_penalty_entry, simple_sampler, temperature_sampler,
-                      top_p_sampler)
+from ._common import (Builder, fmt_num, grammar_key, repetition_penalty_entry, simple_sampler,
+                      temperature_sampler, top_p_sampler)
+from .steering import add_token_steering
 from .textgen_webui import DRY_BREAKERS, _breakers
 
 IDS = ["top_k", "top_a", "top_p", "tfs", "typical", "temperature", "repetition_penalty"]
@@ -43,7 +44,6 @@ METADATA = {"uid", "Model Type", "Model Size", "Model Category", "Preset Categor
 UI_KEYS = {"streaming_kobold": "SillyTavern streaming toggle", "can_use_streaming": "SillyTavern streaming toggle",
            "trim_stop": "KoboldCpp output trimming", "sampler_seed": "seeds are given when generating",
            "max_context_length": "the context size is the loaded model's", "n": "one continuation at a time",
-           "banned_tokens": "token bans are not supported", "logit_bias": "logit biases are not supported",
            "render_special": "detokenizer option", "bypass_eos": "ending at end-of-text is not a preset setting",
            "memory": "story memory is not part of a preset", "quiet": "KoboldCpp logging option"}
 
@@ -72,7 +72,7 @@ def pick(data: list, name: str, source: str) -> tuple[int, dict]:
 
 
 def import_preset(data: dict, source: str, name: str | None, stem: str | None, prefix: str = "",
-                  fmt: str | None = None, lenient: bool = False):
+                  fmt: str | None = None, lenient: bool = False, vocab_size: int | None = None):
     if fmt is None:
         fmt = "KoboldAI United preset" if "preset" in data else (
             "KoboldCpp settings" if "temperature" in data else "KoboldAI preset (SillyTavern)")
@@ -117,6 +117,9 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
                     why = "Mirostat replaces the sampler order" if mirostat else "not in sampler_order"
                     b.dropped(key, f"{sid} is not applied ({why})")
     b.mapped("sampler_order", "sampler order")
+    # KoboldCpp adds its biases before every sampler; custom_token_bans skips what is not an id
+    add_token_steering(b, bias_key="logit_bias", ban_keys=("banned_tokens", "custom_token_bans"),
+                       vocab_size=vocab_size, skip_bad=True)
     _other(b)
     preset_name = b.string("preset") or b.string("name")
     for key in ("preset", "name"):
@@ -318,8 +321,12 @@ def _other(b: Builder) -> None:
             b.mapped("stop_sequence", "stop")
         else:
             b.neutral("stop_sequence", "empty")
-    for key, off, why in (("grammar", "", "grammars are not supported"),
-                          ("use_default_badwordsids", False, "KoboldAI's default bad-words list is tokenizer-specific"),
+    grammar_key(b, "grammar")
+    if "grammar_retain_state" in b.data:
+        (b.neutral if b.data["grammar_retain_state"] is False else b.dropped)(
+            "grammar_retain_state", "false: each generation starts the grammar afresh" if
+            b.data["grammar_retain_state"] is False else "the grammar starts afresh with every generation")
+    for key, off, why in (("use_default_badwordsids", False, "KoboldAI's default bad-words list is tokenizer-specific"),
                           ("nsigma", 0, "KoboldCpp's top-n-sigma placement is not documented; not guessed")):
         if key in b.data:
             (b.neutral if b.data[key] == off else b.dropped)(key, "off" if b.data[key] == off else why)
@@ -340,18 +347,20 @@ REQUEST_KEYS = {"temperature", "top_k", "top_a", "top_p", "min_p", "typical", "t
                 "sampler_order", "mirostat", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base",
                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold",
                 "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "smoothing_curve", "nsigma",
-                "adaptive_target", "adaptive_decay"}
+                "adaptive_target", "adaptive_decay", "logit_bias", "banned_tokens", "custom_token_bans", "grammar",
+                "grammar_retain_state"}
 CFG_KEYS = ("guidance_scale", "negative_prompt")  # our extension (SillyTavern sends them to KoboldCpp)
 
 
-def import_request(body: dict, source: str = "request"):
+def import_request(body: dict, source: str = "request", vocab_size: int | None = None):
     """The sampler fields of a KoboldAI API generate request as our preset dict and its report, by
     the same `import_preset` that reads KoboldCpp settings files, with KoboldCpp's defaults for
     missing keys. `guidance_scale` / `negative_prompt` become the preset's CFG settings. Unknown
     `sampler_order` ids are skipped (`report.skipped`), as KoboldCpp skips them."""
     fields = dict(API_DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS}
     # KoboldCpp's meaning of every key (rep_pen_slope: KoboldCpp's halves, not KoboldAI's curve)
-    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp settings", lenient=True)
+    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp settings", lenient=True,
+                                   vocab_size=vocab_size)
     b = Builder(source, "KoboldCpp API request", {k: body[k] for k in CFG_KEYS if k in body})
     scale = b.num("guidance_scale", 1.0)
     negative = b.string("negative_prompt", "")

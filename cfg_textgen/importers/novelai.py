@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ._common import (FORMAT_TAG, Builder, fmt_num, repetition_penalty_entry, simple_sampler,
                       temperature_sampler, top_p_sampler)
+from .steering import export_entries, novelai_steering, sillytavern_steering
 
 ORDER_IDS = ["temperature", "top_k", "top_p", "tfs", "top_a", "typical_p", "cfg", "top_g", "mirostat",
              "math1", "min_p"]
@@ -290,7 +291,12 @@ def _other_keys(b: Builder) -> None:
     b.dropped("return_full_text", "NovelAI request option, not a sampling setting")
     b.dropped("max_context", "the context size is the loaded model's")
     b.dropped("generate_until_sentence", "cfg-textgen has no sentence-completion option")
-    for key in sorted(TOKEN_ID_KEYS - {"repetition_penalty_whitelist"}):
+    novelai_steering(b)  # logit_bias_exp, bad_words_ids
+    if isinstance(b.data.get("banned_tokens"), str):  # SillyTavern's flattened copy: its text lines
+        sillytavern_steering(b)
+    for key in sorted(TOKEN_ID_KEYS - {"repetition_penalty_whitelist", "logit_bias_exp", "bad_words_ids"}):
+        if b.reported(key):
+            continue
         if key in b.data:
             value = b.data[key]
             if value in ("", [], None):
@@ -355,6 +361,8 @@ def export(preset: dict, report) -> dict:
             rep_done = True
             report.mapped(key, "repetition_penalty, _range, _slope, _frequency, _presence", name)
             continue
+        if name == "logit_bias":
+            continue  # below, all entries together
         nid = _EXPORTABLE.get(name)
         if nid is None:
             report.dropped(key, f"NovelAI has no {name} sampler", name)
@@ -382,6 +390,19 @@ def export(preset: dict, report) -> dict:
             params["math1_quad_entropy_scale"] = s["conf"]
         enabled.append(nid)
         report.mapped(key, f"order id {nid} (enabled)", name)
+    bias, ban = export_entries(preset.get("samplers", []), report, "NovelAI")
+    for i, s in enumerate(preset.get("samplers", [])):
+        if s["sampler"] == "logit_bias":
+            report.mapped(f"samplers[{i}]", "logit_bias_exp (one-token entries) and bad_words_ids", "logit_bias")
+    if bias:
+        params["logit_bias_exp"] = [{"sequence": [t], "bias": v, "ensure_sequence_finish": False,
+                                     "generate_once": False} for t, v in bias.items()]
+    if ban:
+        params["bad_words_ids"] = [[t] for t in ban]
+    if bias or ban:
+        report.note("Token ids are carried unchanged: NovelAI reads them with its own tokenizer.")
+    if preset.get("grammar"):
+        report.dropped("grammar", "NovelAI has no grammars", preset["grammar"])
     rest = [sid for sid in ORDER_IDS if sid not in enabled]
     params["order"] = [{"id": sid, "enabled": True} for sid in enabled] + [
         {"id": sid, "enabled": False} for sid in rest]

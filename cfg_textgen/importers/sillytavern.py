@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 
-from ._common import Builder
+from ._common import Builder, grammar_key
+from .steering import export_entries, sillytavern_steering
 from .textgen_webui import DEFAULT_PRIORITY, DRY_BREAKERS, ooba_chain
 
 # SillyTavern key -> text-generation-webui name
@@ -52,10 +53,7 @@ BACKEND_KEYS = {
     "skip_special_tokens": (True, "detokenizer option; special tokens are skipped"),
     "spaces_between_special_tokens": (True, "detokenizer option"),
     "speculative_ngram": (False, "speculative decoding option; no effect on the distribution"),
-    "grammar_string": ("", "grammars are not supported"),
     "json_schema": ({}, "JSON schemas are not supported"),
-    "banned_tokens": ("", "token bans are not supported"),
-    "logit_bias": ([], "logit biases are not supported"),
     "rep_pen_decay": (0, "repetition-penalty decay is a KoboldCpp/TabbyAPI setting with no equivalent"),
     "rep_pen_size": (0, "a backend-specific setting with no equivalent"),
     "skew": (0, "skew is an Aphrodite/TabbyAPI setting with no equivalent"),
@@ -85,6 +83,8 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None):
         b.dropped("samplers", "order for the llama.cpp backend; this importer follows sampler_priority")
     if "sampler_order" in data:
         b.dropped("sampler_order", "order for the KoboldCpp backend; this importer follows sampler_priority")
+    sillytavern_steering(b)  # banned_tokens, logit_bias
+    grammar_key(b, "grammar_string")
     for key, (off, reason) in BACKEND_KEYS.items():
         if key in data:
             (b.neutral if data[key] == off else b.dropped)(key, "the default: no effect" if data[key] == off else reason)
@@ -130,6 +130,9 @@ def export(preset: dict, report) -> dict:
     mirostat = any(s["sampler"] == "mirostat" for s in samplers)
     for i, s in enumerate(samplers):
         key, name = f"samplers[{i}]", s["sampler"]
+        if name == "logit_bias":
+            report.mapped(key, "banned_tokens ([id] lines) and logit_bias ([id] texts)", name)
+            continue  # below, all entries together
         if name in seen:
             report.dropped(key, f"SillyTavern has one {name}; a second is not carried", name)
             continue
@@ -204,6 +207,13 @@ def export(preset: dict, report) -> dict:
             out.update(smoothing_factor=s["factor"], smoothing_curve=s["curve"])
         priority.append(_PRIORITY_NAME[name])
         report.mapped(key, f"{_PRIORITY_NAME[name]} (sampler_priority position {len(priority)})", name)
+    bias, ban = export_entries(samplers, report, "SillyTavern")
+    out["banned_tokens"] = "\n".join(f"[{t}]" for t in ban)
+    out["logit_bias"] = [{"id": f"cfg-textgen-{i}", "text": f"[{t}]", "value": v}
+                         for i, (t, v) in enumerate(bias.items())]
+    out["grammar_string"] = preset.get("grammar", "")
+    if preset.get("grammar"):
+        report.mapped("grammar", "grammar_string", preset["grammar"])
     if "temperature" in seen and "dynamic_temperature" in seen:
         report.note("Both temperature and dynamic temperature: SillyTavern's dynatemp replaces temp on re-import.")
     out["sampler_priority"] = priority + [p for p in DEFAULT_PRIORITY if p not in priority]

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 
 from ..settings import DRY_BREAKERS as DEFAULT_BREAKERS
-from ._common import (Builder, fmt_num, repetition_penalty_entry, simple_sampler, temperature_sampler,
-                      top_p_sampler)
+from ._common import (Builder, fmt_num, grammar_key, repetition_penalty_entry, simple_sampler,
+                      temperature_sampler, top_p_sampler)
+from .steering import add_token_steering
 
 DEFAULTS = {
     "temperature": 1, "temperature_last": False, "dynamic_temperature": False, "dynatemp_low": 1,
@@ -420,18 +421,26 @@ def _breakers(b: Builder, key: str) -> list[str]:
 # ---- the web UI's HTTP API (server/webui.py): a request body is a preset in another envelope ----
 
 PRESET_KEYS = set(DEFAULTS) | {"sampler_priority", "negative_prompt", "dry_sequence_breakers"}
+# OpenAI's logit_bias, the web UI's custom_token_bans, TabbyAPI's banned_tokens (token ids), the web
+# UI's grammar_string and llama.cpp's grammar (what SillyTavern's llama.cpp type calls it)
+STEERING_KEYS = {"logit_bias", "custom_token_bans", "banned_tokens", "grammar_string", "grammar"}
 
 
-def import_request(body: dict, source: str = "request"):
+def import_request(body: dict, source: str = "request", vocab_size: int | None = None):
     """The sampler fields of a text-generation-webui API request (`/v1/completions`) as our preset
-    dict and its report, by the same `ooba_chain` that imports the web UI's preset files.
+    dict and its report, by the same `ooba_chain` that imports the web UI's preset files; its
+    logit bias and token bans (steering.py) go first. Token ids are checked against `vocab_size`.
 
     Only keys a web UI preset holds are read; everything else in a request (the prompt, lengths,
     SillyTavern's own keys) is the caller's and is not reported. Bad values raise PresetError
     naming the key; unknown `sampler_priority` names are skipped (`report.skipped`), as the web UI
     runs the samplers it knows.
     """
-    fields = {k: v for k, v in body.items() if k in PRESET_KEYS}
+    fields = {k: v for k, v in body.items() if k in PRESET_KEYS | STEERING_KEYS}
     b = Builder(source, "text-generation-webui API request", fields)
     ooba_chain(b, {k: k for k in PRESET_KEYS}, DEFAULTS, lenient=True)
+    add_token_steering(b, bias_key="logit_bias", ban_keys=("custom_token_bans", "banned_tokens"), openai=True,
+                       vocab_size=vocab_size)
+    grammar_key(b, "grammar")
+    grammar_key(b, "grammar_string")  # the web UI's name wins when both are sent
     return b.finish(None, "request", "A text-generation-webui API request."), b.report

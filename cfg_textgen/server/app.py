@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import CFGTextgenError
-from . import kobold, webui
+from . import chat, kobold, logprobs, webui
 from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite
 from .requestlog import SKIPPED_HEADER, RequestLog
@@ -89,7 +89,8 @@ def submit(service, length_field: str, prompt, preset, seed, **kw):
 
 
 async def pieces_of(jobs):
-    """(index, piece) as the jobs produce text; (index, None) when job `index` has ended."""
+    """(index, piece, tokens so far) as the jobs produce text; (index, None, None) when job
+    `index` has ended."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -99,18 +100,18 @@ async def pieces_of(jobs):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 pass
-        for piece in job.pieces():
-            put((i, piece))
+        for piece, upto in job.pieces_with_tokens():
+            put((i, piece, upto))
         job.wait()
-        put((i, None))
+        put((i, None, None))
 
     for i, job in enumerate(jobs):
         threading.Thread(target=pump, args=(i, job), daemon=True, name="cfg-textgen-pump").start()
     left = len(jobs)
     while left:
-        i, piece = await queue.get()
+        i, piece, upto = await queue.get()
         left -= piece is None
-        yield i, piece
+        yield i, piece, upto
 
 
 async def wait_or_cancel(request: Request, jobs) -> bool:
@@ -160,50 +161,67 @@ def _error_of(job) -> APIError:
 # ---- text-generation-webui API ----------------------------------------------------------------
 
 
-async def completions(request: Request):
-    service = request.app.state.service
-    body = await read_json(request)
-    c, preset = webui.parse_completion(body, service)
-    request.state.skipped_samplers = c.skipped_samplers
+def submit_choices(service, c, prompt, preset, opposing_ids=None, logprobs=None) -> list:
+    """The `n` jobs of a web UI / OpenAI request (seeds seed, seed + 1, ...); none left running
+    if one is refused."""
     jobs = []
     try:
         for i in range(c.n):
-            jobs.append(submit(service, c.length_field, c.prompt, preset,
+            jobs.append(submit(service, c.length_field, prompt, preset,
                                None if c.seed is None else (c.seed + i) % 2**64, ban_eos=c.ban_eos_token,
-                               truncate=c.truncate, api=WEBUI))
+                               truncate=c.truncate, api=WEBUI, logprobs=logprobs,
+                               opposing_ids=opposing_ids))
     except BaseException:
         for job in jobs:
             job.cancel()
         raise
-    prompt_tokens = _used(request, jobs)
-    echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
-    cid, model = webui.new_id(), service.model_name
-    if not c.stream:
+    return jobs
+
+
+async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, opening=(), text_of=None,
+                 offset: int = 0):
+    """The OpenAI-shaped answer for the jobs: `whole()` once all are done, or server-sent events:
+    `opening` chunks, `chunk(i, text, reason, token_logprobs)` per piece and per choice's end (the
+    last one with `usage()`), then [DONE]. With `text_of` (a token's text), each chunk carries the
+    log-probs of the tokens its text came from, their text offsets counted from `offset`. A client
+    that leaves cancels the jobs."""
+    if not stream:
         if not await wait_or_cancel(request, jobs):
             return JSONResponse({})  # the client is gone; nobody reads this
         failed = next((j for j in jobs if j.stop_reason == "error"), None)
         if failed is not None:
             raise _error_of(failed)
-        return JSONResponse(webui.completion_response(cid, model, jobs, prompt_tokens, echo))
+        return JSONResponse(whole())
 
     async def events():
+        # per choice: tokens whose log-probs were sent, and where the next token's text starts
+        sent, offsets = [0] * len(jobs), [offset] * len(jobs)
+
+        def token_logprobs(i: int, upto: int | None) -> dict | None:
+            if text_of is None:
+                return None
+            entries = logprobs.shown(jobs[i], upto)[sent[i]:]
+            out = logprobs.openai(entries, text_of, offsets[i])
+            sent[i] += len(entries)
+            offsets[i] += sum(map(len, out["tokens"]))
+            return out
+
         try:
-            if echo:
-                for i in range(len(jobs)):
-                    yield _sse(webui.chunk(cid, model, i, echo))
+            for event in opening:
+                yield _sse(event)
             ended = 0
-            async for i, piece in pieces_of(jobs):
+            async for i, piece, upto in pieces_of(jobs):
                 if piece is not None:
-                    yield _sse(webui.chunk(cid, model, i, piece))
+                    yield _sse(chunk(i, piece, None, token_logprobs(i, upto)))
                     continue
                 ended += 1
                 job = jobs[i]
                 if job.stop_reason == "error":
                     yield _sse(error_body(WEBUI, _error_of(job)))
                     continue
-                last = webui.chunk(cid, model, i, "", webui.finish_reason(job))
+                last = chunk(i, "", webui.finish_reason(job), token_logprobs(i, None))
                 if ended == len(jobs):
-                    last["usage"] = webui.usage(jobs, prompt_tokens)
+                    last["usage"] = usage()
                 yield _sse(last)
             yield "data: [DONE]\n\n"
         finally:
@@ -211,6 +229,39 @@ async def completions(request: Request):
                 job.cancel()  # a no-op for a finished job; frees the slot of a dropped client
 
     return EventStream(events())
+
+
+async def completions(request: Request):
+    service = request.app.state.service
+    c, preset = webui.parse_completion(await read_json(request), service)
+    request.state.skipped_samplers = c.skipped_samplers
+    jobs = submit_choices(service, c, c.prompt, preset, logprobs=c.logprobs)
+    prompt_tokens = _used(request, jobs)
+    echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
+    cid, model = webui.new_id(), service.model_name
+    text_of = service.token_text if c.logprobs is not None else None
+    return await answer(request, jobs, c.stream,
+                        whole=lambda: webui.completion_response(cid, model, jobs, prompt_tokens, echo, text_of),
+                        chunk=lambda i, text, reason, lp: webui.chunk(cid, model, i, text, reason, lp),
+                        usage=lambda: webui.usage(jobs, prompt_tokens),
+                        opening=[webui.chunk(cid, model, i, echo) for i in range(len(jobs))] if echo else [],
+                        text_of=text_of, offset=len(echo))
+
+
+async def chat_completions(request: Request):
+    service = request.app.state.service
+    c, preset, prompt, opposing = chat.parse_chat(await read_json(request), service)
+    request.state.skipped_samplers = c.skipped_samplers
+    jobs = submit_choices(service, c, prompt, preset, opposing)
+    prompt_tokens = _used(request, jobs)
+    cid, model = chat.new_id(), service.model_name
+    return await answer(request, jobs, c.stream,
+                        whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens),
+                        chunk=lambda i, text, reason, lp: chat.chat_chunk(cid, model, i, {"content": text} if text else {},
+                                                                      reason),
+                        usage=lambda: webui.usage(jobs, prompt_tokens),
+                        opening=[chat.chat_chunk(cid, model, i, {"role": "assistant", "content": ""})
+                                 for i in range(len(jobs))])
 
 
 def _used(request: Request, jobs) -> int:
@@ -277,7 +328,8 @@ def _kobold_job(request: Request, body: dict):
     g, preset = kobold.parse_generate(body, service)
     request.state.skipped_samplers = g.skipped_samplers
     job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
-                 ban_eos=g.bans_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
+                 ban_eos=g.bans_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey,
+                 logprobs=logprobs.KOBOLD_TOP if g.logprobs else None)
     return job, _used(request, [job])
 
 
@@ -287,7 +339,7 @@ async def kobold_generate(request: Request):
         return JSONResponse({})
     if job.stop_reason == "error":
         raise _error_of(job)
-    return JSONResponse(kobold.generate_response(job, prompt_tokens))
+    return JSONResponse(kobold.generate_response(job, prompt_tokens, request.app.state.service))
 
 
 async def kobold_stream(request: Request):
@@ -295,7 +347,7 @@ async def kobold_stream(request: Request):
 
     async def events():
         try:
-            async for _, piece in pieces_of([job]):
+            async for _, piece, _ in pieces_of([job]):
                 if piece is not None:
                     yield _kobold_event({"token": piece, "finish_reason": None})
                 elif job.stop_reason == "error":
@@ -326,11 +378,34 @@ async def kobold_tokencount(request: Request):
 
 
 async def kobold_perf(request: Request):
-    # KoboldCpp's status route (Kobold Lite polls it): `idle` 1 when nothing runs, `queue` waiting
+    return JSONResponse(kobold.perf_response(request.app.state.service))
+
+
+async def _genkey(request: Request) -> str | None:
+    """The `genkey` of a poll: KoboldCpp takes it from a JSON body (POST); GET has none."""
+    if request.method == "GET" or not int(request.headers.get("content-length") or 0):
+        return None
+    return read(kobold.AbortBody, await read_json(request)).genkey
+
+
+async def kobold_check(request: Request):
+    # poll mode: the text so far of the generation named by genkey (kept after it ends or aborts)
+    job = request.app.state.service.kobold_job(await _genkey(request))
+    return JSONResponse({"results": [{"text": job.text if job is not None else ""}]})
+
+
+async def kobold_last_logprobs(request: Request):
     service = request.app.state.service
-    running = service.running()
-    return JSONResponse({"total_gens": getattr(service, "total", 0), "queue": max(0, running - 1),
-                         "idle": int(running == 0), "backend": service.backend_name})
+    job = service.kobold_job(await _genkey(request))
+    return JSONResponse({"logprobs": kobold.logprobs_of(job, service) if job is not None and job.done else None})
+
+
+async def kobold_preloadstory(request: Request):
+    return JSONResponse({})  # KoboldCpp without --preloadstory: no story to hand out
+
+
+async def sd_models(request: Request):
+    return JSONResponse([])  # KoboldCpp without an image model: Lite hides image generation
 
 
 async def kobold_model(request: Request):
@@ -400,6 +475,7 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
         Route("/v1/models", models), Route("/v1/models/{model:path}", model_detail),
         Route("/v1/internal/model/info", model_info), Route("/v1/internal/health", health),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/internal/encode", encode, methods=["POST"]),
         Route("/v1/internal/decode", decode, methods=["POST"]),
         Route("/v1/internal/token-count", token_count, methods=["POST"]),
@@ -414,7 +490,13 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
         Route("/api/extra/abort", kobold_abort, methods=["POST"]),
         Route("/api/extra/tokencount", kobold_tokencount, methods=["POST"]),
         Route("/api/extra/perf", kobold_perf),
+        Route("/api/extra/generate/check", kobold_check, methods=["GET", "POST"]),
+        Route("/api/extra/last_logprobs", kobold_last_logprobs, methods=["GET", "POST"]),
+        Route("/api/extra/preloadstory", kobold_preloadstory), Route("/sdapi/v1/sd-models", sd_models),
     ]
+    from .llamacpp_routes import ROUTES as LLAMACPP_AND_TABBY  # they use this module's helpers
+
+    routes += LLAMACPP_AND_TABBY
     middleware = []
     if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],

@@ -7,21 +7,25 @@ step; on transformers each active pair is its own forward within a step.
 
 from __future__ import annotations
 
+import collections
 import random
 import threading
+import time
 from pathlib import Path
 
 from ..context import fit_context, fit_with_memory
 from ..engine import Request, Scheduler
+from .defaults import ServerDefaults
 
 
 class Service:
     """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
     def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
-                 log=print):
+                 log=print, defaults: ServerDefaults = ServerDefaults()):
         from ..models import DEFAULT_NAME
 
+        self.defaults = defaults  # serve --preset / --cfg-scale / --opposing (defaults.py)
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
         self.backend = _load_backend(model_spec, backend, parallel, log)
@@ -32,15 +36,39 @@ class Service:
         self._jobs: dict[int, tuple[object, str, str | None]] = {}  # id(job) -> (job, api, genkey)
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads
+        self.started = self.last_request = time.time()
+        self.total = 0  # generations submitted since start
+        self._recent: collections.deque = collections.deque(maxlen=16)
+        self.last_kobold = None  # (job, genkey) of the latest KoboldAI API generation
+        # recent KoboldAI jobs by genkey: poll mode reads their text, also after they end or abort
+        self.kobold_jobs: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     # -- tokens
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         with self._tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (chat.py); the
+        template writes its own special tokens, so none are added."""
+        from ..chat import render, template_of
+
+        template, special = template_of(self.backend)
+        return self.tokenize(render(template, messages, special), special=False)
+
     def detokenize(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token's own text (a lone byte of a multi-byte character shows as U+FFFD)."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode([int(token)], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        """One token's raw bytes where the backend has them (llama.cpp), else its text's UTF-8."""
+        piece_bytes = getattr(self.backend, "piece_bytes", None)
+        return piece_bytes(int(token), special=True) if piece_bytes else self.token_text(token).encode()
 
     @property
     def vocab_size(self) -> int:
@@ -68,16 +96,45 @@ class Service:
 
     # -- jobs
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",
-               genkey=None):
+               genkey=None, logprobs: int | None = None, opposing_ids=None):
         if seed is None:
             seed = random.randrange(2**31)
         job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
-                                                 truncate=truncate))
+                                            truncate=truncate, logprobs=logprobs,
+                                            opposing_ids=opposing_ids))
+        job.seed = seed
         with self._lock:
+            self.last_request = time.time()
             self._jobs = {i: v for i, v in self._jobs.items() if not _done(v[0])}
             self._jobs[id(job)] = (job, api, genkey)
-            self.total = getattr(self, "total", 0) + 1
+            self.total += 1
+            self._recent.append(job)
+            if api == "kobold":
+                self.last_kobold = (job, genkey)
+                if genkey:
+                    self.kobold_jobs[genkey] = job
+                    self.kobold_jobs.move_to_end(genkey)
+                    while len(self.kobold_jobs) > KEPT_GENKEYS:
+                        self.kobold_jobs.popitem(last=False)
         return job
+
+    def kobold_job(self, genkey: str | None):
+        """The KoboldAI job a poll asks about: the one with `genkey`, or without a key the latest
+        one if it had no key either (KoboldCpp never shows one user's text to another)."""
+        with self._lock:
+            if genkey:
+                return self.kobold_jobs.get(genkey)
+            job, key = self.last_kobold or (None, None)
+            return job if not key else None
+
+    def last_finished(self):
+        """The most recently submitted job that has ended (any API), for KoboldCpp's perf figures."""
+        with self._lock:
+            return next((job for job in reversed(self._recent) if _done(job)), None)
+
+    def waiting(self) -> int:
+        """Requests queued behind the running ones (KoboldCpp's `queue`)."""
+        return self.scheduler.waiting()
 
     def cancel(self, api: str | None = None, genkey: str | None = None) -> int:
         """Cancel running jobs of one API (and one Kobold genkey, if given); how many."""
@@ -103,6 +160,9 @@ def _load_backend(spec, backend, parallel, log):
     from ..models import load_backend
 
     return load_backend(spec, backend, pairs=parallel, log=log)
+
+
+KEPT_GENKEYS = 64  # poll mode asks about the generation just made; a few dozen users at most
 
 
 def _done(job) -> bool:

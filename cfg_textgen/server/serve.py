@@ -18,20 +18,26 @@ API_KEY_ENV = "CFG_TEXTGEN_API_KEY"
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
-          log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False) -> int:
-    """Serve until SIGTERM; every request gets a line on `log` unless `quiet`."""
+          log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False,
+          defaults=None) -> int:
+    """Serve until SIGTERM; every request gets a line on `log` unless `quiet`; `defaults`: the
+    ServerDefaults every request gets unless it says otherwise."""
     import uvicorn
 
     from .app import create_app
+    from .defaults import ServerDefaults
     from .scheduling import Service
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if host not in LOOPBACK and not api_key:
         log(f"warning: serving on {host} without an API key: anyone who can reach this port can use "
             f"the model. Set --api-key or {API_KEY_ENV}.")
-    service = Service(model, backend=backend, parallel=parallel, log=log)
+    defaults = defaults or ServerDefaults()
+    service = Service(model, backend=backend, parallel=parallel, log=log, defaults=defaults)
     log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
         f"together; context {service.n_ctx} tokens)")
+    if not defaults.empty:
+        log(defaults.describe())
     app = create_app(service, api_key=api_key, cors_origins=cors_origins, request_log=None if quiet else log)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE, lifespan="off")

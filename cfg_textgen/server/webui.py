@@ -14,21 +14,23 @@ from typing import Annotated
 
 from pydantic import Field, create_model
 
+from . import logprobs
 from .bodies import Count, Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
-from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
+from .translate import KOBOLD_FLAVOUR, build_preset, check_request_grammar, flavour_of_completion
 
 NULLABLE = frozenset({"model", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
                       "n", "presence_penalty", "stop", "stream", "suffix", "temperature", "top_p", "user", "seed"})
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
+MAX_LOGPROBS = 100  # alternatives per token (SillyTavern asks for 10)
 
 
-class CompletionBody(Envelope):
-    """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
-    the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
+class ChoicesBody(Envelope):
+    """What /v1/completions and /v1/chat/completions share: lengths, `n`, seeds, stops, flags. A
+    field typed without None may be absent but not null (as in the web UI's typing.py); NULLABLE's
+    nulls are dropped before. Unknown keys are ignored."""
 
-    prompt: Prompt
     max_tokens: Count = None
     max_new_tokens: Count = None
     n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
@@ -36,17 +38,24 @@ class CompletionBody(Envelope):
     stop: Stops = []
     stopping_strings: Stops = []
     stream: Flag = False
-    echo: Flag = False
     ban_eos_token: Flag = False
     truncate: Flag = True
-    truncation_length: Annotated[Int, Field(ge=0)] = None
-    add_bos_token: Flag = True
     preset: Text = None
 
     @property
     def length_field(self) -> str:
         """The field that sets the length: `max_tokens` wins when both are sent."""
         return "max_tokens" if self.max_tokens is not None else "max_new_tokens"
+
+
+class CompletionBody(ChoicesBody):
+    """POST /v1/completions' envelope."""
+
+    prompt: Prompt
+    echo: Flag = False
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] = None  # OpenAI's: n alternatives per token
+    truncation_length: Annotated[Int, Field(ge=0)] = None
+    add_bos_token: Flag = True
 
 
 def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
@@ -63,7 +72,9 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
     preset, c._skipped = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                                      c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+                                      c.preset if flavour != KOBOLD_FLAVOUR else None, renames,
+                                      defaults=service.defaults, vocab_size=service.vocab_size)
+    check_request_grammar(service, preset, body, ("grammar_string", "grammar"))
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
 
@@ -80,11 +91,14 @@ def new_id() -> str:
     return "cmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "") -> dict:
+def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "",
+                        text_of=None) -> dict:
+    """`text_of` (token id -> its text) when the request asked for logprobs."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": finish_reason(job),
-                         "logprobs": None} for i, job in enumerate(jobs)],
+                         "logprobs": logprobs.openai(logprobs.shown(job), text_of, len(echo_text))
+                         if text_of else None} for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}
 
 
@@ -94,10 +108,12 @@ def usage(jobs, prompt_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
-def chunk(cid: str, model: str, index: int, text: str, reason: str | None = None) -> dict:
+def chunk(cid: str, model: str, index: int, text: str, reason: str | None = None,
+          token_logprobs: dict | None = None) -> dict:
+    """One streamed piece; `token_logprobs` (logprobs.openai) covers the tokens that made it."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": token_logprobs}]}
 
 
 def models_response(service) -> dict:

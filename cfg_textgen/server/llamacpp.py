@@ -1,0 +1,162 @@
+"""llama.cpp server's own API (tools/server/README.md; SillyTavern's "llama.cpp" text-completion type)
+and TabbyAPI's model and token routes (SillyTavern's "TabbyAPI" type): envelopes and shapes.
+
+`POST /completion` answers {"content", "tokens", "stop": true, "stop_type", "stopping_word",
+"tokens_predicted", "tokens_evaluated", "timings", "generation_settings", ...}; streaming sends
+SSE `data: {"content", "tokens", "stop": false, ...}` per piece and a last `"stop": true` object
+with the totals (no [DONE]). `n_probs` adds `completion_probabilities` (logprobs.py). Sampler fields
+go to translate.py (importers/llamacpp_server.py). TabbyAPI generates through /v1/completions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from pydantic import Field, create_model
+
+from . import logprobs
+from .bodies import Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList
+from .errors import APIError
+from .translate import LLAMACPP_FLAVOUR, build_preset
+
+MAX_PROBS = 100
+
+
+class CompletionBody(Envelope):
+    """POST /completion's envelope (llama.cpp's defaults). Unknown keys are ignored: SillyTavern
+    sends several backends' names at once. `cache_prompt` is accepted; every request here is
+    prefilled in full."""
+
+    prompt: Prompt
+    n_predict: Int = None  # -1: until the context is full (or EOS, a stop string)
+    max_tokens: Int = None  # llama.cpp's alias when n_predict is absent
+    seed: Seed = None
+    stop: Stops = []
+    stream: Flag = False
+    n_probs: Annotated[Int, Field(ge=0, le=MAX_PROBS)] = 0
+    post_sampling_probs: Flag = False
+    ignore_eos: Flag = False
+    cache_prompt: Flag = True
+    return_tokens: Flag = False
+
+    @property
+    def length_field(self) -> str:
+        return "n_predict" if self.n_predict is not None else "max_tokens"
+
+
+def parse_completion(body: dict, service) -> tuple[CompletionBody, object, int]:
+    """The envelope, its Preset, and the number of new tokens (-1: what the window leaves)."""
+    c = read_body(CompletionBody, body, service)
+    asked = c.n_predict if c.n_predict is not None else c.max_tokens
+    prompt_len = len(service.tokenize(c.prompt)) if isinstance(c.prompt, str) else len(c.prompt)
+    if asked is None or asked < 0:
+        max_new = service.n_ctx - prompt_len
+        if max_new < 1:
+            raise APIError(400, f"the prompt is {prompt_len} tokens and fills the model's context window "
+                                f"of {service.n_ctx} tokens: set `n_predict`", "prompt")
+    elif asked == 0 or asked >= service.n_ctx:
+        raise APIError(400, f"`{c.length_field}` is {asked}; it must be between 1 and {service.n_ctx - 1} "
+                            f"(this model's context window), or -1", c.length_field)
+    else:
+        max_new = asked
+    preset, c._skipped = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults)
+    return c, preset, max_new
+
+
+def read_body(model, body, service):
+    from .bodies import read
+
+    return read(model, body, vocab_size=service.vocab_size)
+
+
+STOP_TYPE = {"eos": "eos", "max_tokens": "limit", "stop": "word"}
+
+
+def stopping_word(job, stops, service) -> str:
+    """The stop string that ended the job ("" if none did)."""
+    if job.stop_reason != "stop":
+        return ""
+    rest = service.detokenize(job.token_ids)[len(job.text):]
+    return next((s for s in stops if rest.startswith(s)), "")
+
+
+def timings(job, prompt_n: int) -> dict:
+    stats = job.stats
+    prompt_s = stats.first_token_seconds or 0.0
+    predicted_n = len(job.token_ids)
+    predicted_s = max(stats.seconds - prompt_s, 0.0)
+    return {"prompt_n": prompt_n, "prompt_ms": prompt_s * 1000,
+            "prompt_per_token_ms": prompt_s * 1000 / max(prompt_n, 1),
+            "prompt_per_second": prompt_n / prompt_s if prompt_s else 0.0,
+            "predicted_n": predicted_n, "predicted_ms": predicted_s * 1000,
+            "predicted_per_token_ms": predicted_s * 1000 / max(predicted_n, 1),
+            "predicted_per_second": predicted_n / predicted_s if predicted_s else 0.0}
+
+
+def probabilities(job, c: CompletionBody, service, upto: int | None = None, start: int = 0) -> list[dict]:
+    return logprobs.llamacpp(logprobs.shown(job, upto)[start:], service.token_text, service.token_bytes,
+                             c.post_sampling_probs)
+
+
+def generation_settings(c: CompletionBody, preset, max_new: int, service) -> dict:
+    return {"n_ctx": service.n_ctx, "n_predict": max_new, "seed": c.seed if c.seed is not None else -1,
+            "stream": c.stream, "n_probs": c.n_probs, "ignore_eos": c.ignore_eos, "stop": list(preset.stop),
+            "guidance_scale": preset.cfg.scale, "negative_prompt": preset.cfg.opposing_prompt,
+            "samplers": [s.name for s in preset.samplers], "post_sampling_probs": c.post_sampling_probs}
+
+
+def final(job, c: CompletionBody, preset, max_new: int, prompt_n: int, service, streamed: bool) -> dict:
+    """The non-streamed answer, or the last streamed object (content and tokens already sent)."""
+    out = {"index": 0, "content": "" if streamed else job.text,
+           "tokens": [] if streamed or not c.return_tokens else list(job.token_ids), "id_slot": -1,
+           "stop": True, "model": service.model_name, "tokens_predicted": len(job.token_ids),
+           "tokens_evaluated": prompt_n, "generation_settings": generation_settings(c, preset, max_new, service),
+           "prompt": c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt),
+           "has_new_line": "\n" in job.text, "truncated": job.stats.kept_tokens < job.stats.prompt_tokens,
+           "stop_type": STOP_TYPE.get(job.stop_reason, "none"),
+           "stopping_word": stopping_word(job, preset.stop, service), "tokens_cached": 0,
+           "timings": timings(job, prompt_n)}
+    if c.n_probs and not streamed:
+        out["completion_probabilities"] = probabilities(job, c, service)
+    return out
+
+
+def partial(job, c: CompletionBody, piece: str, tokens: list[int], upto: int, prompt_n: int, probs) -> dict:
+    out = {"index": 0, "content": piece, "tokens": tokens, "stop": False, "id_slot": -1,
+           "tokens_predicted": upto, "tokens_evaluated": prompt_n}
+    if probs is not None:
+        out["completion_probabilities"] = probs
+    return out
+
+
+# /tokenize: `content`, `add_special` (default false: no BOS), `with_pieces`; /detokenize: `tokens`
+TokenizeBody = create_model("TokenizeBody", content=(Text, ...), add_special=(Flag, False),
+                            with_pieces=(Flag, False))
+DetokenizeBody = create_model("DetokenizeBody", tokens=(TokenList, ...))
+
+
+def props_response(service) -> dict:
+    """GET /props: the slots' default settings, the slot count, the model, the modalities."""
+    return {"default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": service.n_ctx, "speculative": False,
+                                            "is_processing": service.running() > 0,
+                                            "params": {"n_predict": -1, "seed": -1, "temperature": 0.8,
+                                                       "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                                                       "n_probs": 0, "samplers": ["penalties", "dry",
+                                                       "top_n_sigma", "top_k", "typ_p", "top_p", "min_p",
+                                                       "xtc", "temperature"]}},
+            "total_slots": service.scheduler.max_parallel, "model_path": service.model_name,
+            "chat_template": "", "modalities": {"vision": False, "audio": False},
+            "build_info": "cfg-textgen", "is_sleeping": False}
+
+
+# ---- TabbyAPI: SillyTavern's status check and token counting --------------------------------
+
+def tabby_model_card(service) -> dict:
+    return {"id": service.model_name, "object": "model", "created": int(time.time()), "owned_by": "tabbyAPI",
+            "logging": None, "parameters": {"max_seq_len": service.n_ctx, "cache_size": service.n_ctx,
+                                            "prompt_template": None}}
+
+
+TabbyEncodeBody = create_model("TabbyEncodeBody", text=(Text, ...), add_bos_token=(Flag, True))
+TabbyDecodeBody = create_model("TabbyDecodeBody", tokens=(TokenList, ...))

@@ -1,0 +1,150 @@
+// Drives SillyTavern's own web UI (a running SillyTavern server) the way a user sets it up:
+// API "Text Completion", an API type, our server's URL, Connect, the default character, the chat's
+// CFG panel, one message, wait for the reply, screenshots. What the page saw (toasts, failed
+// requests) and the reply go to <shots>/<name>.json; run proxy.mjs in front of the server to
+// see the wire.
+//
+// usage: node sillytavern.mjs --st http://127.0.0.1:8123 --server http://127.0.0.1:5152 \
+//          --type ooba|koboldcpp|llamacpp|tabby [--stream] [--logprobs] [--scale 1.5] \
+//          [--negative "..."] [--tokens 60] [--context 2048] [--shots /work/apps/shots] [--name st-ooba]
+import { parseArgs } from 'node:util';
+import { openBrowser, watchPage, shoot, endRun, sleep, commonOptions } from './browser.mjs';
+
+const { values: args } = parseArgs({
+    options: {
+        ...commonOptions,
+        st: { type: 'string', default: 'http://127.0.0.1:8123' },
+        type: { type: 'string', default: 'ooba' },
+        stream: { type: 'boolean', default: false },
+        logprobs: { type: 'boolean', default: false },
+        scale: { type: 'string', default: '1.5' },
+        negative: { type: 'string', default: 'Write short, dull replies in the past tense.' },
+        message: { type: 'string', default: 'Seraphina, tell me about the forest. What lives there?' },
+        // SillyTavern's "Context (tokens)": smaller prompts for a slow CPU
+        context: { type: 'string', default: '2048' },
+    },
+});
+const name = args.name ?? `st-${args.type}${args.stream ? '-stream' : ''}${args.logprobs ? '-logprobs' : ''}`;
+// each API type keeps its own URL field in SillyTavern
+const urlField = {
+    ooba: '#textgenerationwebui_api_url_text', koboldcpp: '#koboldcpp_api_url_text',
+    llamacpp: '#llamacpp_api_url_text', tabby: '#tabby_api_url_text',
+}[args.type];
+if (!urlField) throw new Error(`--type: one of ooba, koboldcpp, llamacpp, tabby (got ${args.type})`);
+
+const result = { name, type: args.type, server: args.server, steps: [] };
+const step = (what, detail = '') => { result.steps.push(`${what}${detail ? ': ' + detail : ''}`); console.log(what, detail); };
+
+const { browser, context } = await openBrowser();
+const page = await context.newPage();
+const seen = watchPage(page, name);
+try {
+    await page.goto(args.st, { waitUntil: 'domcontentloaded' });
+    await page.waitForSelector('#send_textarea', { timeout: 60000 });
+    await page.waitForFunction(() => !document.getElementById('preloader'), null, { timeout: 60000 });
+    step('SillyTavern loaded', await page.evaluate(() => document.title));
+
+    // first run: SillyTavern asks for the user's name
+    const onboarding = page.locator('dialog.popup[open] .popup-input');
+    if (await onboarding.count()) {
+        await onboarding.fill('Writer');
+        await page.locator('dialog.popup[open] .popup-button-ok').click();
+        step('onboarding answered');
+        await sleep(500);
+    }
+
+    // API Connections drawer: API, type, URL, Connect
+    await page.locator('#sys-settings-button .drawer-toggle').click();
+    await page.selectOption('#main_api', 'textgenerationwebui');
+    await page.selectOption('#textgen_type', args.type);
+    await page.fill(urlField, args.server);
+    // close the URL field's server-history list, which covers the Connect button
+    await page.evaluate(() => document.activeElement?.blur());
+    await page.locator('#api_button_textgenerationwebui').scrollIntoViewIfNeeded();
+    await sleep(300);
+    await page.locator('#api_button_textgenerationwebui').click();
+    const status = page.locator('#textgenerationwebui_api .online_status_text');
+    await page.waitForFunction(() => {
+        const t = document.querySelector('#textgenerationwebui_api .online_status_text')?.textContent ?? '';
+        return t && !/^(Not connected|No connection)/.test(t.trim()) ? true : false;
+    }, null, { timeout: 30000 }).catch(() => {});
+    result.connection_status = (await status.textContent())?.trim();
+    step('connect', result.connection_status);
+    await shoot(page, args.shots, `${name}-1-connect`);
+
+    // response length, streaming and token probabilities, as set in the UI panels
+    await page.evaluate(({ tokens, context, stream, logprobs }) => {
+        const $ = window.jQuery;
+        $('#amount_gen').val(tokens).trigger('input');
+        $('#max_context').val(context).trigger('input');
+        $('#streaming_textgenerationwebui').prop('checked', stream).trigger('input');
+        $('#request_token_probabilities').prop('checked', logprobs).trigger('input');
+    }, { tokens: Number(args.tokens), context: Number(args.context), stream: args.stream, logprobs: args.logprobs });
+    await page.locator('#sys-settings-button .drawer-toggle').click();
+
+    // the default character (its one chat: earlier runs' messages stay in it, cut to the context)
+    await page.evaluate(() => {
+        const $ = window.jQuery;
+        const card = $('.character_select').filter((i, e) => $(e).find('.ch_name').text().trim() === 'Seraphina');
+        card.first().trigger('click');
+    });
+    await page.waitForFunction(() => document.querySelectorAll('#chat .mes').length > 0, null, { timeout: 30000 });
+    step('character opened', await page.locator('#chat .mes .name_text').first().textContent());
+
+    // the chat's CFG panel (options menu left of the chat box -> CFG Scale)
+    await page.locator('#options_button').click();
+    await page.locator('#option_toggle_CFG').click();
+    await page.waitForSelector('#cfgConfig', { state: 'visible' });
+    await page.evaluate((scale) => {
+        const $ = window.jQuery;
+        $('#chat_cfg_guidance_scale').val(scale).trigger('input');
+    }, Number(args.scale));
+    await page.fill('#chat_cfg_negative_prompt', args.negative);
+    await sleep(500);
+    result.cfg_panel = await page.evaluate(() => ({
+        scale: document.querySelector('#chat_cfg_guidance_scale_counter')?.value,
+        negative: document.querySelector('#chat_cfg_negative_prompt')?.value,
+    }));
+    step('chat CFG set', JSON.stringify(result.cfg_panel));
+    await shoot(page, args.shots, `${name}-2-cfg-panel`);
+    await page.locator('#CFGClose').click().catch(() => {});
+
+    // send and wait for the reply (the stop button shows while generating)
+    const before = await page.locator('#chat .mes').count();
+    await page.fill('#send_textarea', args.message);
+    // the send button only shows when SillyTavern thinks it is connected; Enter sends regardless
+    if (await page.locator('#send_but').isVisible()) await page.locator('#send_but').click();
+    else { step('send button hidden (not connected); pressing Enter'); await page.locator('#send_textarea').press('Enter'); }
+    step('message sent');
+    const deadline = Date.now() + Number(args.timeout) * 1000;
+    await page.waitForSelector('#mes_stop', { state: 'visible', timeout: 15000 }).catch(() => {});
+    while (Date.now() < deadline) {
+        const busy = await page.locator('#mes_stop').isVisible();
+        if (!busy) break;
+        await sleep(1000);
+    }
+    await sleep(1500);
+    const after = await page.locator('#chat .mes').count();
+    result.reply = after > before + 1
+        ? (await page.locator('#chat .mes').last().locator('.mes_text').innerText()).trim()
+        : null;
+    result.toasts = await page.locator('#toast-container .toast').allInnerTexts();
+    step('reply', result.reply === null ? 'NONE' : JSON.stringify(result.reply.slice(0, 300)));
+    if (result.toasts.length) step('toasts', JSON.stringify(result.toasts));
+    await shoot(page, args.shots, `${name}-3-reply`);
+
+    if (args.logprobs) {
+        await page.locator('#options_button').click();
+        await page.locator('#option_toggle_logprobs').click();
+        await sleep(500);
+        // click the first token of the reply, as a user does to see its alternatives
+        await page.locator('#logprobsViewer .logprobs_output_token').first().click().catch(() => {});
+        await sleep(500);
+        result.logprobs_panel = (await page.locator('#logprobsViewer').innerText().catch(() => '')).slice(0, 1500);
+        step('logprobs panel', JSON.stringify(result.logprobs_panel.slice(0, 300)));
+        await shoot(page, args.shots, `${name}-4-logprobs`);
+    }
+    await endRun({ page, browser, seen, shots: args.shots, name, result, step });
+} catch (error) {
+    await endRun({ page, browser, seen, shots: args.shots, name, result, step, error });
+}
