@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, Validati
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
-from .errors import CFGTextgenError, PresetError
+from .errors import CFGTextgenError, PresetError, PresetProblem
 from .settings import JSON, SETTINGS, Bool, Float, Int, SamplerSettings, Str, fields_of, json_type, show
 
 FORMAT = "cfg-textgen-preset/1"
@@ -161,55 +161,58 @@ def _field_at(loc, data):
     return view if view is not None and view.kind in (int, float, str, bool, list) else None
 
 
-def _line(e: dict, data: dict) -> str:
-    """One pydantic error as `$.json.path: what is wrong, got VALUE`."""
+def _problem(e: dict, data: dict) -> PresetProblem:
+    """One pydantic error as a problem at a JSON path: what is wrong, got VALUE."""
     loc, kind, value, ctx = list(e["loc"]), e["type"], e["input"], e.get("ctx") or {}
     if len(loc) > 2 and loc[0] == "samplers":
         del loc[2]  # the union's tag: samplers[i].top_p.p is $.samplers[i].p
     if kind == "rule":  # a rule between fields, reported at the field it names
-        return f"{_path(loc + [ctx['key']])}: {ctx['message']}"
-    path, samplers = _path(loc), _choices(sorted(SETTINGS))
+        return PresetProblem((*loc, ctx["key"]), ctx["message"])
+    at, samplers = tuple(loc), _choices(sorted(SETTINGS))
     if kind == "missing":
-        return f"{_path(loc[:-1])}: missing required key {show(loc[-1])}"
+        return PresetProblem(at[:-1], f"missing required key {show(loc[-1])}")
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         model, what = _model_at(loc[:-1], data)
         keys = list(fields_of(model))
-        return f"{path}: unknown key{_did_you_mean(loc[-1], keys)}; valid {what} keys: {_choices(keys)}"
+        return PresetProblem(at, f"unknown key{_did_you_mean(loc[-1], keys)}; valid {what} keys: {_choices(keys)}")
     if kind == "union_tag_not_found":
-        return f'{path}: missing key "sampler"; valid samplers: {samplers}'
+        return PresetProblem(at, f'missing key "sampler"; valid samplers: {samplers}')
     if kind == "union_tag_invalid":
         tag = value["sampler"]
         if not isinstance(tag, str):
-            return (f"{path}.sampler: must be a string naming a sampler, got {json_type(tag)} {show(tag)}; "
-                    f"valid samplers: {samplers}")
+            return PresetProblem((*at, "sampler"), f"must be a string naming a sampler, got {json_type(tag)} "
+                                                   f"{show(tag)}; valid samplers: {samplers}")
         if tag == "cfg":
-            return f"{path}.sampler: CFG is not a chain sampler: set it under $.cfg (it always runs first)"
-        return f"{path}.sampler: unknown sampler {show(tag)}{_did_you_mean(tag, SETTINGS)}; valid samplers: {samplers}"
+            return PresetProblem((*at, "sampler"), "CFG is not a chain sampler: set it under $.cfg (it always runs first)")
+        return PresetProblem((*at, "sampler"), f"unknown sampler {show(tag)}{_did_you_mean(tag, SETTINGS)}; "
+                                               f"valid samplers: {samplers}")
     field = _field_at(loc, data)
     if field is None:
         if kind == "value_error":  # a sampler's rule between its parameters
-            return f"{path}: {ctx['error']}"
+            return PresetProblem(at, ctx["error"])
         like = ' like {"sampler": "temperature", ...}' if loc[:1] == ["samplers"] else ""
-        return f"{path}: must be {'a sampler ' if like else 'an '}object{like}, got {json_type(value)} {show(value)}"
+        return PresetProblem(at, f"must be {'a sampler ' if like else 'an '}object{like}, "
+                                 f"got {json_type(value)} {show(value)}")
     if field.kind is list and not isinstance(loc[-1], int):
         words = {"samplers": "an array of sampler objects", "stop": "an array of strings"}.get(loc[-1])
-        return f"{path}: must be {words if len(loc) == 1 else 'an array'}, got {json_type(value)} {show(value)}"
+        return PresetProblem(at, f"must be {words if len(loc) == 1 else 'an array'}, got {json_type(value)} "
+                                 f"{show(value)}")
     if kind == "string_too_short":
-        return f"{path}: must be a non-empty string, got {show(value)}"
+        return PresetProblem(at, f"must be a non-empty string, got {show(value)}")
     if kind == "string_pattern_mismatch":
-        return f"{path}: must be a non-empty string (not only spaces), got {show(value)}"
-    return f"{path}: {field.problem(e)}"
+        return PresetProblem(at, f"must be a non-empty string (not only spaces), got {show(value)}")
+    return PresetProblem(at, field.problem(e))
 
 
-def _duplicates(node, path: str):
+def _duplicates(node, path: tuple = ()):
     """JSON paths of the keys the loader saw twice in one object."""
     if isinstance(node, dict):
-        yield from (f"{path}.{key}" for key in getattr(node, "duplicates", ()))
+        yield from ((*path, key) for key in getattr(node, "duplicates", ()))
         for key, value in node.items():
-            yield from _duplicates(value, f"{path}.{key}")
+            yield from _duplicates(value, (*path, key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _duplicates(value, f"{path}[{i}]")
+            yield from _duplicates(value, (*path, i))
 
 
 def parse_preset(data: Any, source: str = "<preset>") -> Preset:
@@ -217,24 +220,26 @@ def parse_preset(data: Any, source: str = "<preset>") -> Preset:
 
     All problems are collected; one `PresetError` lists them, one line each, as
     `SOURCE: $.json.path: what is wrong, got VALUE` (with the valid choices where there are some).
-    The error's `errors` attribute holds the lines as a tuple.
+    The error's `errors` attribute holds the lines as a tuple, `problems` the same as data
+    (`errors.PresetProblem`: the JSON path as keys and indexes, and the message).
     """
     if not isinstance(data, dict):
-        _raise([f"{source}: $: must be an object, got {json_type(data)} {show(data)}"])
-    lines = [f"{source}: {path}: duplicate key (the second value would silently win)"
-             for path in _duplicates(data, "$")]
+        _raise(source, [PresetProblem((), f"must be an object, got {json_type(data)} {show(data)}")])
+    problems = [PresetProblem(path, "duplicate key (the second value would silently win)")
+                for path in _duplicates(data)]
     try:
         preset = _PRESET.validate_python(data, context=JSON)
     except ValidationError as err:
-        lines += [f"{source}: {_line(e, data)}" for e in err.errors(include_url=False)]
-    if lines:
-        _raise(lines)
+        problems += [_problem(e, data) for e in err.errors(include_url=False)]
+    if problems:
+        _raise(source, problems)
     return preset
 
 
-def _raise(lines: list[str]):
-    err = PresetError("\n".join(lines))
-    err.errors = tuple(lines)
+def _raise(source: str, problems: list[PresetProblem]):
+    lines = tuple(f"{source}: {_path(p.path)}: {p.message}" for p in problems)
+    err = PresetError("\n".join(lines), problems=problems)
+    err.errors = lines
     raise err
 
 
@@ -369,7 +374,8 @@ def preset_schema() -> dict:
 
 
 def build_chain(preset: Preset, tokenizer=None, generator=None):
-    """Fresh sampler objects in the preset's order, as a `LogitsProcessorList`.
+    """Fresh sampler objects in the preset's order, as a `samplers.SamplerChain` (a list of
+    logits processors that `model.generate` takes too).
 
     Call it once per generation: samplers such as mirostat keep state while generating.
     `generator` (a `torch.Generator`) goes to samplers whose `from_params` accepts it.
@@ -377,7 +383,7 @@ def build_chain(preset: Preset, tokenizer=None, generator=None):
     from .samplers import SamplerChain
 
     registry = _registry()
-    chain = SamplerChain()  # a LogitsProcessorList that runs single-threaded on the CPU
+    chain = SamplerChain()  # runs single-threaded on the CPU
     for spec in preset.samplers:
         cls = registry[spec.name]
         params = dict(spec.params)
