@@ -7,7 +7,7 @@ sees one token more (so mirostat updates its state and the penalties see a growi
 scores are the model's real logits for that context. Each sampler is timed inside the chain, so
 the per-sampler figures add up to the chain and show which one dominates.
 
-Per preset (issue 11: each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
+Per preset (each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
 on the default vocabulary): every preset's chain on the same real logits and growing history,
 interleaved preset by preset and call by call, each through the chain object build_chain returns;
 the pick (softmax + multinomial over the vocabulary, the engine's part) is timed apart. With
@@ -74,7 +74,8 @@ class Profiled:
 
 
 def run(quick: bool = False, before: str | None = None) -> Section:
-    from cfg_textgen.guidance import cache_keyword, cfg_combine, returned_cache
+    from cfg_textgen.backends.transformers import cache_keyword, returned_cache
+    from cfg_textgen.guidance import cfg_combine
     from cfg_textgen.presets import build_chain, parse_preset
     from cfg_textgen.samplers import SAMPLERS, pick_token
 

@@ -41,7 +41,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .backends import as_backend
+from .backends.base import is_backend
 from .errors import CFGTextgenError
+from .lanes import DecodeLoop, Lane
 
 GenerateFn = Callable[[list, float], list]  # (prompt ids, scale) -> generated ids
 Progress = Callable[[int, int], None]  # (done, total)
@@ -104,20 +107,6 @@ def entropy(logits):
 # ---- the backend and the side-by-side decode loop -------------------------------------------
 
 
-def is_backend(obj) -> bool:
-    return hasattr(obj, "run") and hasattr(obj, "release")
-
-
-def as_backend(model, tokenizer=None):
-    """`model` itself when it is a backend, else a transformers model (and its tokenizer, which
-    scoring alone may leave out) in the transformers backend."""
-    if is_backend(model):
-        return model
-    from .backends.transformers import TransformersBackend
-
-    return TransformersBackend(model, tokenizer)
-
-
 def _size_llama_window(backend, jobs, lanes: int) -> None:
     """llama.cpp keeps a full window of KV cells for every sequence of every lane (90 MiB per
     4096-token window on the default model, 512 MiB on a 7B): make each sequence's window just
@@ -130,8 +119,10 @@ def _size_llama_window(backend, jobs, lanes: int) -> None:
 
 def run_side_by_side(backend, jobs: Sequence, lanes: int = LANES,
                      on_done: Callable[[int], None] | None = None) -> None:
-    """Decode `jobs` to the end with up to `lanes` of them live at once, each step of every live
-    job in one `backend.run` (on llama.cpp: one decode); a job joins as soon as another leaves.
+    """Decode `jobs` to the end with up to `lanes` of them live at once, on the engine's decode
+    loop (lanes.py): each step of every live job in one `backend.run` (on llama.cpp: one decode);
+    a job joins as soon as another leaves. The first job that fails raises its error (every pair
+    is released first).
 
     A job is an engine `Generation` or anything with its protocol: `pair_ids()` (story ids,
     opposing ids or None), `advance(logits)` with the pair's logits (rows, vocab), `done`,
@@ -146,27 +137,28 @@ def run_side_by_side(backend, jobs: Sequence, lanes: int = LANES,
         _size_llama_window(backend, jobs, lanes)
     else:
         backend.reserve(lanes)
-    pending = collections.deque(enumerate(jobs))
-    active: list = []  # [index, job, pair]
+    loop = DecodeLoop(backend)
+    pending = collections.deque(_SideLane(job, i, on_done) for i, job in enumerate(jobs))
     try:
-        while pending or active:
-            admit = [pending.popleft() for _ in range(min(len(pending), lanes - len(active)))]
-            _, pairs = backend.run(steps=[(pair, job.last_token) for _, job, pair in active],
-                                   new=[job.pair_ids() for _, job in admit])
-            active += [[i, job, pair] for (i, job), pair in zip(admit, pairs)]
-            # every job reads its logits (views into llama.cpp's output buffer) before any
-            # sequence is released
-            for _, job, pair in active:
-                job.advance(pair.logits)
-            leaving = [entry for entry in active if entry[1].done]
-            for entry in leaving:
-                active.remove(entry)
-                backend.release(entry[2])
-                if on_done:
-                    on_done(entry[0])
+        while pending or loop.live:
+            joining = [pending.popleft() for _ in range(min(len(pending), lanes - len(loop.live)))]
+            failed = [lane for lane in loop.step(joining) if lane.error is not None]
+            if failed:
+                raise failed[0].error
     finally:
-        for _, _, pair in active:
-            backend.release(pair)
+        loop.close()  # every pair released, also after a failure
+
+
+class _SideLane(Lane):
+    """A side-by-side job in the decode loop; `on_done(index)` when it ends."""
+
+    def __init__(self, job, index: int, on_done):
+        super().__init__(job)
+        self.index, self.on_done = index, on_done
+
+    def end(self, reason, error) -> None:
+        if self.on_done and error is None:
+            self.on_done(self.index)
 
 
 class Forced:
@@ -323,7 +315,7 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
 class EngineGenerate:
     """The engine's generate function on a backend: `fn(prompt_ids, scale) -> new ids`, and
     `fn.many(prompt_ids, scales)` for several scales side by side. Every scale is an engine
-    `Generation` with the preset's settings (engine._preset_settings: `presets.build_chain`, the
+    `Generation` with the preset's settings (generation.preset_settings: `presets.build_chain`, the
     preset's do_sample) and its own `torch.Generator` seeded with `seed`, so every scale starts
     from the same random state, alone or beside the others. Stop sequences are not applied: every
     scale gets the same budget of tokens (EOS still ends)."""
@@ -343,12 +335,12 @@ class EngineGenerate:
     def generation(self, prompt_ids: Sequence[int], scale: float):
         import torch
 
-        from .engine import Generation, _preset_settings
+        from .generation import Generation, preset_settings
 
         preset = replace(self.base, cfg=replace(self.base.cfg, scale=float(scale)))
         generator = torch.Generator(device=self.backend.device).manual_seed(self.seed)
         return Generation(self.backend, None, [int(t) for t in prompt_ids], on_cut=lambda kept, total: None,
-                          **_preset_settings(self.backend, preset, generator))
+                          **preset_settings(self.backend, preset, generator))
 
     def many(self, prompt_ids: Sequence[int], scales: Sequence[float],
              on_done: Callable[[int], None] | None = None) -> list[list]:
@@ -702,7 +694,7 @@ def lambada_generation(backend, context: str, scale: float, opposing: Opposing, 
     """An engine `Generation` for one example at one scale: greedy after `context` (cut to the
     window by the engine's rule) with CFG at `scale` and no samplers, ending at the backend's EOS
     set or after `max_tokens`."""
-    from .engine import Generation
+    from .generation import Generation
 
     return Generation(backend, None, context, scale=scale, opposing_prompt=opposing.prompt,
                       opposing_mode=opposing.mode, chain=[], max_new_tokens=max_tokens, do_sample=False,

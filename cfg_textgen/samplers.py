@@ -1,7 +1,7 @@
 """The samplers story writers tune: one small class per sampler, and the registry name -> class.
 
-Every sampler is a `transformers.LogitsProcessor`: `__call__(input_ids, scores) -> new scores`,
-shapes (batch, seq) and (batch, vocab). Removed tokens are set to -inf, the input is never
+Every sampler is a logits processor (transformers' interface, processors.py):
+`__call__(input_ids, scores) -> new scores`, shapes (batch, seq) and (batch, vocab). Removed tokens are set to -inf, the input is never
 mutated, and at least `min_tokens_to_keep` tokens survive. Each class takes its preset
 parameters from the settings model of its name (settings.py), which presets.py also builds the
 preset model and its JSON Schema from.
@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
-from transformers import LogitsProcessor, LogitsProcessorList
 
+from .processors import LogitsProcessor, ProcessorList
 from .settings import SETTINGS, Int, Param, SamplerSettings, check, fields_of
 
 NEG_INF = float("-inf")
@@ -90,8 +90,8 @@ def register(cls: type[Sampler]) -> type[Sampler]:
     return cls
 
 
-class SamplerChain(LogitsProcessorList):
-    """A preset's samplers in order (what `presets.build_chain` returns): a `LogitsProcessorList`
+class SamplerChain(ProcessorList):
+    """A preset's samplers in order (what `presets.build_chain` returns): a processor list
     that runs them with one intra-op thread when the scores are on the CPU.
 
     A chain is ~20 short passes over one row of ~50k scores; threads gain nothing there, and torch

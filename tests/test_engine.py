@@ -185,7 +185,7 @@ def test_stream_cuts_old_text_to_fit_the_context(tiny_tokenizer):
     cuts = []
     s = generate_stream(model, tok, story, scale=1.5, opposing_prompt="", max_new_tokens=20,
                         do_sample=False, on_cut=lambda kept, total: cuts.append((kept, total)))
-    # window - new tokens: the opposing row is a row of its own (issue 10 item 5; it was - 1 more)
+    # window - new tokens: the opposing row is a row of its own (not counted in the story's room)
     assert cuts == [(256 - 20, len(ids))]
     assert s.prompt_ids == ids[-(256 - 20):]
     list(s)
@@ -245,7 +245,7 @@ def test_engine_matches_generate_plugin_on_the_default_model(default_model):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_engine_split_head_gives_the_models_own_logits(arch, tiny_tokenizer):
     """The engine's own output layer (W @ h.T) equals the model's forward, up to float rounding."""
-    from cfg_textgen.guidance import head_logits, split_head
+    from cfg_textgen.backends.transformers import head_logits, split_head
 
     model = make_tiny_model(arch)
     decoder, weight = split_head(model)
@@ -263,7 +263,7 @@ def test_engine_split_head_gives_the_models_own_logits(arch, tiny_tokenizer):
 def test_engine_split_head_refuses_models_that_scale_their_logits():
     from transformers import CohereConfig, AutoModelForCausalLM
 
-    from cfg_textgen.guidance import head_logits, split_head
+    from cfg_textgen.backends.transformers import head_logits, split_head
 
     cohere = AutoModelForCausalLM.from_config(CohereConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -53,12 +53,8 @@ AbortBody = create_model("AbortBody", genkey=(Text | None, None))
 TokenCountBody = create_model("TokenCountBody", prompt=(Text, ...))  # /api/extra/tokencount
 
 
-def finish_reason(job) -> str:
-    return "length" if job.stop_reason == "max_tokens" else "stop"
-
-
 def generate_response(job, prompt_tokens: int) -> dict:
-    return {"results": [{"text": job.text, "finish_reason": finish_reason(job), "logprobs": None,
+    return {"results": [{"text": job.text, "finish_reason": job.finish_reason, "logprobs": None,
                          "prompt_tokens": prompt_tokens, "completion_tokens": len(job.token_ids)}]}
 
 

@@ -1,5 +1,5 @@
-"""The model behind the server: load its backend, run the engine's Scheduler (INTERFACE.md: the
-server uses only that contract), tokenize, and track which API's jobs are running.
+"""The model behind the server: load its backend, run the engine's Scheduler (the server uses only
+its submit / cancel / wait contract), tokenize, and track which API's jobs are running.
 
 On llama.cpp the Scheduler decodes every active request (and each of `n` choices) in one batch per
 step; on transformers each active pair is its own forward within a step.
@@ -7,12 +7,11 @@ step; on transformers each active pair is its own forward within a step.
 
 from __future__ import annotations
 
-import random
 import threading
 from pathlib import Path
 
 from ..context import fit_context
-from ..engine import Request, Scheduler
+from ..scheduler import Request, Scheduler
 
 
 class Service:
@@ -31,7 +30,7 @@ class Service:
         self.n_ctx = int(self.backend.n_ctx or 2048)
         self._jobs: dict[int, tuple[object, str, str | None]] = {}  # id(job) -> (job, api, genkey)
         self._lock = threading.Lock()
-        self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads
+        self._tokenizer_lock = self.scheduler.tokenizer_lock  # also held by the decode thread's text work
 
     # -- tokens
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -61,8 +60,6 @@ class Service:
     # -- jobs
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",
                genkey=None):
-        if seed is None:
-            seed = random.randrange(2**31)
         job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
                                                  truncate=truncate))
         with self._lock:

@@ -74,10 +74,6 @@ TextBody = create_model("TextBody", text=(Text, ...))  # /v1/internal/encode and
 TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal/decode: read with vocab_size
 
 
-def finish_reason(job) -> str:
-    return "length" if job.stop_reason == "max_tokens" else "stop"
-
-
 def new_id() -> str:
     return "cmpl-" + uuid.uuid4().hex[:24]
 
@@ -85,7 +81,7 @@ def new_id() -> str:
 def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_text: str = "") -> dict:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": finish_reason(job),
+            "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": job.finish_reason,
                          "logprobs": None} for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}
 
