@@ -12,7 +12,7 @@
 Sections: decode (tokens/s of the CFG paths, with token-for-token checks), growth (CFG overhead vs
 generated length), samplers (the full chain per token), stream_decode (text decoding per token,
 DecodeStream vs the re-decoding fallback, 10 to 4,000 tokens), memory (peak RSS, child processes),
-startup (first streamed token, child processes), llamacpp (issue 11: our llama.cpp backend vs
+startup (first streamed token, child processes), llamacpp (our llama.cpp backend vs
 bare llama.cpp loops and the transformers engine, sampler chains per preset, time to first token,
 memory, CLI start; `--only llamacpp` runs just that). Exit code 1 if two paths that must agree gave
 different tokens (nothing is written then) or a section crashed; a missed target is reported in
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, help="repetitions of the decode comparison (default 4; 2 quick)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own, = cores)")
     ap.add_argument("--llama-threads", type=int, default=2,
-                    help="llama.cpp threads in the llamacpp section (default 2, as in issue 11)")
+                    help="llama.cpp threads in the llamacpp section (default 2)")
     ap.add_argument("--profile-startup", action="store_true",
                     help="also profile the warm start (-X importtime, py-spy)")
     ap.add_argument("--no-write", action="store_true", help="print only")

@@ -1,4 +1,4 @@
-"""The rules engine, analysis and CLI share (issue 10 item 5): the per-row context cut, the one EOS
+"""The rules engine, analysis and CLI share: the per-row context cut, the one EOS
 rule, and analysis on its input's device. References: generate with our CFG processor on the kept
 tokens (a different code path from the engine's batched rows), and ids counted by hand."""
 
