@@ -462,6 +462,20 @@ def test_backend_choice_rules(tiny_model_dir, tmp_path):
         choose_backend(None, "vllm")
 
 
+def test_llama_generation_with_a_full_preset_never_imports_transformers():
+    code = ("import sys\n"
+            "from cfg_textgen.engine import stream_preset\n"
+            "from cfg_textgen.models import load_backend\n"
+            "from cfg_textgen.presets import load_preset\n"
+            "b = load_backend(None, 'llama.cpp')\n"
+            "s = stream_preset(b, None, 'Once upon a time', load_preset('balanced-story'), seed=1)\n"
+            "assert ''.join(s) and s.stats.batch == 2\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_cli_generate_on_llama_cpp_streams_and_reports_the_backend():
     r = subprocess.run([sys.executable, "-m", "cfg_textgen.cli", "generate", STORY, "--tokens", "12",
                         "--seed", "1", "--cfg-scale", "1.5"], cwd=REPO, capture_output=True, text=True,

@@ -270,3 +270,19 @@ def test_engine_split_head_refuses_models_that_scale_their_logits():
         num_key_value_heads=2, logit_scale=0.5))
     assert split_head(cohere) is None
     assert split_head(make_tiny_model("llama")) is not None
+
+
+def test_engine_scheduler_and_llama_backend_modules_import_no_transformers():
+    """The llama.cpp path (engine, scheduler, decode loop, analysis, the server's service, the
+    llama.cpp backend) never loads transformers: it costs a second or more at every start."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, cfg_textgen.engine, cfg_textgen.scheduler, cfg_textgen.analysis, "
+            "cfg_textgen.server.scheduling, cfg_textgen.backends.llama_cpp\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

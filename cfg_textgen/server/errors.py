@@ -72,7 +72,7 @@ def from_preset_error(err: Exception, preset: dict | None, report, renames: dict
     validation error of the translated preset holds JSON paths (`err.problems`:
     `("samplers", 1, "k")`), traced back to the request key through the import report (which says
     what each key was mapped to)."""
-    text = str(err).splitlines()[0]
+    text = (str(err).splitlines() or [""])[0]
     renames = renames or {}
     problems = getattr(err, "problems", ())
     if not problems:
