@@ -290,7 +290,7 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
     import torch
 
     from .context import eos_ids
-    from .guidance import padding_id
+    from .backends.transformers import padding_id
     from .presets import generate_kwargs, load_preset
 
     base = preset if preset is not None else load_preset("plain")

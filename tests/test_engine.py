@@ -86,7 +86,7 @@ class _CountForwards:
     def __init__(self, model):
         self.batches = []
         # the decoder runs once per forward pass whether the engine calls the whole model or the
-        # decoder and the output layer itself (guidance.split_head)
+        # decoder and the output layer itself (backends.transformers.split_head)
         self.handle = model.base_model.register_forward_hook(lambda mod, args, kwargs, out: self.batches.append(
             (args[0] if args else kwargs["input_ids"]).shape), with_kwargs=True)
 

@@ -200,7 +200,7 @@ def test_cfg_processor_feeds_one_token_per_step(tiny_tokenizer):
     model = make_tiny_model("llama")
     lengths = []
     # the decoder runs in every forward pass, generate's and the opposing branch's (which may run
-    # the decoder and the output layer itself: guidance.split_head)
+    # the decoder and the output layer itself: backends.transformers.split_head)
     model.base_model.register_forward_pre_hook(lambda m, args, kw: lengths.append(
         (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[1]), with_kwargs=True)
     proc = CFGLogitsProcessor(model, 1.5, opposing_prompt=[1, 40, 41, 42])
