@@ -9,7 +9,7 @@ llama.cpp (one `llama_decode` for every live sequence).
 
 Generation is kept apart from measurement. A *generate function* `fn(prompt_ids, scale) -> new ids`
 produces a continuation: `make_engine_generate_fn` is the engine's own loop on the backend (the
-same `cfg_combine`, `presets.build_chain` and token pick as `write`; its `many` runs several
+same `cfg_combine`, `chain.build_chain` and token pick as `write`; its `many` runs several
 scales side by side); `make_generate_fn` is the `model.generate` plugin (transformers only). The
 continuation is then scored by teacher forcing on the backend: the story and the opposing prompt
 are prefilled as one pair and fed the generated tokens one step at a time, which gives, for every
@@ -291,7 +291,8 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
 
     from .context import eos_ids
     from .backends.transformers import padding_id
-    from .presets import generate_kwargs, load_preset
+    from .chain import generate_kwargs
+    from .presets import load_preset
 
     base = preset if preset is not None else load_preset("plain")
     cfg = base.cfg
@@ -315,7 +316,7 @@ def make_generate_fn(model, tokenizer, preset=None, seed: int = 0, max_new_token
 class EngineGenerate:
     """The engine's generate function on a backend: `fn(prompt_ids, scale) -> new ids`, and
     `fn.many(prompt_ids, scales)` for several scales side by side. Every scale is an engine
-    `Generation` with the preset's settings (generation.preset_settings: `presets.build_chain`, the
+    `Generation` with the preset's settings (generation.preset_settings: `chain.build_chain`, the
     preset's do_sample) and its own `torch.Generator` seeded with `seed`, so every scale starts
     from the same random state, alone or beside the others. Stop sequences are not applied: every
     scale gets the same budget of tokens (EOS still ends)."""

@@ -76,7 +76,7 @@ def generate_stream(model, tokenizer, prompt: str | Sequence[int], **settings) -
 def stream_preset(model, tokenizer, prompt: str | Sequence[int], preset, *,
                   generator: torch.Generator | None = None, seed: int | None = None,
                   on_cut: Callable[[int, int], None] | None = None) -> Stream:
-    """A `Stream` with a preset's settings and a fresh sampler chain from `presets.build_chain`."""
+    """A `Stream` with a preset's settings and a fresh sampler chain from `chain.build_chain`."""
     backend = as_backend(model, tokenizer)
     if generator is None and seed is not None:
         generator = torch.Generator(device=backend.device).manual_seed(int(seed))

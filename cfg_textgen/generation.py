@@ -4,7 +4,7 @@ Per step (the same parts as the `model.generate` plugin, in the same order), `ad
 pair's logits from the decode loop (lanes.py):
 
     scores = cfg_combine(logits[0], logits[1], scale)        # guidance.py: the one formula
-    scores = chain(story_ids, scores)                        # presets.build_chain: the samplers
+    scores = chain(story_ids, scores)                        # chain.build_chain: the samplers
     token  = pick_token(scores, do_sample, generator)        # samplers.py: argmax / multinomial
 
 and the loop appends `token` to the pair's rows. A pair without CFG (scale 1) has the story row
@@ -225,8 +225,8 @@ class Generation:
 
 def preset_settings(backend, preset, generator) -> dict:
     """`Generation` keywords from a preset: its CFG and length settings and a fresh sampler chain
-    (`presets.build_chain`, once per generation: samplers such as mirostat keep state)."""
-    from .presets import build_chain
+    (`chain.build_chain`, once per generation: samplers such as mirostat keep state)."""
+    from .chain import build_chain
 
     return dict(scale=preset.cfg.scale, opposing_prompt=preset.cfg.opposing_prompt,
                 opposing_mode=preset.cfg.opposing_mode,

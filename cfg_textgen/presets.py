@@ -1,4 +1,5 @@
-"""The preset model: load and validate preset JSON, describe it as a JSON Schema, build the chain.
+"""The preset model: load and validate preset JSON, describe it as a JSON Schema (chain.py turns a
+preset into sampler objects).
 
 A preset (docs/preset-format.md) is immutable data, one pydantic model: `Preset` with its
 `CFGSettings` and its chain of sampler settings (settings.py, one model per sampler, a union
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, Validati
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
-from .errors import CFGTextgenError, PresetError, PresetProblem
+from .errors import PresetError, PresetProblem
 from .settings import JSON, SETTINGS, Bool, Float, Int, SamplerSettings, Str, fields_of, json_type, show
 
 FORMAT = "cfg-textgen-preset/1"
@@ -114,12 +114,6 @@ class Preset:
 # ---- validation: pydantic's errors in the CLI's words ----------------------------------------
 
 _PRESET = TypeAdapter(Preset)
-
-
-def _registry() -> dict:
-    from .samplers import SAMPLERS
-
-    return SAMPLERS
 
 
 def _choices(names) -> str:
@@ -370,95 +364,5 @@ def preset_schema() -> dict:
                            "(docs/preset-format.md)"}
 
 
-# ---- from a preset to logits processors -----------------------------------------------------
-
-
-def build_chain(preset: Preset, tokenizer=None, generator=None):
-    """Fresh sampler objects in the preset's order, as a `samplers.SamplerChain` (a list of
-    logits processors that `model.generate` takes too).
-
-    Call it once per generation: samplers such as mirostat keep state while generating.
-    `generator` (a `torch.Generator`) goes to samplers whose `from_params` accepts it.
-    """
-    from .samplers import SamplerChain
-
-    registry = _registry()
-    chain = SamplerChain()  # runs single-threaded on the CPU
-    for spec in preset.samplers:
-        cls = registry[spec.name]
-        params = dict(spec.params)
-        try:  # a sampler that needs the tokenizer for these parameters says so (ValueError)
-            if generator is not None and "generator" in inspect.signature(cls.from_params).parameters:
-                sampler = cls.from_params(params, tokenizer=tokenizer, generator=generator)
-            else:
-                sampler = cls.from_params(params, tokenizer=tokenizer)
-                if generator is not None and "generator" in inspect.signature(cls).parameters:
-                    sampler.generator = generator  # random samplers (xtc) draw from it
-        except ValueError as err:
-            if not cls.needs_tokenizer or tokenizer is not None:
-                raise
-            raise CFGTextgenError(f"preset {preset.name}: sampler {spec.name!r} needs a tokenizer: {err}") from None
-        chain.append(sampler)
-    return chain
-
-
-def build_processors(preset: Preset, model=None, tokenizer=None, generator=None):
-    """`CFGLogitsProcessor` first (scale != 1; needs the model), then a fresh `build_chain`: the
-    samplers see the story's raw logits without CFG and the guided scores on that scale with it,
-    as in the engine."""
-    from transformers import LogitsProcessorList
-
-    from .guidance import CFGLogitsProcessor
-
-    processors = LogitsProcessorList()
-    if preset.cfg.active:
-        if model is None:
-            raise CFGTextgenError(f"preset {preset.name}: CFG (scale {preset.cfg.scale}) needs the model "
-                                  "for its opposing branch: generate_kwargs(preset, model, tokenizer)")
-        processors.append(CFGLogitsProcessor(
-            model, scale=preset.cfg.scale, opposing_prompt=preset.cfg.opposing_prompt,
-            tokenizer=tokenizer, mode=preset.cfg.opposing_mode))
-    processors.extend(build_chain(preset, tokenizer, generator))
-    return processors
-
-
-# Every GenerationConfig field that makes `generate` add a logits processor or warper of its own
-# (transformers 5 `_get_logits_processor`), or change the decoding mode, with its neutral value.
-# A model's generation_config.json may set any of them (top_k 50, temperature 0.6, ...), and the
-# global default top_k is 50: without these, a sampler would run twice or a foreign one would run.
-_NEUTRAL = {
-    "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "top_h": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "guidance_scale": None, "sequence_bias": None, "bad_words_ids": None,
-    "min_length": 0, "min_new_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "remove_invalid_values": False, "exponential_decay_length_penalty": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None,
-    "watermarking_config": None, "renormalize_logits": False,
-    # one sequence, no beams, no contrastive / constrained / assisted decoding
-    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "constraints": None,
-    "force_words_ids": None, "prompt_lookup_num_tokens": None,
-}
-
-
-def generate_kwargs(preset: Preset, model=None, tokenizer=None, generator=None) -> dict:
-    """Keyword arguments for `model.generate(input_ids, **kwargs)` that apply the preset exactly once.
-
-    transformers' own warpers and penalties are neutralised (whatever the model's
-    generation_config says) and the preset's processors are passed as `logits_processor`.
-    A preset with CFG (scale != 1) needs the `model`; text stop sequences need the `tokenizer`
-    (`generate` keeps the stop text in its output; trim it).
-    """
-    from transformers import GenerationConfig
-
-    known = GenerationConfig()
-    kwargs = {k: v for k, v in _NEUTRAL.items() if hasattr(known, k)}  # older transformers lack some
-    kwargs["do_sample"] = preset.do_sample
-    kwargs["max_new_tokens"] = preset.max_new_tokens
-    if preset.stop and tokenizer is not None:
-        kwargs["stop_strings"] = list(preset.stop)
-        kwargs["tokenizer"] = tokenizer
-    kwargs["logits_processor"] = build_processors(preset, model, tokenizer, generator)
-    return kwargs
+# the chain assembly (chain.py) is importable from here, as before
+from .chain import build_chain, build_processors, generate_kwargs  # noqa: E402,F401

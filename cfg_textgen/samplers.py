@@ -91,7 +91,7 @@ def register(cls: type[Sampler]) -> type[Sampler]:
 
 
 class SamplerChain(ProcessorList):
-    """A preset's samplers in order (what `presets.build_chain` returns): a processor list
+    """A preset's samplers in order (what `chain.build_chain` returns): a processor list
     that runs them with one intra-op thread when the scores are on the CPU.
 
     A chain is ~20 short passes over one row of ~50k scores; threads gain nothing there, and torch
