@@ -1,8 +1,8 @@
 """The samplers story writers tune: one small class per sampler, and the registry name -> class.
 
-Every sampler is a logits processor (transformers' interface, processors.py):
-`__call__(input_ids, scores) -> new scores`, shapes (batch, seq) and (batch, vocab). Removed tokens are set to -inf, the input is never
-mutated, and at least `min_tokens_to_keep` tokens survive. Each class takes its preset
+Every sampler is a logits processor (transformers' interface, processors.py): `__call__(input_ids,
+scores) -> new scores`, shapes (batch, seq) and (batch, vocab). Removed tokens are set to -inf, the
+input is never mutated, and at least `min_tokens_to_keep` tokens survive. Each class takes its preset
 parameters from the settings model of its name (settings.py), which presets.py also builds the
 preset model and its JSON Schema from.
 
