@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
         backend = _load_backend(None, args.backend, 1, lambda m: None)
         scheduler = Scheduler(backend, max_parallel=1)
-        preset = build_preset(body(tokens), "webui", tokens, [])
+        preset, _ = build_preset(body(tokens), "webui", tokens, [])
         in_process(scheduler, Request, preset, 4)
         http_s, local_s = [], []
         for _ in range(max(3, rounds)):

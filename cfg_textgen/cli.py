@@ -445,7 +445,9 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, se
               help="Allow browser pages from ORIGIN (repeatable; e.g. Kobold Lite's). Default: CORS off.")
 @click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
               help="Requests decoded together (batched scheduler).")
-def serve(model_spec, backend, host, port, api_key, cors_origins, parallel):
+@click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
+                                            "method, path, status, prompt/new tokens, time).")
+def serve(model_spec, backend, host, port, api_key, cors_origins, parallel, quiet):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -463,7 +465,7 @@ def serve(model_spec, backend, host, port, api_key, cors_origins, parallel):
     from .server import serve as run
 
     sys.exit(run(host=host, port=port, model=model_spec, backend=backend, api_key=api_key,
-                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say))
+                 cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

@@ -51,6 +51,23 @@ def fit_context(ids: Sequence[int], window: int | None, new_tokens: int, special
     return head + ids[len(ids) - (budget - len(head)):]
 
 
+def fit_with_memory(memory: Sequence[int], story: Sequence[int], window: int, new_tokens: int,
+                    special_ids=()) -> list[int]:
+    """Memory in front of the story, both fitted to `window` with room for `new_tokens`, as
+    KoboldCpp does with a request's `memory` (gpttype_adapter.cpp, `gpttype_generate`): the memory
+    is kept whole unless it alone leaves fewer than 4 free tokens (then its most recent tokens, its
+    BOS in front), the story's leading special tokens (BOS) go (the memory brings its own), and
+    the story keeps its most recent tokens in the room left, possibly none."""
+    special = set(special_ids)
+    memory, story = [int(t) for t in memory], [int(t) for t in story]
+    if len(memory) + new_tokens + 4 > window:
+        memory = fit_context(memory, window - 4, new_tokens, special_ids, what="the memory")
+    while story and story[0] in special:
+        story = story[1:]
+    room = max(0, window - new_tokens - len(memory))
+    return memory + (story[len(story) - room:] if room else [])
+
+
 def _ids(value) -> set[int]:
     if value is None:
         return set()

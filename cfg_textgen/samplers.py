@@ -282,6 +282,16 @@ def _remove(row: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _continues(prev_ids: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Which rows of `input_ids` are the previous call's rows plus one picked token, (batch,) bool;
+    None when the call cannot continue the previous one at all (first call, other batch or length).
+    The stateful samplers (mirostat, adaptive_p) learn the token they led to from this."""
+    if prev_ids is None or prev_ids.shape[0] != input_ids.shape[0] \
+            or input_ids.shape[1] != prev_ids.shape[1] + 1:
+        return None
+    return (input_ids[:, :-1] == prev_ids).all(dim=-1)
+
+
 # ---- temperature -----------------------------------------------------------------------------
 
 
@@ -1053,12 +1063,10 @@ class Mirostat(Sampler):
     def _update(self, input_ids: torch.Tensor) -> None:
         batch = input_ids.shape[0]
         fresh = torch.full((batch,), 2.0 * self.tau, dtype=torch.float64, device=input_ids.device)
-        prev = self._prev_ids
-        if self.mu is None or prev is None or prev.shape[0] != batch \
-                or input_ids.shape[1] != prev.shape[1] + 1:
+        continues = _continues(self._prev_ids, input_ids) if self.mu is not None else None
+        if continues is None:
             self.mu = fresh
             return
-        continues = (input_ids[:, :-1] == prev).all(dim=-1)
         picked = input_ids[:, -1:].clamp(max=self._prev_logp.shape[-1] - 1)
         surprise = -self._prev_logp.gather(-1, picked).squeeze(-1) / LN2
         step = torch.where(torch.isfinite(surprise), self.eta * (surprise - self.tau),
@@ -1104,3 +1112,105 @@ class Mirostat(Sampler):
         k = torch.minimum(k, n_finite.clamp(min=1).double()).long()
         sorted_scores = _sorted_values(scores, descending=True)
         return sorted_scores.gather(-1, (k - 1)[:, None])
+
+
+@register
+class AdaptiveP(Sampler):
+    r"""Adaptive-P: favour the tokens whose probability is near a target, and steer the average
+    probability of the picked tokens towards that target over time.
+
+    Formula, per row, with `p` = softmax(scores) (the *original* probabilities):
+    `t' = clamp(2 * target - S / W, 0, 1)`, then every finite score becomes
+    `5 - 10 * d**2 / (1 + d)` with `d = |p - t'| / 0.3` (quadratic near `t'`, linear far from it;
+    removed tokens stay removed). The history starts "at equilibrium", `S = target / (1 - decay)`,
+    `W = 1 / (1 - decay)` (so the first `t'` is the target), and each picked token with original
+    probability `p_picked` updates it: `S = p_picked + decay * S`, `W = 1 + decay * W`. Picking a
+    token above the target lowers the next `t'`, and the reverse.
+
+    A negative target turns it off (scores unchanged, no history kept), as in llama.cpp; a target
+    of 0 is on (it favours the least likely tokens). As with mirostat, the token picked after this
+    sampler is only seen on the next call, as the last of `input_ids`; a call that does not continue
+    the previous one (a new generation, other rows) starts the history afresh. llama.cpp draws the
+    token inside the sampler and wants it last in the chain; here `pick_token` draws it from the
+    returned scores, so samplers placed after it reshape the transformed distribution.
+
+    Create one object per generation; it is not meant to be shared between runs in parallel.
+
+    Reference: llama.cpp `llama_sampler_init_adaptive_p` (src/llama-sampler.cpp, PR #17927);
+    text-generation-webui `AdaptivePLogitsWarper` (`adaptive_target` / `adaptive_decay`).
+
+    Args:
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "adaptive_p"
+    WIDTH, PEAK, SHARPNESS = 0.3, 5.0, 10.0  # llama.cpp's constants of the transform
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history (the next call starts at equilibrium)."""
+        self.weighted_sum: torch.Tensor | None = None  # (batch,) float64: S
+        self.total_weight: torch.Tensor | None = None  # (batch,) float64: W
+        self._prev_ids: torch.Tensor | None = None
+        self._prev_probs: torch.Tensor | None = None  # the previous call's original probabilities
+
+    def _update(self, input_ids: torch.Tensor) -> None:
+        batch, dev = input_ids.shape[0], input_ids.device
+        start_s = torch.full((batch,), self.target / (1.0 - self.decay), dtype=torch.float64, device=dev)
+        start_w = torch.full((batch,), 1.0 / (1.0 - self.decay), dtype=torch.float64, device=dev)
+        continues = _continues(self._prev_ids, input_ids) if self.weighted_sum is not None else None
+        if continues is None:
+            self.weighted_sum, self.total_weight = start_s, start_w
+            return
+        picked = input_ids[:, -1:].clamp(min=0, max=self._prev_probs.shape[-1] - 1)
+        p = self._prev_probs.gather(-1, picked).squeeze(-1)
+        self.weighted_sum = torch.where(continues, p + self.decay * self.weighted_sum, start_s)
+        self.total_weight = torch.where(continues, 1.0 + self.decay * self.total_weight, start_w)
+
+    def __call__(self, input_ids, scores):
+        if self.target < 0:
+            return scores.clone()
+        input_ids = input_ids.to(scores.device)  # the history lives there too
+        self._update(input_ids)
+        probs = torch.softmax(scores.double(), dim=-1)
+        adapted = (2.0 * self.target - self.weighted_sum / self.total_weight).clamp(0.0, 1.0)
+        d = (probs - adapted[:, None]).abs() / self.WIDTH
+        out = (self.PEAK - self.SHARPNESS * d * d / (1.0 + d)).to(scores.dtype)
+        self._prev_ids = input_ids.clone()
+        self._prev_probs = probs
+        return torch.where(torch.isfinite(scores), out, scores)
+
+
+@register
+class Quadratic(Sampler):
+    r"""Quadratic sampling ("smoothing factor"): every logit is bent around the best one of its row.
+
+    Formula, per row, with `h` the highest finite score and `d = scores - h` (<= 0):
+    `h - k * factor * d**2 + s * factor * d**3`, `k = (3 - curve) / 2`, `s = (curve - 1) / 2`.
+    curve 1 is the plain quadratic `h - factor * d**2` (KoboldCpp's rule, which has no curve).
+    The best token keeps its score; a small factor flattens the top of the distribution, a large
+    one sharpens it. Removed (-inf) tokens stay removed; computed in float64, results clamped to
+    the finite range of the scores' dtype. factor 0 is off.
+
+    Reference: kalomaze's quadratic sampling, text-generation-webui `QuadraticSamplingLogitsWarper`
+    (`smoothing_factor`, `smoothing_curve`); KoboldCpp `sample_temperature` (`smoothing_factor`).
+
+    Args:
+        min_tokens_to_keep (`int`, >= 1, defaults to 1): unused (nothing is removed).
+    """
+
+    name = "quadratic"
+
+    def __call__(self, input_ids, scores):
+        if self.factor == 0.0:
+            return scores.clone()
+        x = scores.double()
+        finite = torch.isfinite(x)
+        h = torch.where(finite, x, torch.full_like(x, NEG_INF)).amax(dim=-1, keepdim=True)
+        d = torch.where(finite, x - h, torch.zeros_like(x))
+        k, s = (3.0 - self.curve) / 2.0, (self.curve - 1.0) / 2.0
+        out = (h - k * self.factor * d * d + s * self.factor * d * d * d).to(scores.dtype)
+        return _keep_finite(torch.where(finite, out, scores), scores)

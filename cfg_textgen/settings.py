@@ -368,3 +368,20 @@ class Mirostat(SamplerSettings):
     version: Annotated[Literal[1, 2], BeforeValidator(_choice)] = _f(2, "the algorithm (Mirostat 1 or 2)")
     tau: Float = _f(5.0, "target surprise in bits", gt=0)
     eta: Float = _f(0.1, "learning rate of mu", gt=0)
+
+
+@_setting
+class AdaptiveP(SamplerSettings):
+    """Adaptive-P: favour tokens near a target probability, steered by the picked tokens' history."""
+    sampler: Literal["adaptive_p"]
+    target: Float = _f(-1.0, "probability the picked tokens should average; negative is off", le=1)
+    decay: Float = _f(0.9, "decay of the history of picked probabilities (about 1 / (1 - decay) tokens)",
+                      ge=0, le=0.99)
+
+
+@_setting
+class Quadratic(SamplerSettings):
+    """Quadratic sampling ("smoothing"): logits bent around the best one, h - k f d^2 + s f d^3."""
+    sampler: Literal["quadratic"]
+    factor: Float = _f(0.0, "smoothing factor; larger sharpens, small values flatten; 0 is off", ge=0)
+    curve: Float = _f(1.0, "smoothing curve: 1 is the plain quadratic, above it the cubic term grows")

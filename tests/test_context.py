@@ -10,8 +10,9 @@ import torch
 from transformers import LogitsProcessor
 
 from cfg_textgen import analysis as A
-from cfg_textgen.context import bos_id, eos_ids, fit_context
+from cfg_textgen.context import bos_id, eos_ids, fit_context, fit_with_memory
 from cfg_textgen.engine import generate_stream
+from cfg_textgen.errors import CFGTextgenError
 from cfg_textgen.guidance import CFGLogitsProcessor
 from conftest import make_tiny_model, make_tiny_tokenizer
 
@@ -28,6 +29,20 @@ def test_fit_context_by_hand():
     assert fit_context([1] + list(range(10, 20)), 8, 3, special_ids={1}) == [1, 16, 17, 18, 19]  # BOS kept
     with pytest.raises(Exception, match="context of 8 tokens"):
         fit_context([1, 2], 8, 8)
+
+
+def test_fit_with_memory_by_hand_as_koboldcpp_cuts():
+    memory, story = [1, 50, 51, 52], [1] + list(range(10, 30))  # both tokenized with BOS 1
+    # window 16, 4 new: 12 prompt tokens = the whole memory + the 8 most recent story tokens, no 2nd BOS
+    assert fit_with_memory(memory, story, 16, 4, special_ids={1}) == [1, 50, 51, 52] + list(range(22, 30))
+    assert fit_with_memory(memory, [1, 10, 11], 16, 4, special_ids={1}) == [1, 50, 51, 52, 10, 11]  # fits
+    # a memory that alone leaves fewer than 4 free tokens keeps its most recent ones, BOS in front
+    # (KoboldCpp: 16 - 4 - 4 = 8 memory tokens), and the story the 4 tokens left
+    long_memory = [1] + list(range(100, 120))
+    assert fit_with_memory(long_memory, story, 16, 4, special_ids={1}) == \
+        [1] + list(range(113, 120)) + list(range(26, 30))
+    with pytest.raises(CFGTextgenError, match="the memory"):
+        fit_with_memory(memory, story, 8, 8)
 
 
 def test_server_cut_to_a_clients_window_is_the_engines_cut(tiny_model_dir):

@@ -307,6 +307,20 @@ def test_import_preset_sillytavern_guidance_dry_and_xtc():
     assert report.status("negative_prompt") == MAPPED
 
 
+def test_import_preset_sillytavern_adaptive_p_and_what_runs_after_it():
+    # text-generation-webui runs Adaptive-P for a target above 0 and leaves only the token it drew:
+    # with temperature_last, temperature comes after it and acts on that one token
+    data = {"temp": 0.8, "min_p": 0.05, "adaptive_target": 0.45, "adaptive_decay": 0.9,
+            "temperature_last": True, "sampler_priority": ["temperature", "min_p", "adaptive_p"]}
+    preset, report = import_preset(data)
+    assert preset["samplers"] == [{"sampler": "min_p", "p": 0.05},
+                                  {"sampler": "adaptive_p", "target": 0.45, "decay": 0.9}]
+    assert report.status("adaptive_target") == MAPPED and report.status("temp") == DROPPED
+    off, report = import_preset(dict(data, adaptive_target=-0.01, temperature_last=False))
+    assert [s["sampler"] for s in off["samplers"]] == ["temperature", "min_p"]
+    assert report.status("adaptive_target") == NEUTRAL
+
+
 def test_import_preset_unknown_format_is_a_clear_error():
     with pytest.raises(PresetError, match="unrecognised preset format"):
         import_preset({"colour": "blue"})

@@ -4,6 +4,7 @@ cannot carry; each such loss is stated here, per preset."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,18 @@ def test_export_preset_sillytavern_reports_slope_and_name():
     assert report.status("name") == DROPPED
     assert data["guidance_scale"] == 1.5 and data["rep_pen"] == 1.1 and data["rep_pen_range"] == 512
     assert data["sampler_priority"][:2] == ["temperature", "top_p"]
+
+
+def test_export_preset_sillytavern_carries_adaptive_p_and_reimports_it():
+    preset = parse_preset({"format": "cfg-textgen-preset/1", "name": "adaptive", "samplers": [
+        {"sampler": "min_p", "p": 0.05}, {"sampler": "adaptive_p", "target": 0.4, "decay": 0.8}]})
+    data, report = export_preset(preset, "sillytavern-textgen")
+    assert (data["adaptive_target"], data["adaptive_decay"]) == (0.4, 0.8)
+    assert data["sampler_priority"][:2] == ["min_p", "adaptive_p"]
+    again, _ = import_preset(data, name="adaptive")
+    assert norm(again)["samplers"] == norm(preset.to_dict())["samplers"]
+    _, report = export_preset(dataclasses.replace(preset, samplers=preset.samplers[::-1]), "sillytavern-textgen")
+    assert any("Adaptive-P picks the token" in n for n in report.notes)
 
 
 def test_export_preset_novelai_writes_order_with_cfg_enabled():

@@ -62,6 +62,8 @@ CONTRACT = {
             "allowed_length": (2, "an integer >= 1"), "range": (0, "an integer >= 0"),
             "sequence_breakers": (("\n", ":", '"', "*"), "a list of strings")},
     "top_n_sigma": {"n": (0.0, "a float >= 0")},
+    "adaptive_p": {"target": (-1.0, "a float <= 1"), "decay": (0.9, "a float in [0, 0.99]")},
+    "quadratic": {"factor": (0.0, "a float >= 0"), "curve": (1.0, "a finite float")},
 }
 
 
@@ -535,6 +537,38 @@ def test_mirostat_state_is_per_row_and_resets_on_a_new_sequence():
     m(torch.tensor([[0, 1], [0, 1]]), scores)
     assert m.mu.tolist() == pytest.approx([2.2, 2.2])
 
+
+
+def test_adaptive_p_two_steps_by_hand():
+    # p = [.5, .3, .2], target .5: first step at equilibrium, t' = .5, d = |p - .5| / .3
+    scores = logits(.5, .3, .2)
+    a = SAMPLERS["adaptive_p"](target=0.5, decay=0.9)
+    out = a(torch.tensor([[7]]), scores)
+    assert out[0].tolist() == pytest.approx([5.0, 5 - 10 * (2 / 3) ** 2 / (5 / 3), 5 - 10 * 1 / 2], abs=1e-5)
+    # token 1 picked (original p .3): S = .3 + .9 * 5 = 4.8, W = 1 + .9 * 10 = 10 -> t' = 1 - .48
+    out = a(torch.tensor([[7, 1]]), scores)
+    d = [abs(p - 0.52) / 0.3 for p in (.5, .3, .2)]
+    assert out[0].tolist() == pytest.approx([5 - 10 * x * x / (1 + x) for x in d], abs=1e-5)
+    assert int(out.argmax()) == 0  # .5 is now the one nearest the raised target
+
+
+def test_adaptive_p_keeps_removed_tokens_removed_and_is_off_below_zero():
+    scores = logits(.6, 0, .4)
+    assert kept(SAMPLERS["adaptive_p"](target=0.3)(torch.tensor([[0]]), scores)) == [0, 2]
+    off = SAMPLERS["adaptive_p"](target=-0.01)
+    assert torch.equal(off(torch.tensor([[0]]), scores), scores)
+    assert off.weighted_sum is None  # no history while off
+
+
+def test_quadratic_by_hand_from_the_web_uis_formula():
+    # scores [2, 1, -1, -inf]: h = 2, d = [0, -1, -3]; curve 1: 2 - 0.5 d^2
+    scores = torch.tensor([[2.0, 1.0, -1.0, -INF]])
+    out = SAMPLERS["quadratic"](factor=0.5)(torch.tensor([[0]]), scores)
+    assert out[0].tolist() == pytest.approx([2.0, 1.5, -2.5, -INF])
+    # curve 2: k = 0.5, s = 0.5: 2 - 0.25 d^2 + 0.25 d^3 = [2, 1.5, -6.5]
+    out = SAMPLERS["quadratic"](factor=0.5, curve=2.0)(torch.tensor([[0]]), scores)
+    assert out[0].tolist() == pytest.approx([2.0, 1.5, 2 - 0.25 * 9 - 0.25 * 27, -INF])
+    assert torch.equal(SAMPLERS["quadratic"](factor=0.0)(torch.tensor([[0]]), scores), scores)
 
 # ---- no-repeat n-gram fallback, pick_token -----------------------------------------------------------
 

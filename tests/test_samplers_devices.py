@@ -39,6 +39,8 @@ ACTIVE = {  # parameters that make each sampler do its work
     "xtc": {"threshold": 0.01, "probability": 1.0},
     "dry": {"multiplier": 0.8, "allowed_length": 1},
     "top_n_sigma": {"n": 1.0},
+    "adaptive_p": {"target": 0.3, "decay": 0.8},
+    "quadratic": {"factor": 0.5, "curve": 1.5},
 }
 VARIANTS = {"repetition_penalty-halves": ("repetition_penalty", {"penalty": 1.3, "range": 8, "slope": 0.5,
                                                                  "slope_mode": "halves"}),
@@ -68,7 +70,7 @@ def run(name, params, dtype, device):
     ids = torch.randint(0, 16, (2, 120 if name.endswith("full") else 24), generator=g).to(device)
     sampler = build(name.split("-")[0] if name not in SAMPLERS else name, params, device)
     out = sampler(ids, scores)
-    if name.startswith("mirostat"):  # its second call uses the state of the first
+    if name.startswith(("mirostat", "adaptive_p")):  # its second call uses the state of the first
         out = sampler(torch.cat([ids, out.argmax(-1, keepdim=True)], dim=1), scores)
     return scores, out
 

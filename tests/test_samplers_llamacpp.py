@@ -310,3 +310,94 @@ def test_mirostat_v2_equals_llamacpp_over_several_steps(real):
             history.append(ref[2])  # the token llama.cpp picked
     finally:
         llama_cpp.llama_sampler_free(smpl)
+
+
+# ---- adaptive-p: a stateful sampler, compared step by step over a whole generation -------------
+
+ADAPTIVE = [(0.3, 0.9), (0.7, 0.5), (0.0, 0.99)]
+
+
+def llamacpp_probs_error(logits: np.ndarray) -> float:
+    """Largest error of llama.cpp's own probabilities on this row: its softmax sums float32 exps in
+    index order (llama_sampler_softmax_impl without a sort), emulated here against float64."""
+    finite = np.isfinite(logits)
+    e32 = np.where(finite, np.exp((logits - logits[finite].max()).astype(np.float32)), np.float32(0))
+    p32 = e32 / np.cumsum(e32, dtype=np.float32)[-1]
+    return float(np.abs(p32.astype(np.float64) - softmax(np.where(finite, logits, -np.inf).astype(np.float64))).max())
+
+
+def adaptive_step(smpl, ours, logits: np.ndarray, history: list[int]) -> int:
+    """Both samplers on the same logits; llama.cpp draws and accepts its token, which becomes the
+    next input id of ours (so both histories see the same pick). The transformed scores must match
+    within what llama.cpp's float32 probabilities allow: the transform's slope is at most
+    10 / 0.3 per unit of probability."""
+    ref_ids, ref_vals, picked = apply_llama(smpl, logits)
+    llama_cpp.llama_sampler_accept(smpl, picked)
+    our_ids, our_vals = apply_ours(ours, logits, history)
+    order = np.argsort(ref_ids)
+    assert our_ids.tolist() == ref_ids[order].tolist()
+    tol = 34.0 * llamacpp_probs_error(logits) + 1e-5
+    np.testing.assert_allclose(our_vals, ref_vals[order], rtol=0, atol=tol)
+    np.testing.assert_allclose(softmax(our_vals), softmax(ref_vals[order]), atol=TOL)
+    history.append(picked)
+    return picked
+
+
+def adaptive_pair(target, decay):
+    return llama_cpp.llama_sampler_init_adaptive_p(target, decay, 1234), SAMPLERS["adaptive_p"](
+        target=target, decay=decay)
+
+
+def assert_history_moved(ours, target):
+    """The test means something only if the steering left the target at some point."""
+    assert abs(float(ours.weighted_sum[0] / ours.total_weight[0]) - target) > 0.01
+
+
+@pytest.mark.parametrize("target,decay", ADAPTIVE)
+def test_adaptive_p_equals_llamacpp_over_50_steps_on_random_logits(target, decay):
+    g = np.random.default_rng(7)
+    smpl, ours = adaptive_pair(target, decay)
+    try:
+        history = [int(t) for t in g.integers(0, 200, 10)]
+        for step in range(50):
+            logits = (g.standard_normal(49152) * 2.0).astype(np.float32)
+            logits[g.integers(0, 49152, 4)] += g.uniform(4.0, 12.0)  # a few favourites of varied weight
+            if step % 3 == 1:  # what a truncation sampler before it leaves: removed tokens
+                logits[logits < 1.0] = -np.inf
+            adaptive_step(smpl, ours, logits, history)
+        assert_history_moved(ours, target)
+    finally:
+        llama_cpp.llama_sampler_free(smpl)
+
+
+@pytest.mark.parametrize("target,decay", ADAPTIVE[:2])
+def test_adaptive_p_equals_llamacpp_over_50_steps_on_real_logits(llm, target, decay):
+    # a real generation: the default model continues with the token llama.cpp's sampler drew
+    smpl, ours = adaptive_pair(target, decay)
+    try:
+        llm.reset()
+        history = llm.tokenize(STORIES[1].encode("utf-8"), add_bos=True)
+        llm.eval(history)
+        history = list(history)
+        min_p = SAMPLERS["min_p"](p=0.02)  # the chain llama.cpp recommends: mild min-p first
+        for step in range(50):
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            if step % 2:  # every other step, feed both the min-p survivors
+                logits = min_p(torch.tensor([history]), torch.from_numpy(logits)[None])[0].numpy()
+            picked = adaptive_step(smpl, ours, logits, history)
+            llm.eval([picked])
+        assert_history_moved(ours, target)
+    finally:
+        llama_cpp.llama_sampler_free(smpl)
+
+
+def test_adaptive_p_negative_target_is_off_as_in_llamacpp(real):
+    smpl, ours = adaptive_pair(-0.01, 0.9)
+    try:
+        ids, logits = real[0]
+        ref_ids, ref_vals, _ = apply_llama(smpl, logits)
+        np.testing.assert_array_equal(ref_vals[np.argsort(ref_ids)], logits.astype(np.float64))
+        out = ours(torch.tensor([ids]), torch.from_numpy(logits)[None])
+        assert torch.equal(out[0], torch.from_numpy(logits))
+    finally:
+        llama_cpp.llama_sampler_free(smpl)

@@ -16,6 +16,12 @@ Semantics (KoboldAI United / KoboldCpp sampler order): `sampler_order` ids 0 top
 - `rep_pen_range`: KoboldAI United, 0 = the whole context; KoboldCpp, missing = 320 (its API
   default) and below 1 = 1 (it clamps `repeat_last_n`).
 - XTC: KoboldCpp has no newline/EOS protection, so its XTC entry sets `protect_newline_eos` false.
+- Adaptive-P (`adaptive_target`, `adaptive_decay`: the names SillyTavern sends to KoboldCpp) is
+  llama.cpp's sampler, which draws the token and must come last: it runs after everything else,
+  and a negative target (SillyTavern's default -0.01) is off.
+- A generate request's `sampler_order` may hold ids KoboldCpp does not know: it prints "Unknown
+  Sampler" and goes on (`gpttype_adapter.cpp`), so a request's unknown ids are skipped (listed in
+  the report's `skipped`); a preset file's are errors.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from .textgen_webui import DRY_BREAKERS, _breakers
 IDS = ["top_k", "top_a", "top_p", "tfs", "typical", "temperature", "repetition_penalty"]
 DEFAULT_ORDER = [6, 0, 1, 3, 4, 2, 5]
 VALUE_KEYS = {"top_k": ["top_k"], "top_a": ["top_a"], "top_p": ["top_p", "min_p"], "tfs": ["tfs"],
-              "typical": ["typical"], "temperature": ["temp", "temperature", "dynatemp_range", "dynatemp_exponent"],
+              "typical": ["typical"], "temperature": ["temp", "temperature", "dynatemp_range", "dynatemp_exponent",
+                                                  "smoothing_factor", "smoothing_curve"],
               "repetition_penalty": ["rep_pen", "rep_pen_range", "rep_pen_slope", "presence_penalty"]}
 OFF = {"top_k": 0, "top_a": 0, "top_p": 1, "min_p": 0, "tfs": 1, "typical": 1, "temp": 1, "temperature": 1,
-       "dynatemp_range": 0, "rep_pen": 1, "presence_penalty": 0}
+       "dynatemp_range": 0, "rep_pen": 1, "presence_penalty": 0, "smoothing_factor": 0, "smoothing_curve": 1}
 METADATA = {"uid", "Model Type", "Model Size", "Model Category", "Preset Category"}
 UI_KEYS = {"streaming_kobold": "SillyTavern streaming toggle", "can_use_streaming": "SillyTavern streaming toggle",
            "trim_stop": "KoboldCpp output trimming", "sampler_seed": "seeds are given when generating",
@@ -65,7 +72,7 @@ def pick(data: list, name: str, source: str) -> tuple[int, dict]:
 
 
 def import_preset(data: dict, source: str, name: str | None, stem: str | None, prefix: str = "",
-                  fmt: str | None = None):
+                  fmt: str | None = None, lenient: bool = False):
     if fmt is None:
         fmt = "KoboldAI United preset" if "preset" in data else (
             "KoboldCpp settings" if "temperature" in data else "KoboldAI preset (SillyTavern)")
@@ -74,7 +81,7 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
     temp_key = "temp" if "temp" in data else "temperature"
     if "temp" in data and "temperature" in data:
         b.dropped("temperature", "`temp` is present and takes precedence")
-    order = _order(b)
+    order = _order(b, lenient)
     mirostat = b.num("mirostat", 0, integer=True)
     if mirostat not in (0, 1, 2):
         raise b.error("mirostat", f"must be 0, 1 or 2, got {mirostat!r}")
@@ -90,6 +97,7 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
     for sid in applied:
         _apply(b, sid, temp_key, koboldcpp)
     _dry_xtc(b, koboldcpp)
+    _adaptive_p(b)
     if mirostat:
         tau, eta = b.num("mirostat_tau", 5.0), b.num("mirostat_eta", 0.1)
         b.add({"sampler": "mirostat", "version": mirostat, "tau": tau, "eta": eta})
@@ -125,7 +133,7 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
     return preset, b.report
 
 
-def _order(b: Builder) -> list[int]:
+def _order(b: Builder, lenient: bool = False) -> list[int]:
     raw = b.list_("sampler_order")
     if raw is None:
         b.note("No sampler_order: KoboldCpp's default [6, 0, 1, 3, 4, 2, 5] applies.")
@@ -133,6 +141,10 @@ def _order(b: Builder) -> list[int]:
     out = []
     for i, x in enumerate(raw):
         if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < len(IDS):
+            if lenient:
+                b.report.skipped.append(str(x))
+                b.note(f"sampler_order[{i}]: unknown sampler id {x!r} skipped, as KoboldCpp does.")
+                continue
             raise b.error(f"sampler_order[{i}]", f"unknown sampler id {x!r}; known: 0-6 ({', '.join(IDS)})")
         if x in out:
             raise b.error(f"sampler_order[{i}]", f"sampler id {x} is listed twice")
@@ -172,6 +184,7 @@ def _apply(b: Builder, sid: str, temp_key: str, koboldcpp: bool) -> None:
             temperature_sampler(b, temp_key)
             b.neutral("dynatemp_range", "0 is off")
             b.neutral("dynatemp_exponent", "unused while dynatemp_range is 0")
+        _smoothing(b, greedy=b.extra.get("do_sample") is False)
     elif sid == "repetition_penalty":
         _repetition_penalty(b, koboldcpp)
 
@@ -259,6 +272,32 @@ def _dry_xtc(b: Builder, koboldcpp: bool) -> None:
         b.neutral("xtc_threshold", "unused while xtc_probability is 0")
 
 
+def _smoothing(b: Builder, greedy: bool) -> None:
+    """Quadratic sampling right after the temperature, as KoboldCpp's `sample_temperature` and
+    `sample_entropy` apply it (off for a greedy temperature). KoboldCpp has no curve; a
+    `smoothing_curve` sent with it (SillyTavern does) is the web UI's, 1 being KoboldCpp's rule."""
+    factor = b.num("smoothing_factor", 0)
+    if factor > 0 and not greedy:
+        b.add({"sampler": "quadratic", "factor": factor, "curve": b.num("smoothing_curve", 1.0)})
+        b.mapped("smoothing_factor", "quadratic.factor (after the temperature)")
+        b.mapped("smoothing_curve", "quadratic.curve")
+    else:
+        b.neutral("smoothing_factor", "off" if factor <= 0 else "KoboldCpp turns smoothing off with greedy decoding")
+        b.neutral("smoothing_curve", "unused while smoothing is off")
+
+
+def _adaptive_p(b: Builder) -> None:
+    target = b.num("adaptive_target", -1.0)
+    if target >= 0:
+        decay = b.num("adaptive_decay", 0.9)
+        b.add({"sampler": "adaptive_p", "target": min(target, 1.0), "decay": min(max(decay, 0.0), 0.99)})
+        b.mapped("adaptive_target", "adaptive_p.target, last (it draws the token)" + (" (above 1: 1)" if target > 1 else ""))
+        b.mapped("adaptive_decay", "adaptive_p.decay (clamped to [0, 0.99], as llama.cpp does)")
+    else:
+        b.neutral("adaptive_target", "a negative target is off")
+        b.neutral("adaptive_decay", "unused while adaptive_target is off")
+
+
 def _other(b: Builder) -> None:
     genamt = b.num("genamt", integer=True)
     if genamt is not None:
@@ -281,7 +320,6 @@ def _other(b: Builder) -> None:
             b.neutral("stop_sequence", "empty")
     for key, off, why in (("grammar", "", "grammars are not supported"),
                           ("use_default_badwordsids", False, "KoboldAI's default bad-words list is tokenizer-specific"),
-                          ("smoothing_factor", 0, "quadratic sampling has no cfg-textgen equivalent"),
                           ("nsigma", 0, "KoboldCpp's top-n-sigma placement is not documented; not guessed")):
         if key in b.data:
             (b.neutral if b.data[key] == off else b.dropped)(key, "off" if b.data[key] == off else why)
@@ -301,17 +339,19 @@ REQUEST_KEYS = {"temperature", "top_k", "top_a", "top_p", "min_p", "typical", "t
                 "dynatemp_exponent", "rep_pen", "rep_pen_range", "rep_pen_slope", "presence_penalty",
                 "sampler_order", "mirostat", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base",
                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold",
-                "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "nsigma"}
+                "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "smoothing_curve", "nsigma",
+                "adaptive_target", "adaptive_decay"}
 CFG_KEYS = ("guidance_scale", "negative_prompt")  # our extension (SillyTavern sends them to KoboldCpp)
 
 
 def import_request(body: dict, source: str = "request"):
     """The sampler fields of a KoboldAI API generate request as our preset dict and its report, by
     the same `import_preset` that reads KoboldCpp settings files, with KoboldCpp's defaults for
-    missing keys. `guidance_scale` / `negative_prompt` become the preset's CFG settings."""
+    missing keys. `guidance_scale` / `negative_prompt` become the preset's CFG settings. Unknown
+    `sampler_order` ids are skipped (`report.skipped`), as KoboldCpp skips them."""
     fields = dict(API_DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS}
     # KoboldCpp's meaning of every key (rep_pen_slope: KoboldCpp's halves, not KoboldAI's curve)
-    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp settings")
+    preset, report = import_preset(fields, source, "request", None, fmt="KoboldCpp settings", lenient=True)
     b = Builder(source, "KoboldCpp API request", {k: body[k] for k in CFG_KEYS if k in body})
     scale = b.num("guidance_scale", 1.0)
     negative = b.string("negative_prompt", "")

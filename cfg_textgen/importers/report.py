@@ -26,6 +26,8 @@ class Report:
     format: str
     entries: dict[str, Entry] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # sampler-order entries a request named that are not samplers here, skipped (the apps skip them)
+    skipped: list[str] = field(default_factory=list)
 
     def add(self, key: str, status: str, detail: str, value: object = None) -> None:
         if status not in STATUSES:

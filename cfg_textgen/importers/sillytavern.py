@@ -30,7 +30,8 @@ KEYS = {
     "dry_penalty_last_n": "dry_penalty_last_n", "mirostat_mode": "mirostat_mode", "mirostat_tau": "mirostat_tau",
     "mirostat_eta": "mirostat_eta", "guidance_scale": "guidance_scale", "negative_prompt": "negative_prompt",
     "sampler_priority": "sampler_priority", "xtc_threshold": "xtc_threshold", "xtc_probability": "xtc_probability",
-    "nsigma": "top_n_sigma", "seed": "seed",
+    "nsigma": "top_n_sigma", "seed": "seed", "adaptive_target": "adaptive_target",
+    "adaptive_decay": "adaptive_decay",
 }
 # neutral defaults when a key is absent (SillyTavern files normally carry every key)
 DEFAULTS = {
@@ -39,7 +40,8 @@ DEFAULTS = {
     "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty_range": 0, "mirostat_mode": 0,
     "mirostat_tau": 5, "mirostat_eta": 0.1, "do_sample": True, "encoder_repetition_penalty": 1,
     "dry_multiplier": 0, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 0,
-    "xtc_threshold": 0.1, "xtc_probability": 0, "guidance_scale": 1,
+    "xtc_threshold": 0.1, "xtc_probability": 0, "guidance_scale": 1, "adaptive_target": -0.01,
+    "adaptive_decay": 0.9,
 }
 
 # SillyTavern/back-end keys with no sampling meaning here: key -> (value that means off, reason)
@@ -103,7 +105,8 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None):
 
 _PRIORITY_NAME = {"temperature": "temperature", "dynamic_temperature": "dynamic_temperature", "top_k": "top_k",
                   "top_p": "top_p", "typical": "typical_p", "epsilon": "epsilon_cutoff", "eta": "eta_cutoff",
-                  "tfs": "tfs", "top_a": "top_a", "min_p": "min_p", "mirostat": "mirostat"}
+                  "tfs": "tfs", "top_a": "top_a", "min_p": "min_p", "mirostat": "mirostat",
+                  "quadratic": "quadratic_sampling"}
 _PROCESSORS = ("repetition_penalty", "dry", "no_repeat_ngram")
 
 
@@ -118,7 +121,7 @@ def export(preset: dict, report) -> dict:
         "smoothing_factor": 0, "smoothing_curve": 1, "dry_allowed_length": 2, "dry_multiplier": 0,
         "dry_base": 1.75, "dry_sequence_breakers": json.dumps(DRY_BREAKERS), "dry_penalty_last_n": 0,
         "mirostat_mode": 0, "mirostat_tau": 5, "mirostat_eta": 0.1, "guidance_scale": 1, "negative_prompt": "",
-        "xtc_threshold": 0.1, "xtc_probability": 0,
+        "xtc_threshold": 0.1, "xtc_probability": 0, "adaptive_target": -0.01, "adaptive_decay": 0.9,
     }
     samplers = preset.get("samplers", [])
     priority: list[str] = []
@@ -170,6 +173,11 @@ def export(preset: dict, report) -> dict:
             out["nsigma"] = s["n"]
             report.mapped(key, "nsigma (runs after the other samplers)", name)
             continue
+        if name == "adaptive_p":
+            _export_adaptive_p(out, s, key, report, last=i == len(samplers) - 1)
+            if s["target"] > 0:
+                priority.append("adaptive_p")
+            continue
         if name not in _PRIORITY_NAME:
             report.dropped(key, f"SillyTavern has no {name} sampler", name)
             continue
@@ -192,6 +200,8 @@ def export(preset: dict, report) -> dict:
             out["top_a"] = s["a"]
         elif name == "mirostat":
             out.update(mirostat_mode=s["version"], mirostat_tau=s["tau"], mirostat_eta=s["eta"])
+        elif name == "quadratic":
+            out.update(smoothing_factor=s["factor"], smoothing_curve=s["curve"])
         priority.append(_PRIORITY_NAME[name])
         report.mapped(key, f"{_PRIORITY_NAME[name]} (sampler_priority position {len(priority)})", name)
     if "temperature" in seen and "dynamic_temperature" in seen:
@@ -222,3 +232,19 @@ def export(preset: dict, report) -> dict:
         report.mapped("do_sample", "do_sample", preset["do_sample"])
     return out
 
+
+
+def _export_adaptive_p(out: dict, s: dict, key: str, report, last: bool) -> None:
+    """adaptive_target / adaptive_decay. The web UI runs Adaptive-P only for a target above 0
+    (llama.cpp already at 0) and draws the token in it, so the samplers after it do nothing there."""
+    if s["target"] < 0:
+        report.neutral(key, "a negative target is off: adaptive_target -0.01, SillyTavern's off", "adaptive_p")
+        return
+    if s["target"] == 0:
+        report.dropped(key, "target 0 is on in llama.cpp but off in text-generation-webui", "adaptive_p")
+        return
+    out.update(adaptive_target=s["target"], adaptive_decay=s["decay"])
+    report.mapped(key, "adaptive_target, adaptive_decay", "adaptive_p")
+    if not last:
+        report.note(f"{key}: in text-generation-webui Adaptive-P picks the token; the samplers after it "
+                    "act on that one token there.")

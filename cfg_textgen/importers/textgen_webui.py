@@ -7,6 +7,12 @@ Semantics (text-generation-webui modules/presets.py and sampler_hijack.py, early
   before every warper; the warpers run in `sampler_priority` (its default order unless the file
   gives one); `temperature_last` moves temperature (or dynamic temperature) to the end.
 - With Mirostat on, the web UI drops every warper except temperature.
+- Adaptive-P (`adaptive_target` above 0; `adaptive_decay` capped at 0.99) draws the token itself
+  and masks every other one, so the warpers the order puts after it act on a single token: they
+  are reported as not carried over.
+- An API request's `sampler_priority` may name samplers the web UI does not know: it sorts them
+  out of the way and runs the rest, so a request's unknown names are skipped (and listed in the
+  report's `skipped`); a preset file's are errors.
 
 The same engine reads SillyTavern's Text Completion presets (sillytavern.py), whose keys are these
 under other names.
@@ -28,7 +34,7 @@ DEFAULTS = {
     "eta_cutoff": 0, "guidance_scale": 1, "penalty_alpha": 0, "mirostat_mode": 0, "mirostat_tau": 5,
     "mirostat_eta": 0.1, "do_sample": True, "encoder_repetition_penalty": 1, "no_repeat_ngram_size": 0,
     "dry_multiplier": 0, "dry_base": 1.75, "dry_allowed_length": 2, "xtc_threshold": 0.1,
-    "xtc_probability": 0, "top_n_sigma": 0,
+    "xtc_probability": 0, "top_n_sigma": 0, "adaptive_target": 0, "adaptive_decay": 0.9,
 }
 
 # processors: before every warper, in this order (unless sampler_priority places them)
@@ -37,15 +43,16 @@ PROCESSORS = ["repetition_penalty", "presence_penalty", "frequency_penalty", "dr
 # the web UI's default warper order (Jan 2024), then the warpers added later
 DEFAULT_PRIORITY = ["temperature", "dynamic_temperature", "quadratic_sampling", "top_k", "top_p", "typical_p",
                     "epsilon_cutoff", "eta_cutoff", "tfs", "top_a", "min_p", "mirostat"]
-LATER_WARPERS = ["xtc", "top_n_sigma"]
+LATER_WARPERS = ["adaptive_p", "xtc", "top_n_sigma"]
 KNOWN_SLOTS = set(PROCESSORS) | set(DEFAULT_PRIORITY) | set(LATER_WARPERS)
 TEMPERATURE_SLOTS = {"temperature", "dynamic_temperature"}
+LAST_SLOTS = ("temperature", "dynamic_temperature", "quadratic_sampling")  # temperature_last moves these, in order
 
 OUR_SLOT = {"repetition_penalty": "repetition_penalty", "dynamic_temperature": "dynamic_temperature",
             "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "typical": "typical_p",
             "epsilon": "epsilon_cutoff", "eta": "eta_cutoff", "tfs": "tfs", "top_a": "top_a", "min_p": "min_p",
             "mirostat": "mirostat", "xtc": "xtc", "top_n_sigma": "top_n_sigma", "dry": "dry",
-            "no_repeat_ngram": "no_repeat_ngram"}
+            "no_repeat_ngram": "no_repeat_ngram", "adaptive_p": "adaptive_p", "quadratic": "quadratic_sampling"}
 
 
 def looks_like(data: dict) -> bool:
@@ -73,7 +80,7 @@ def import_yaml(data: dict, source: str, name: str | None, stem: str | None):
     return preset, b.report
 
 
-def _priority(b: Builder, key: str | None) -> list[str]:
+def _priority(b: Builder, key: str | None, lenient: bool = False) -> list[str]:
     if key is None or not b.has(key):
         return list(DEFAULT_PRIORITY)
     raw = b.data[key]
@@ -88,6 +95,10 @@ def _priority(b: Builder, key: str | None) -> list[str]:
     out = []
     for i, n in enumerate(names):
         n = aliases.get(n, n)
+        if n not in KNOWN_SLOTS and lenient:
+            b.report.skipped.append(names[i])
+            b.note(f"{key}[{i}]: unknown sampler name {names[i]!r} skipped, as text-generation-webui does.")
+            continue
         if n not in KNOWN_SLOTS:
             raise b.error(f"{key}[{i}]", f"unknown sampler name {names[i]!r}; known: {sorted(KNOWN_SLOTS)}")
         if n in out:
@@ -97,8 +108,10 @@ def _priority(b: Builder, key: str | None) -> list[str]:
     return out
 
 
-def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: str | None = "sampler_priority"):
-    """Translate web-UI settings into b.samplers. `keys` maps the web UI's name to the source key."""
+def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: str | None = "sampler_priority",
+               lenient: bool = False):
+    """Translate web-UI settings into b.samplers. `keys` maps the web UI's name to the source key;
+    `lenient` (API requests) skips unknown `sampler_priority` names instead of refusing them."""
     src = {canon: key for canon, key in keys.items() if b.has(key)}
 
     def get(canon, integer=False):
@@ -149,11 +162,15 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
             b.add({"sampler": "temperature", "temperature": defaults["temperature"]})
         fill("temperature", n)
 
-    # quadratic sampling: no equivalent
+    # quadratic sampling (the web UI runs it for a factor above 0)
     factor = get("smoothing_factor")
-    if factor:
-        rep("smoothing_factor", "dropped", "quadratic sampling has no cfg-textgen equivalent")
-        rep("smoothing_curve", "dropped", "quadratic sampling has no cfg-textgen equivalent")
+    n = len(b.samplers)
+    if factor > 0:
+        curve = get("smoothing_curve")
+        b.add({"sampler": "quadratic", "factor": factor, "curve": DEFAULTS["smoothing_curve"] if curve is None else curve})
+        rep("smoothing_factor", "mapped", "quadratic.factor")
+        rep("smoothing_curve", "mapped", "quadratic.curve")
+        fill("quadratic_sampling", n)
     else:
         rep("smoothing_factor", "neutral", "0 is off")
         rep("smoothing_curve", "neutral", "unused while smoothing_factor is 0")
@@ -204,6 +221,18 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
         rep("xtc_threshold", "neutral", "unused while xtc_probability is 0")
     fill("xtc", n)
 
+    # adaptive-p: on for a target above 0 (the web UI's rule; llama.cpp's is "not negative")
+    n = len(b.samplers)
+    target, decay = get("adaptive_target"), get("adaptive_decay")
+    if target > 0:
+        b.add({"sampler": "adaptive_p", "target": min(target, 1.0), "decay": min(decay, 0.99)})
+        rep("adaptive_target", "mapped", "adaptive_p.target" + (" (above 1: 1)" if target > 1 else ""))
+        rep("adaptive_decay", "mapped", "adaptive_p.decay" + (" (the web UI caps it at 0.99)" if decay > 0.99 else ""))
+    else:
+        rep("adaptive_target", "neutral", "0 or less is off")
+        rep("adaptive_decay", "neutral", "unused while adaptive_target is off")
+    fill("adaptive_p", n)
+
     # penalties
     n = len(b.samplers)
     _penalties(b, get, rep, src)
@@ -245,35 +274,48 @@ def ooba_chain(b: Builder, keys: dict[str, str], defaults: dict, priority_key: s
             (b.neutral if value == off else b.dropped)(src[canon], f"{fmt_num(off) if not isinstance(off, bool) else 'false'} is off" if value == off else what)
 
     # order
-    priority = _priority(b, priority_key)
+    priority = _priority(b, priority_key, lenient)
     temperature_last = get("temperature_last")
     mirostat_on = "mirostat" in slots
     order = [p for p in PROCESSORS if p not in priority] + priority + [w for w in LATER_WARPERS if w not in priority]
+    # a sampler the given order does not name sorts to the front in the web UI (its sort key is -1)
+    order = [s for s in slots if s not in order] + order
     if temperature_last:
-        moved = [s for s in order if s in TEMPERATURE_SLOTS]
-        order = [s for s in order if s not in TEMPERATURE_SLOTS] + moved
+        order = [s for s in order if s not in LAST_SLOTS] + list(LAST_SLOTS)
         rep("temperature_last", "mapped", "sampler order: temperature moved to the end")
     else:
         rep("temperature_last", "neutral", "false: temperature stays where the order puts it")
     if mirostat_on:
         keep = set(PROCESSORS) | TEMPERATURE_SLOTS | {"mirostat"}
-        for slot in list(slots):
-            if slot not in keep:
-                del slots[slot]
-                for canon in _slot_keys(slot):
-                    if canon in src and b.reported(src[canon]):
-                        b.report.entries.pop(b.k(src[canon]))
-                        b.dropped(src[canon], "the web UI turns this sampler off while Mirostat is on")
+        _drop_slots(b, slots, src, [s for s in slots if s not in keep],
+                    "the web UI turns this sampler off while Mirostat is on")
         # mirostat picks the token: it goes last, after temperature
         order = [s for s in order if s != "mirostat"] + ["mirostat"]
         b.note("Mirostat is on: as in text-generation-webui, only the penalties and temperature run before it.")
+    elif "adaptive_p" in slots:
+        after = order[order.index("adaptive_p") + 1:]
+        _drop_slots(b, slots, src, [s for s in after if s in slots],
+                    "runs after adaptive_p, which in the web UI leaves only the token it picked")
     samplers = [s for slot in order for s in slots.get(slot, [])]
     # top_p 0 becomes top_k 1; with a top_k 1 already in the chain it adds nothing
     b.samplers[:] = [s for i, s in enumerate(samplers) if s["sampler"] != "top_k" or s not in samplers[:i]]
 
 
 def _slot_keys(slot: str) -> list[str]:
-    return {"xtc": ["xtc_probability", "xtc_threshold"]}.get(slot, [slot])
+    return {"xtc": ["xtc_probability", "xtc_threshold"], "adaptive_p": ["adaptive_target", "adaptive_decay"],
+            "quadratic_sampling": ["smoothing_factor", "smoothing_curve"],
+            "dynamic_temperature": ["dynamic_temperature", "dynatemp_low", "dynatemp_high", "dynatemp_exponent"],
+            }.get(slot, [slot])
+
+
+def _drop_slots(b: Builder, slots: dict, src: dict, drop: list[str], why: str) -> None:
+    """Take these slots' samplers out of the chain and report their keys as not carried over."""
+    for slot in drop:
+        del slots[slot]
+        for canon in _slot_keys(slot):
+            if canon in src and b.reported(src[canon]):
+                b.report.entries.pop(b.k(src[canon]))
+                b.dropped(src[canon], why)
 
 
 def _tfs(b: Builder, key: str) -> None:
@@ -386,9 +428,10 @@ def import_request(body: dict, source: str = "request"):
 
     Only keys a web UI preset holds are read; everything else in a request (the prompt, lengths,
     SillyTavern's own keys) is the caller's and is not reported. Bad values raise PresetError
-    naming the key.
+    naming the key; unknown `sampler_priority` names are skipped (`report.skipped`), as the web UI
+    runs the samplers it knows.
     """
     fields = {k: v for k, v in body.items() if k in PRESET_KEYS}
     b = Builder(source, "text-generation-webui API request", fields)
-    ooba_chain(b, {k: k for k in PRESET_KEYS}, DEFAULTS)
+    ooba_chain(b, {k: k for k in PRESET_KEYS}, DEFAULTS, lenient=True)
     return b.finish(None, "request", "A text-generation-webui API request."), b.report

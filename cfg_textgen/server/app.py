@@ -27,6 +27,7 @@ from . import kobold, webui
 from .bodies import read
 from .errors import (KOBOLD, WEBUI, APIError, api_of_path, bad, error_body, first_non_finite,
                      from_engine_error)
+from .requestlog import SKIPPED_HEADER, RequestLog
 
 MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
 
@@ -152,6 +153,7 @@ async def completions(request: Request):
     service = request.app.state.service
     body = await read_json(request)
     c, preset = webui.parse_completion(body, service)
+    request.state.skipped_samplers = c.skipped_samplers
     jobs = []
     try:
         for i in range(c.n):
@@ -162,7 +164,7 @@ async def completions(request: Request):
         for job in jobs:
             job.cancel()
         raise
-    prompt_tokens = len(service.tokenize(c.prompt)) if isinstance(c.prompt, str) else len(c.prompt)
+    prompt_tokens = _used(request, jobs)
     echo = (c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt)) if c.echo else ""
     cid, model = webui.new_id(), service.model_name
     if not c.stream:
@@ -198,6 +200,14 @@ async def completions(request: Request):
                 job.cancel()  # a no-op for a finished job; frees the slot of a dropped client
 
     return EventStream(events())
+
+
+def _used(request: Request, jobs) -> int:
+    """The prompt tokens the model saw (after the client's and the window's cuts), for `usage` and
+    the request log, which also counts the jobs' new tokens."""
+    request.state.jobs = jobs
+    request.state.prompt_tokens = jobs[0].stats.kept_tokens
+    return request.state.prompt_tokens
 
 
 def _sse(data: dict) -> str:
@@ -254,10 +264,10 @@ async def stop_generation(request: Request):
 def _kobold_job(request: Request, body: dict):
     service = request.app.state.service
     g, preset = kobold.parse_generate(body, service)
+    request.state.skipped_samplers = g.skipped_samplers
     job = submit(service, "max_length", g.prompt, preset, g.sampler_seed,
-                 ban_eos=g.ban_eos_token or g.bypass_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
-    prompt_tokens = len(service.tokenize(g.prompt)) if isinstance(g.prompt, str) else len(g.prompt)
-    return job, prompt_tokens
+                 ban_eos=g.bans_eos, truncate=g.truncate, api=KOBOLD, genkey=g.genkey)
+    return job, _used(request, [job])
 
 
 async def kobold_generate(request: Request):
@@ -372,7 +382,9 @@ class APIKey:
         return await self.app(scope, receive, send)
 
 
-def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = ()) -> Starlette:
+def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
+               request_log=None) -> Starlette:
+    """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request."""
     routes = [
         Route("/v1/models", models), Route("/v1/models/{model:path}", model_detail),
         Route("/v1/internal/model/info", model_info), Route("/v1/internal/health", health),
@@ -395,7 +407,8 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
     middleware = []
     if cors_origins:  # outermost, so that a browser's preflight (which carries no key) is answered
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
-                                     allow_headers=["*"]))
+                                     allow_headers=["*"], expose_headers=[SKIPPED_HEADER]))
+    middleware.append(Middleware(RequestLog, log=request_log))  # outside the key check: 401s are logged too
     middleware.append(Middleware(APIKey, key=api_key))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash})

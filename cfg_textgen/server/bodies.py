@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import (AfterValidator, BaseModel, Field, StrictBool, StrictInt, StrictStr,
-                      ValidationError, ValidationInfo, WrapValidator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
+                      StrictStr, ValidationError, ValidationInfo, WrapValidator)
 from pydantic_core import PydanticCustomError
 
 from .. import settings
@@ -64,6 +64,19 @@ Prompt = Annotated[Texts | TokenIds | Text, _rule("must be a string or a list of
                    AfterValidator(_one_prompt), AfterValidator(_in_vocabulary)]
 TextPrompt = Annotated[Texts | Text, _rule("must be a string"), AfterValidator(_one_prompt)]
 TokenList = Annotated[list[StrictInt], _rule("must be a list of integers (token ids)"), AfterValidator(_in_vocabulary)]
+
+class Envelope(BaseModel):
+    """A generate request's envelope (webui.py, kobold.py): unknown keys are ignored (the apps send
+    many we do not use); after translation it also carries the sampler-order entries that were
+    skipped, for the X-Skipped-Samplers header and the request log."""
+
+    model_config = ConfigDict(extra="ignore")
+    _skipped: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def skipped_samplers(self) -> list[str]:
+        return self._skipped
+
 
 Body = TypeVar("Body", bound=BaseModel)
 

@@ -9,9 +9,10 @@ with an empty token and the finish reason. A request names itself with `genkey` 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import create_model
 
-from .bodies import Count, Flag, Seed, Stops, Text, TextPrompt, read
+from ..errors import CFGTextgenError
+from .bodies import Count, Envelope, Flag, Seed, Stops, Text, TextPrompt, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset
 
@@ -19,22 +20,29 @@ DEFAULT_MAX_LENGTH = 200  # KoboldCpp's default for a request without max_length
 VERSION = "1.82"  # the KoboldCpp API level these routes follow (Kobold Lite gates features on it)
 
 
-class GenerateBody(BaseModel):
+class GenerateBody(Envelope):
     """The envelope of POST /api/v1/generate and /api/extra/generate/stream. A field may be left
     out but not sent as null. Unknown keys are ignored: Kobold Lite sends many we do not use."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: TextPrompt
     max_length: Count = DEFAULT_MAX_LENGTH
     max_context_length: Count = None
     sampler_seed: Seed = None
     stop_sequence: Stops = []
-    ban_eos_token: Flag = False
+    ban_eos_token: Flag = None  # None: not sent (then use_default_badwordsids decides)
+    use_default_badwordsids: Flag = False  # Kobold Lite's Story mode: ban EOS, as KoboldCpp reads it
     bypass_eos: Flag = False
+    memory: Text = ""  # memory, instruct system prompt and world info (Kobold Lite): kept in front
     trim_stop: Flag = True  # checked; stop strings are always trimmed
     genkey: Text = None
     truncate: Flag = True
+
+    @property
+    def bans_eos(self) -> bool:
+        """KoboldCpp (koboldcpp.py): `use_default_badwordsids` stands for `ban_eos_token` when that
+        is not sent; `bypass_eos` (EOS does not end the text) is served as a ban here."""
+        ban = self.use_default_badwordsids if self.ban_eos_token is None else self.ban_eos_token
+        return ban or self.bypass_eos
 
 
 def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
@@ -43,8 +51,14 @@ def parse_generate(body: dict, service) -> tuple[GenerateBody, object]:
     if g.max_length >= service.n_ctx:
         raise APIError(400, f"`max_length` is {g.max_length}, but the model's context window is "
                             f"{service.n_ctx} tokens (prompt included): ask for fewer", "max_length")
-    preset = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
-    g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
+    preset, g._skipped = build_preset(body, KOBOLD_FLAVOUR, g.max_length, g.stop_sequence)
+    if g.memory:
+        try:
+            g.prompt = service.fit_memory(g.memory, g.prompt, g.max_context_length, g.max_length)
+        except CFGTextgenError as err:
+            raise APIError(400, f"`max_length`: {err}", "max_length") from None
+    else:
+        g.prompt = service.fit(g.prompt, g.max_context_length, g.max_length)
     return g, preset
 
 

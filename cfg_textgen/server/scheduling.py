@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from ..context import fit_context
+from ..context import fit_context, fit_with_memory
 from ..scheduler import Request, Scheduler
 
 
@@ -56,6 +56,14 @@ class Service:
         # window smaller than max_new + 1 still keeps the last story token
         kept = fit_context(ids, max(context, max_new + 1), max_new, self.backend.special_ids)
         return prompt if len(kept) == len(ids) else kept
+
+    def fit_memory(self, memory: str, prompt: str, context: int | None, max_new: int) -> list[int]:
+        """Kobold's `memory` in front of the prompt, kept whole while the prompt keeps its most
+        recent tokens, in the client's window or the model's, whichever is smaller
+        (context.fit_with_memory, KoboldCpp's rule)."""
+        window = min(context or self.n_ctx, self.n_ctx)
+        return fit_with_memory(self.tokenize(memory), self.tokenize(prompt), window, max_new,
+                               self.backend.special_ids)
 
     # -- jobs
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",

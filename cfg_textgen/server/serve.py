@@ -18,7 +18,8 @@ API_KEY_ENV = "CFG_TEXTGEN_API_KEY"
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
           api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
-          log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> int:
+          log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False) -> int:
+    """Serve until SIGTERM; every request gets a line on `log` unless `quiet`."""
     import uvicorn
 
     from .app import create_app
@@ -31,7 +32,7 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
     service = Service(model, backend=backend, parallel=parallel, log=log)
     log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
         f"together; context {service.n_ctx} tokens)")
-    app = create_app(service, api_key=api_key, cors_origins=cors_origins)
+    app = create_app(service, api_key=api_key, cors_origins=cors_origins, request_log=None if quiet else log)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE, lifespan="off")
     server = _Server(config)

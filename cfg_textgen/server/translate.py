@@ -24,9 +24,11 @@ def flavour_of_completion(body: dict) -> str:
 
 def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
                  preset_name: str | None = None, renames: dict[str, str] | None = None):
-    """The Preset for a request: samplers and CFG from the flavour's importer (or from a built-in
-    preset named by the web UI's `preset` field, whose sampler settings win as in the web UI),
-    length and stop strings from the envelope (already checked by the caller)."""
+    """(Preset, skipped) for a request: samplers and CFG from the flavour's importer (or from a
+    built-in preset named by the web UI's `preset` field, whose sampler settings win as in the web
+    UI), length and stop strings from the envelope (already checked by the caller). `skipped`
+    lists the `sampler_priority` / `sampler_order` entries the importer did not know and skipped,
+    as the imitated app does, for the response header and the request log."""
     try:
         if flavour == KOBOLD_FLAVOUR:
             view = {k: v for k, v in body.items() if k not in ("max_length", "stop_sequence")}
@@ -46,6 +48,6 @@ def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
     data["max_new_tokens"] = max_new_tokens
     data["stop"] = list(dict.fromkeys(list(data.get("stop", [])) + stop))
     try:
-        return parse_preset(data, "request")
+        return parse_preset(data, "request"), list(report.skipped)
     except PresetError as err:
         raise from_preset_error(err, data, report, renames) from None

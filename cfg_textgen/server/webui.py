@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field, create_model
 
-from .bodies import Count, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from .bodies import Count, Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, flavour_of_completion
 
@@ -24,11 +24,9 @@ DEFAULT_MAX_TOKENS = 16
 MAX_N = 8  # choices per request: each is a whole generation
 
 
-class CompletionBody(BaseModel):
+class CompletionBody(Envelope):
     """POST /v1/completions' envelope. A field typed without None may be absent but not null (as in
     the web UI's typing.py); NULLABLE's nulls are dropped before. Unknown keys are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: Prompt
     max_tokens: Count = None
@@ -64,8 +62,8 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object]:
         prompt = service.tokenize(prompt, special=False) or prompt
     flavour = flavour_of_completion(body)
     renames = {"max_length": "max_tokens"} if flavour == KOBOLD_FLAVOUR else None
-    preset = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
-                          c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
+    preset, c._skipped = build_preset(body, flavour, max_new, c.stop + c.stopping_strings,
+                                      c.preset if flavour != KOBOLD_FLAVOUR else None, renames)
     c.prompt = service.fit(prompt, c.truncation_length, max_new)
     return c, preset
 

@@ -1,0 +1,59 @@
+"""One line per request on stderr, so a writer sees what their app sends, and the
+`X-Skipped-Samplers` header that names the sampler-order entries a request's app knows and we do
+not (they are skipped, as text-generation-webui and KoboldCpp skip them):
+
+    POST /v1/completions 200 prompt=812 new=48 3.21s skipped=banana_sampler
+    GET /v1/models 200 0.00s
+
+The handlers leave what they know in the request's state (Starlette's `request.state`, the
+scope's "state" dict): `skipped_samplers` before the response starts, `jobs` (their token counts
+are read when the response has ended, so a stream's count is its final one) and `prompt_tokens`
+(the tokens the model saw, after every cut).
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.datastructures import MutableHeaders
+
+SKIPPED_HEADER = "X-Skipped-Samplers"
+
+
+class RequestLog:
+    """ASGI middleware: the header always, the log line when `log` is a callable (None: quiet)."""
+
+    def __init__(self, app, log=None):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        started, status = time.perf_counter(), [0]
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if state.get("skipped_samplers"):
+                    MutableHeaders(scope=message).append(SKIPPED_HEADER, ", ".join(state["skipped_samplers"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_header)
+        finally:
+            if self.log is not None:
+                self.log(log_line(scope["method"], scope["path"], status[0], state,
+                                  time.perf_counter() - started))
+
+
+def log_line(method: str, path: str, status: int, state: dict, seconds: float) -> str:
+    """`METHOD PATH STATUS [prompt=N new=N] 1.23s [skipped=a,b]` (status 0: no response was sent)."""
+    parts = [method, path, str(status)]
+    jobs = state.get("jobs")
+    if jobs:
+        parts += [f"prompt={state.get('prompt_tokens', 0)}", f"new={sum(len(j.token_ids) for j in jobs)}"]
+    parts.append(f"{seconds:.2f}s")
+    if state.get("skipped_samplers"):
+        parts.append("skipped=" + ",".join(state["skipped_samplers"]))
+    return " ".join(parts)

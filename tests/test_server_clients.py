@@ -1,0 +1,116 @@
+"""What today's apps rely on, through `cfg-textgen serve` as a real process on a tiny random model:
+Kobold `memory` in front of the prompt and kept whole by the cut (KoboldCpp's rule), the prompt
+tokens actually used in `usage` / `prompt_tokens`, unknown sampler-order entries skipped and named
+in the `X-Skipped-Samplers` header, and the one-line request log on stderr (`--quiet`: none).
+
+"Memory in front" is checked by its effect: a greedy Kobold request with memory M and prompt P
+writes the same text as a greedy web UI request whose prompt is the token ids M + P (P without its
+BOS; after a cut, M + the most recent tokens of P) and reports that many prompt tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from server_process import ServerProcess
+
+MEMORY = "[The story is set on a remote island in the North Atlantic.]\n"
+PROMPT = "The lighthouse keeper had not seen a ship in eleven years. On the morning the fog lifted,"
+GREEDY_KOBOLD = {"temperature": 0, "rep_pen": 1, "max_length": 6}
+GREEDY_WEBUI = {"temperature": 0, "max_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    srv = ServerProcess("--model", str(tiny_model_dir))
+    yield srv
+    assert srv.terminate() == 0, srv.stderr()
+
+
+def post(srv, path, body):
+    r = httpx.post(srv.url + path, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def encode(srv, text) -> list[int]:
+    return post(srv, "/v1/internal/encode", {"text": text}).json()["tokens"]
+
+
+def story_without_bos(srv, story: list[int]) -> list[int]:
+    """The story's ids without its BOS (KoboldCpp: "remove bos token from prompt, it'll be taken
+    from memory"); the BOS is what the tokenizer gives an empty text, if anything."""
+    bos = encode(srv, "")
+    return story[len(bos):] if bos and story[:len(bos)] == bos else story
+
+
+def webui_greedy(srv, ids) -> dict:
+    return post(srv, "/v1/completions", {"prompt": ids, **GREEDY_WEBUI}).json()
+
+
+def test_server_kobold_memory_goes_in_front_of_the_prompt(server):
+    memory, story = encode(server, MEMORY), encode(server, PROMPT)
+    got = post(server, "/api/v1/generate", {"prompt": PROMPT, "memory": MEMORY, **GREEDY_KOBOLD}).json()
+    ids = memory + story_without_bos(server, story)
+    expected = webui_greedy(server, ids)
+    assert got["results"][0]["text"] == expected["choices"][0]["text"]
+    assert got["results"][0]["prompt_tokens"] == len(ids) == expected["usage"]["prompt_tokens"]
+    without = post(server, "/api/v1/generate", {"prompt": PROMPT, "memory": "", **GREEDY_KOBOLD}).json()
+    assert without["results"][0]["prompt_tokens"] == len(story)
+
+
+def test_server_kobold_cut_keeps_memory_whole_and_the_most_recent_story(server):
+    memory, story = encode(server, MEMORY), encode(server, PROMPT)
+    window = len(memory) + 5 + GREEDY_KOBOLD["max_length"]  # room for 5 story tokens
+    got = post(server, "/api/v1/generate", {"prompt": PROMPT, "memory": MEMORY, "max_context_length": window,
+                                            **GREEDY_KOBOLD}).json()
+    expected = webui_greedy(server, memory + story[-5:])
+    assert got["results"][0]["text"] == expected["choices"][0]["text"]
+    assert got["results"][0]["prompt_tokens"] == len(memory) + 5
+
+
+def test_server_usage_counts_the_prompt_tokens_used_after_a_cut(server):
+    story = encode(server, PROMPT)
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "truncation_length": 12, **GREEDY_WEBUI}).json()
+    assert len(story) > 12 and r["usage"]["prompt_tokens"] == 12 - GREEDY_WEBUI["max_tokens"]
+    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+
+
+def test_server_unknown_sampler_entries_are_skipped_and_named_in_a_header_and_the_log(server):
+    body = {"prompt": PROMPT, "max_tokens": 3, "top_k": 20,
+            "sampler_priority": ["top_k", "banana_sampler", "temperature", "adaptive_p"]}
+    r = post(server, "/v1/completions", body)
+    assert r.headers["x-skipped-samplers"] == "banana_sampler"
+    usage = r.json()["usage"]
+    k = post(server, "/api/v1/generate", {"prompt": PROMPT, "max_length": 3, "sampler_order": [6, 0, 1, 9, 3, 4, 2, 5]})
+    assert k.headers["x-skipped-samplers"] == "9"
+    assert "x-skipped-samplers" not in post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}).headers
+    log = server.stderr()
+    line = (f"POST /v1/completions 200 prompt={usage['prompt_tokens']} new={usage['completion_tokens']} "
+            r"\d+\.\d\ds skipped=banana_sampler")
+    assert re.search(line, log), log
+    assert re.search(r"POST /api/v1/generate 200 prompt=\d+ new=\d+ \d+\.\d\ds skipped=9", log), log
+    assert re.search(r"GET /v1/models 200 \d+\.\d\ds\n", log), log
+
+
+def test_server_request_log_counts_a_streams_tokens_and_quiet_turns_it_off(tiny_model_dir):
+    srv = ServerProcess("--model", str(tiny_model_dir), "--quiet")
+    try:
+        with httpx.stream("POST", srv.url + "/api/extra/generate/stream", json={"prompt": PROMPT, "max_length": 4},
+                          timeout=120) as r:
+            assert r.status_code == 200
+            r.read()
+        assert "/api/extra/generate/stream" not in srv.stderr() and "GET /v1/models" not in srv.stderr()
+    finally:
+        assert srv.terminate() == 0, srv.stderr()
+
+
+def test_server_request_log_counts_a_streams_new_tokens(server):
+    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True,
+                                                                      "ban_eos_token": True}, timeout=120) as r:
+        assert r.status_code == 200
+        r.read()
+    assert re.search(r"POST /v1/completions 200 prompt=\d+ new=4 \d+\.\d\ds", server.stderr()), server.stderr()
