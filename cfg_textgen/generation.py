@@ -5,7 +5,7 @@ pair's logits from the decode loop (lanes.py):
 
     scores = cfg_combine(logits[0], logits[1], scale)        # guidance.py: the one formula
     scores = chain(story_ids, scores)                        # chain.build_chain: the samplers
-    token  = pick_token(scores, do_sample, generator)        # samplers.py: argmax / multinomial
+    token  = pick_token(scores, do_sample, generator)        # samplers: argmax / multinomial
 
 and the loop appends `token` to the pair's rows. A pair without CFG (scale 1) has the story row
 only and the scores are the raw logits, which is what `CFGLogitsProcessor(scale=1)` returns; with
