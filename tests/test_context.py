@@ -154,7 +154,7 @@ def test_analysis_ends_a_continuation_at_the_end_of_document_token(endoftext_pai
     prompt = tok("Once upon a time")["input_ids"]
     gen = A.make_generate_fn(model, tok, seed=0, max_new_tokens=6)
     forced = [5, 6, 400, 7, 8, 9]
-    import cfg_textgen.presets as P
+    import cfg_textgen.chain as P  # where generate_kwargs finds build_processors
 
     real = P.build_processors
 
