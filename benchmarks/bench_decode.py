@@ -148,7 +148,7 @@ def forward_ratio(model, prompt: list[int], iters: int) -> dict:
 
     Shaped like the engine's step: attention mask, position ids, logits of the last token only;
     the batch-2 cache holds the story and a left-padded BOS row, as with CFG."""
-    from cfg_textgen.guidance import cache_keyword, left_pad, positions_from_mask, returned_cache
+    from cfg_textgen.backends.transformers import cache_keyword, left_pad, positions_from_mask, returned_cache
 
     bos = model.config.bos_token_id
     setups = {}

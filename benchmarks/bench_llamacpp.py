@@ -1,4 +1,4 @@
-"""llama.cpp (issue 11): our backend against bare llama.cpp loops, side by side, in one run.
+"""llama.cpp: our backend against bare llama.cpp loops, side by side, in one run.
 
 decode   a ~145-token story, greedy, EOS banned, N = 128 new tokens, llama.cpp on --llama-threads
          (default 2) threads; five variants interleaved repetition by repetition (the order

@@ -7,7 +7,7 @@ sees one token more (so mirostat updates its state and the penalties see a growi
 scores are the model's real logits for that context. Each sampler is timed inside the chain, so
 the per-sampler figures add up to the chain and show which one dominates.
 
-Per preset (issue 11: each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
+Per preset (each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
 on the default vocabulary): every preset's chain on the same real logits and growing history,
 interleaved preset by preset and call by call, each through the chain object build_chain returns;
 the pick (softmax + multinomial over the vocabulary, the engine's part) is timed apart. With
@@ -74,7 +74,8 @@ class Profiled:
 
 
 def run(quick: bool = False, before: str | None = None) -> Section:
-    from cfg_textgen.guidance import cache_keyword, cfg_combine, returned_cache
+    from cfg_textgen.backends.transformers import cache_keyword, returned_cache
+    from cfg_textgen.guidance import cfg_combine
     from cfg_textgen.presets import build_chain, parse_preset
     from cfg_textgen.samplers import SAMPLERS, pick_token
 
@@ -162,21 +163,24 @@ def bench_presets():
 
 
 def samplers_at(rev: str):
-    """The SAMPLERS registry of cfg_textgen/samplers.py as it was at git revision `rev`, loaded as a
-    separate module (for a before/after comparison in one run)."""
-    import importlib.util
+    """The SAMPLERS registry of cfg_textgen as it was at git revision `rev` (a module or a package
+    there), loaded as a separate copy of the package (for a before/after comparison in one run)."""
+    import importlib
+    import io
+    import re
     import subprocess
+    import tarfile
     import tempfile
 
-    src = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "show",
-                          f"{rev}:cfg_textgen/samplers.py"], capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"samplers_{rev}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"samplers_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module.SAMPLERS
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "cfg_textgen"], capture_output=True,
+                             check=True).stdout
+    dest = Path(tempfile.mkdtemp())
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(dest)
+    name = "cfg_textgen_at_" + re.sub(r"\W", "_", rev)  # its modules import each other relatively
+    (dest / "cfg_textgen").rename(dest / name)
+    sys.path.insert(0, str(dest))
+    return importlib.import_module(f"{name}.samplers").SAMPLERS
 
 
 def presets_section(sec, model, tokenizer, hist, L0, calls, before: str | None = None) -> None:

@@ -10,7 +10,7 @@ clients (httpx, one thread per stream), streaming `/v1/completions` with guidanc
 ~200-token story; `ban_eos_token` so every stream generates exactly N tokens. Concurrency levels
 are interleaved round by round (the machine is shared: ratios within one run, medians).
 
-Targets (issue 12): aggregate at 4 streams >= 2x the aggregate at 1 (the batched Scheduler on
+Targets: aggregate at 4 streams >= 2x the aggregate at 1 (the batched Scheduler on
 llama.cpp decodes every stream in one batch per step); one stream through HTTP >= 0.95x the same
 generation in-process (tokens/s; in-process = the engine's Scheduler in this process, interleaved).
 Writes results/server-<UTC time>.json.

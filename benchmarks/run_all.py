@@ -44,7 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, help="repetitions of the decode comparison (default 4; 2 quick)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own, = cores)")
     ap.add_argument("--llama-threads", type=int, default=2,
-                    help="llama.cpp threads in the llamacpp section (default 2, as in issue 11)")
+                    help="llama.cpp threads in the llamacpp section (default 2)")
     ap.add_argument("--writers-shape", default="1b", choices=["1b", "3b", "7b"],
                     help="the random-weight model shape of the writers section (default 1b)")
     ap.add_argument("--writers-model", metavar="GGUF",

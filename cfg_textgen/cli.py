@@ -111,17 +111,17 @@ def presets_schema():
 
 
 def _write_json_atomically(data, out: str | None) -> None:
-    """stdout, or OUT via files.atomic_write (temp file in the same folder, fsync, rename): never a
-    partial file."""
+    """stdout, or OUT via files.write_file (temp file in the same folder, fsync, rename): never a
+    partial file; a place that cannot be written is a one-line error naming it."""
     import json
 
-    from .files import atomic_write
+    from .files import write_file
 
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if out is None or out == "-":
         click.echo(text, nl=False)
         return
-    atomic_write(out, text)
+    write_file(out, text)
 
 
 @presets.command("import")
@@ -540,9 +540,8 @@ def _analysis_model_options(default_tokens: int):
 def _analysis_setup(model, seed, preset_name, opposing, tokens, default_tokens, prompt, verbose=False):
     """Load the preset and the model on its backend, pick the seed, encode the prompt: everything
     sweep and explain share. Generation is the engine's (the same as `write`) on that backend."""
-    import secrets
-
     from .analysis import Opposing, encode_prompt, make_engine_generate_fn
+    from .generation import random_seed
     from .presets import load_preset
 
     preset = load_preset(preset_name or "plain")
@@ -550,7 +549,7 @@ def _analysis_setup(model, seed, preset_name, opposing, tokens, default_tokens, 
     opp = (Opposing(opposing, "text") if opposing is not None
            else Opposing(preset.cfg.opposing_prompt, preset.cfg.opposing_mode))
     if seed is None:
-        seed = secrets.randbelow(2**31)
+        seed = random_seed()
         click.echo(f"seed {seed} (repeat with --seed {seed})", err=True)
     backend = _load(model, verbose)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
@@ -642,12 +641,12 @@ def eval_group():
 
 
 def _write_jsonl_atomically(rows, out: str) -> None:
-    """One JSON object per line into OUT via files.atomic_write: never a partial file."""
+    """One JSON object per line into OUT via files.write_file: never a partial file."""
     import json
 
-    from .files import atomic_write
+    from .files import write_file
 
-    atomic_write(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_file(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _check_out_folder(ctx, param, value):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import CFGTextgenError
+from .errors import ContextError
 
 # The names models use for "end of document" (GPT-2/SmolLM/Qwen, Llama 3, SentencePiece, Gemma).
 # Only taken when the tokenizer has it as a special token.
@@ -39,8 +39,9 @@ def fit_context(ids: Sequence[int], window: int | None, new_tokens: int, special
         return ids
     budget = window - new_tokens
     if budget < 1:
-        raise CFGTextgenError(f"{new_tokens} new tokens leave no room for {what} in this model's context "
-                              f"of {window} tokens: ask for fewer tokens")
+        raise ContextError(f"{new_tokens} new tokens leave no room for {what} in this model's context "
+                           f"of {window} tokens: ask for fewer tokens", field="max_new_tokens",
+                           rule=f"less than {window}", value=new_tokens)
     if len(ids) <= budget:
         return ids
     special = set(special_ids)

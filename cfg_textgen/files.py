@@ -7,20 +7,25 @@ target, then fsync the folder so that the rename itself survives a power cut. On
 temporary file is removed and the previous file is untouched.
 
 - A symlink is followed: the file it points to is replaced, the link stays a link.
-- A replaced file keeps its permission bits; a new one gets the usual ones (0666 minus the umask),
-  not `mkstemp`'s private 0600.
-- Errors are `OSError`s; each caller words them for its own user.
+- A replaced file keeps its permission bits; a new one gets the usual ones (0666 minus the umask,
+  which the kernel applies when the temporary file is created: the umask is never read or
+  changed, so this is safe in threads), not `mkstemp`'s private 0600.
+- `atomic_write` and `replacing` raise `OSError`s; `write_file` (the commands' `-o`/`--out`/
+  `--report` files) turns them into one `CFGTextgenError` naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import CFGTextgenError
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
@@ -29,6 +34,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(payload)
+
+
+def write_file(path: str | os.PathLike, data: str | bytes) -> None:
+    """`atomic_write` for a file a user named: an OSError (no such folder, a read-only place, a
+    full disk) is a `CFGTextgenError` naming the path, and nothing was written."""
+    try:
+        atomic_write(path, data)
+    except OSError as err:
+        raise CFGTextgenError(f"{path}: cannot write: {err.strerror or err}") from err
 
 
 @contextlib.contextmanager
@@ -40,15 +54,13 @@ def replacing(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = _new_file(parent, target.name)
     try:
         yield tmp
         for file in (sorted(p for p in tmp.rglob("*") if p.is_file()) if folder else [tmp]):
             _fsync(file)
-        if not folder:
-            os.chmod(tmp, _mode_for(target))
+        if not folder and target.exists():
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -67,18 +79,17 @@ def fsync_folder(folder: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def default_mode() -> int:
-    """The permission bits a new file gets from `open` under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _mode_for(target: Path) -> int:
-    try:
-        return stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        return default_mode()
+def _new_file(parent: Path, name: str) -> Path:
+    """A new empty file `.NAME.XXXXXXXX.tmp` in `parent`, with the mode `open` gives a new file
+    (0666 minus the umask, applied by the kernel)."""
+    for _ in range(100):
+        tmp = parent / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{parent}: no free temporary file name for {name}")
 
 
 def _fsync(file: Path) -> None:

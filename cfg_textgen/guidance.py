@@ -9,28 +9,28 @@ see what they see in every reference app without CFG (raw logits), and a multipl
 penalty keeps its tuned strength when the CFG slider moves off 1 (docs/preset-format.md, "Where
 penalties act").
 
-`cfg_combine` is the formula, used by both ways in: `CFGLogitsProcessor` (a transformers
-LogitsProcessor that runs the opposing branch itself, for `model.generate`) and the streaming engine
-(which runs both branches in one batched forward pass). References: Sanchez et al. 2023, "Stay on
+`cfg_combine` is the formula, used by both ways in: `CFGLogitsProcessor` (a logits processor that
+runs the opposing branch itself, for `model.generate`; its forward passes are the transformers
+backend's, backends/transformers.py) and the streaming engine (which runs both branches in one
+batched decode). References: Sanchez et al. 2023, "Stay on
 topic with Classifier-Free Guidance" (arXiv 2306.17806); NovelAI's CFG sampler (`cfg_scale`,
 `cfg_uc`); transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor` (same distribution).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessor
 
 from .context import bos_id
+from .errors import SettingError
+from .presets import OPPOSING_MODES as MODES
+from .processors import LogitsProcessor
 
 OpposingPrompt = Union[None, str, Sequence[int], Sequence[str], Sequence[Sequence[int]], torch.Tensor]
-
-MODES = ("text", "last-token")
 
 
 def cfg_combine(cond_logits: torch.Tensor, opposing_logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,8 +55,21 @@ def cfg_combine(cond_logits: torch.Tensor, opposing_logits: torch.Tensor, scale:
 def check_scale(scale) -> float:
     """A guidance scale must be a finite real number (0 and negatives are allowed)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"`scale` has to be a finite number, but is {scale!r}")
+        raise SettingError("scale", "a finite number", scale)
     return float(scale)
+
+
+def check_opposing(mode: str, opposing_prompt, mode_name: str = "opposing_mode") -> str:
+    """The opposing-branch mode (`MODES`): "last-token" takes the story's last token as the
+    opposing prompt, so it takes no opposing prompt of its own (presets.CFGSettings says the same
+    in a preset file's words)."""
+    if mode not in MODES:
+        raise SettingError(mode_name, f"one of {MODES}", mode)
+    if mode == "last-token" and opposing_prompt not in (None, ""):
+        raise SettingError("opposing_prompt", "empty", opposing_prompt, message=(
+            f"`{mode_name}='last-token'` takes its opposing prompt from the story's last token; "
+            f"leave `opposing_prompt` empty, but it is {opposing_prompt!r}"))
+    return mode
 
 
 def opposing_token_ids(opposing: OpposingPrompt, tokenizer=None, bos_token_id: int | None = None,
@@ -69,10 +82,9 @@ def opposing_token_ids(opposing: OpposingPrompt, tokenizer=None, bos_token_id: i
     """
     def blank() -> list[int]:
         if bos_token_id is None:
-            raise ValueError(
+            raise SettingError("opposing_prompt", "not empty for a model without BOS", "", message=(
                 "this model has no BOS token, so an empty opposing prompt (a blank story) cannot be "
-                "built: give an explicit opposing prompt (text or token ids), or use mode='last-token'"
-            )
+                "built: give an explicit opposing prompt (text or token ids), or use mode='last-token'"))
         return [int(bos_token_id)]
 
     def from_text(text: str) -> list[int]:
@@ -108,146 +120,9 @@ def opposing_token_ids(opposing: OpposingPrompt, tokenizer=None, bos_token_id: i
     return rows
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into (ids, attention_mask), both (batch, max_len) long tensors."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
-def padding_id(model, tokenizer=None) -> int:
-    """The id to left-pad rows with (masked out, so any id works): the model's pad, the tokenizer's,
-    the model's EOS (first one of a list), the tokenizer's EOS, else 0."""
-    for t in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None),
-              getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(t, (list, tuple)) and t:
-            t = t[0]
-        if isinstance(t, int) and not isinstance(t, bool):
-            return int(t)
-    return 0
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only attended tokens (0 for the first real token of each row)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def forward_kwargs(model) -> set[str]:
-    """Which optional arguments this model's forward accepts (position_ids, logits_to_keep)."""
-    names = set(inspect.signature(model.forward).parameters)
-    return names & {"position_ids", "logits_to_keep", "num_logits_to_keep"}
-
-
-# Architectures whose logits are exactly `lm_head(last hidden state)`: a plain bias-free Linear,
-# no soft-capping or logit scaling (Gemma, Cohere, Granite, ... have those and take the normal path).
-_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
-
-
-def split_head(model):
-    """(decoder, head_weight) when we may run the model's output layer ourselves, else None.
-
-    Why: MKL on a CPU multiplies one or two rows by a tall (vocab x hidden) output matrix far
-    slower than it computes `W @ h.T` with at least two rows as columns (SmolLM2's 49152 x 576
-    head: 12 ms for one row and 22-26 ms for two, against ~3-5 ms), and the head is a sixth to a
-    quarter of a decode step. Same numbers up to float rounding (tested).
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES
-            or type(head) is not torch.nn.Linear or head.bias is not None):
-        return None
-    decoder = getattr(model, "base_model", None)
-    if decoder is None or decoder is model:
-        return None
-    return decoder, head.weight
-
-
-def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """`hidden @ weight.T` (batch, vocab) computed as `weight @ hidden.T`; a single row is paired
-    with a zero row, since the one-column product takes MKL's much slower matrix-vector path."""
-    rows = hidden.shape[0]
-    cols = hidden if rows > 1 else torch.cat([hidden, torch.zeros_like(hidden)])
-    return torch.mm(weight, cols.t()).t()[:rows].contiguous()
-
-
-def cache_keyword(module) -> str:
-    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24,
-    which still accepts `past_key_values` until 5.40 but warns on every call) or `past_key_values`
-    (5.20-5.23, which know no `cache`)."""
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def returned_cache(out):
-    """The KV cache a forward pass returned, from the field this transformers version has (5.24
-    names it `cache`; reading the old `past_key_values` property there warns)."""
-    fields = getattr(type(out), "__dataclass_fields__", {})
-    return out.cache if "cache" in fields else out.past_key_values
-
-
-def run_model(model, split, ids: torch.Tensor, cache=None, **kwargs):
-    """One forward pass with the KV cache `cache` (None: start one); (last-position logits
-    (batch, vocab), the returned cache)."""
-    with torch.no_grad():
-        if split is None:
-            if "logits_to_keep" in forward_kwargs(model):
-                kwargs["logits_to_keep"] = 1
-            out = model(ids, **{cache_keyword(model): cache}, **kwargs)
-            return out.logits[:, -1], returned_cache(out)
-        out = split[0](ids, **{cache_keyword(split[0]): cache}, **kwargs)
-        return head_logits(split[1], out.last_hidden_state[:, -1]), returned_cache(out)
-
-
-class OpposingBranch:
-    """The opposing branch of one generation: its KV cache, attention mask, positions and the token
-    history it has consumed. Created per generation; fed exactly one new token per step."""
-
-    def __init__(self, model, rows: list[list[int]], pad_id: int):
-        self.model = model
-        self._accepts = forward_kwargs(model)
-        ids, mask = left_pad(rows, pad_id)
-        self.mask = mask.to(model.device)
-        self.next_pos = self.mask.sum(-1, keepdim=True)  # (batch, 1): position of the next token
-        self.cache = None
-        self.calls = 0
-        self.logits = self._forward(ids.to(model.device), positions_from_mask(self.mask))
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(attention_mask=self.mask, cache=self.cache, use_cache=True)
-        if "position_ids" in self._accepts:
-            kwargs["position_ids"] = positions
-        # the model's own forward, so that our scores equal transformers' CFG to the last bits
-        # (the engine's faster output layer, split_head, rounds differently by a few ulps)
-        logits, self.cache = run_model(self.model, None, ids, **kwargs)
-        self.calls += 1
-        return logits  # (batch, vocab)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (batch,) and return the next-token logits (batch, vocab)."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
-        positions = self.next_pos
-        self.next_pos = self.next_pos + 1
-        self.logits = self._forward(tokens.view(-1, 1).to(self.mask.device), positions)
-        return self.logits
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Follow rows that beam search reordered or duplicated: row i now continues row index[i]."""
-        index = index.to(self.mask.device)
-        self.mask = self.mask.index_select(0, index)
-        self.next_pos = self.next_pos.index_select(0, index)
-        self.logits = self.logits.index_select(0, index)
-        self.cache.reorder_cache(index)
-
-
 class CFGLogitsProcessor(LogitsProcessor):
-    r"""Classifier-free guidance as a `LogitsProcessor` for `model.generate`.
+    r"""Classifier-free guidance as a logits processor for `model.generate` (transformers'
+    `LogitsProcessor` interface; processors.py says why it is not imported from transformers).
 
     For every step it runs the model a second time on the *opposing prompt* followed by the tokens
     generated so far (KV-cached: one new token per step) and returns the guided scores
@@ -296,18 +171,15 @@ class CFGLogitsProcessor(LogitsProcessor):
                  tokenizer=None, mode: str = "text", pad_token_id: int | None = None):
         self.model = model
         self.scale = check_scale(scale)
-        if mode not in MODES:
-            raise ValueError(f"`mode` has to be one of {MODES}, but is {mode!r}")
-        if mode == "last-token" and opposing_prompt not in (None, ""):
-            raise ValueError("`mode='last-token'` takes its opposing prompt from the input; "
-                             f"leave `opposing_prompt` empty, but it is {opposing_prompt!r}")
-        self.mode = mode
+        self.mode = check_opposing(mode, opposing_prompt, "mode")
         self.bos_token_id = bos_id(model, tokenizer)
+        from .backends.transformers import padding_id
+
         self.pad_token_id = pad_token_id if pad_token_id is not None else padding_id(model, tokenizer)
         # resolve a text prompt now, so that a bad prompt fails before generation starts
         self.opposing_rows = (None if mode == "last-token"
                               else opposing_token_ids(opposing_prompt, tokenizer, self.bos_token_id))
-        self.branch: OpposingBranch | None = None
+        self.branch = None  # backends.transformers.OpposingBranch, from the first call
         self._history: torch.Tensor | None = None  # input_ids of the previous call
         # per row, which opposing prompt it started from (an index into the distinct start rows):
         # two rows are interchangeable only when both their history and this match
@@ -333,6 +205,8 @@ class CFGLogitsProcessor(LogitsProcessor):
             rows = self._start_rows(input_ids)
             distinct = {tuple(r): i for i, r in reversed(list(enumerate(rows)))}
             self._row_prompt = torch.tensor([distinct[tuple(r)] for r in rows], dtype=torch.long)
+            from .backends.transformers import OpposingBranch
+
             self.branch = OpposingBranch(self.model, rows, self.pad_token_id)
         else:
             if not torch.equal(source, torch.arange(len(source), device=source.device)):

@@ -1,4 +1,5 @@
-"""The preset model: load and validate preset JSON, describe it as a JSON Schema, build the chain.
+"""The preset model: load and validate preset JSON, describe it as a JSON Schema (chain.py turns a
+preset into sampler objects).
 
 A preset (docs/preset-format.md) is immutable data, one pydantic model: `Preset` with its
 `CFGSettings` and its chain of sampler settings (settings.py, one model per sampler, a union
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, Validati
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
-from .errors import CFGTextgenError, PresetError
+from .errors import PresetError, PresetProblem
 from .settings import JSON, SETTINGS, Bool, Float, Int, SamplerSettings, Str, fields_of, json_type, show
 
 FORMAT = "cfg-textgen-preset/1"
@@ -132,12 +132,6 @@ def _json_value(value):
 _PRESET = TypeAdapter(Preset)
 
 
-def _registry() -> dict:
-    from .samplers import SAMPLERS
-
-    return SAMPLERS
-
-
 def _choices(names) -> str:
     return ", ".join(str(n) for n in names)
 
@@ -177,57 +171,60 @@ def _field_at(loc, data):
     return view if view is not None and view.kind in (int, float, str, bool, list, dict) else None
 
 
-def _line(e: dict, data: dict) -> str:
-    """One pydantic error as `$.json.path: what is wrong, got VALUE`."""
+def _problem(e: dict, data: dict) -> PresetProblem:
+    """One pydantic error as a problem at a JSON path: what is wrong, got VALUE."""
     loc, kind, value, ctx = list(e["loc"]), e["type"], e["input"], e.get("ctx") or {}
     if len(loc) > 2 and loc[0] == "samplers":
         del loc[2]  # the union's tag: samplers[i].top_p.p is $.samplers[i].p
     if kind == "rule":  # a rule between fields, reported at the field it names
-        return f"{_path(loc + [ctx['key']])}: {ctx['message']}"
-    path, samplers = _path(loc), _choices(sorted(SETTINGS))
+        return PresetProblem((*loc, ctx["key"]), ctx["message"])
+    at, samplers = tuple(loc), _choices(sorted(SETTINGS))
     if kind == "missing":
-        return f"{_path(loc[:-1])}: missing required key {show(loc[-1])}"
+        return PresetProblem(at[:-1], f"missing required key {show(loc[-1])}")
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         model, what = _model_at(loc[:-1], data)
         keys = list(fields_of(model))
-        return f"{path}: unknown key{_did_you_mean(loc[-1], keys)}; valid {what} keys: {_choices(keys)}"
+        return PresetProblem(at, f"unknown key{_did_you_mean(loc[-1], keys)}; valid {what} keys: {_choices(keys)}")
     if kind == "union_tag_not_found":
-        return f'{path}: missing key "sampler"; valid samplers: {samplers}'
+        return PresetProblem(at, f'missing key "sampler"; valid samplers: {samplers}')
     if kind == "union_tag_invalid":
         tag = value["sampler"]
         if not isinstance(tag, str):
-            return (f"{path}.sampler: must be a string naming a sampler, got {json_type(tag)} {show(tag)}; "
-                    f"valid samplers: {samplers}")
+            return PresetProblem((*at, "sampler"), f"must be a string naming a sampler, got {json_type(tag)} "
+                                                   f"{show(tag)}; valid samplers: {samplers}")
         if tag == "cfg":
-            return f"{path}.sampler: CFG is not a chain sampler: set it under $.cfg (it always runs first)"
-        return f"{path}.sampler: unknown sampler {show(tag)}{_did_you_mean(tag, SETTINGS)}; valid samplers: {samplers}"
+            return PresetProblem((*at, "sampler"), "CFG is not a chain sampler: set it under $.cfg (it always runs first)")
+        return PresetProblem((*at, "sampler"), f"unknown sampler {show(tag)}{_did_you_mean(tag, SETTINGS)}; "
+                                               f"valid samplers: {samplers}")
     field = _field_at(loc, data)
     if field is None:
         if kind == "value_error":  # a sampler's rule between its parameters
-            return f"{path}: {ctx['error']}"
+            return PresetProblem(at, ctx["error"])
         like = ' like {"sampler": "temperature", ...}' if loc[:1] == ["samplers"] else ""
-        return f"{path}: must be {'a sampler ' if like else 'an '}object{like}, got {json_type(value)} {show(value)}"
+        return PresetProblem(at, f"must be {'a sampler ' if like else 'an '}object{like}, "
+                                 f"got {json_type(value)} {show(value)}")
     if field.kind is dict:
-        return f"{path}: must be {field.rule(json=True)}, got {json_type(value)} {show(value)}"
+        return PresetProblem(at, f"must be {field.rule(json=True)}, got {json_type(value)} {show(value)}")
     if field.kind is list and not isinstance(loc[-1], int):
         words = {"samplers": "an array of sampler objects", "stop": "an array of strings"}.get(loc[-1])
-        return f"{path}: must be {words if len(loc) == 1 else 'an array'}, got {json_type(value)} {show(value)}"
+        return PresetProblem(at, f"must be {words if len(loc) == 1 else 'an array'}, got {json_type(value)} "
+                                 f"{show(value)}")
     if kind == "string_too_short":
-        return f"{path}: must be a non-empty string, got {show(value)}"
+        return PresetProblem(at, f"must be a non-empty string, got {show(value)}")
     if kind == "string_pattern_mismatch":
-        return f"{path}: must be a non-empty string (not only spaces), got {show(value)}"
-    return f"{path}: {field.problem(e)}"
+        return PresetProblem(at, f"must be a non-empty string (not only spaces), got {show(value)}")
+    return PresetProblem(at, field.problem(e))
 
 
-def _duplicates(node, path: str):
+def _duplicates(node, path: tuple = ()):
     """JSON paths of the keys the loader saw twice in one object."""
     if isinstance(node, dict):
-        yield from (f"{path}.{key}" for key in getattr(node, "duplicates", ()))
+        yield from ((*path, key) for key in getattr(node, "duplicates", ()))
         for key, value in node.items():
-            yield from _duplicates(value, f"{path}.{key}")
+            yield from _duplicates(value, (*path, key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _duplicates(value, f"{path}[{i}]")
+            yield from _duplicates(value, (*path, i))
 
 
 def parse_preset(data: Any, source: str = "<preset>") -> Preset:
@@ -235,24 +232,26 @@ def parse_preset(data: Any, source: str = "<preset>") -> Preset:
 
     All problems are collected; one `PresetError` lists them, one line each, as
     `SOURCE: $.json.path: what is wrong, got VALUE` (with the valid choices where there are some).
-    The error's `errors` attribute holds the lines as a tuple.
+    The error's `errors` attribute holds the lines as a tuple, `problems` the same as data
+    (`errors.PresetProblem`: the JSON path as keys and indexes, and the message).
     """
     if not isinstance(data, dict):
-        _raise([f"{source}: $: must be an object, got {json_type(data)} {show(data)}"])
-    lines = [f"{source}: {path}: duplicate key (the second value would silently win)"
-             for path in _duplicates(data, "$")]
+        _raise(source, [PresetProblem((), f"must be an object, got {json_type(data)} {show(data)}")])
+    problems = [PresetProblem(path, "duplicate key (the second value would silently win)")
+                for path in _duplicates(data)]
     try:
         preset = _PRESET.validate_python(data, context=JSON)
     except ValidationError as err:
-        lines += [f"{source}: {_line(e, data)}" for e in err.errors(include_url=False)]
-    if lines:
-        _raise(lines)
+        problems += [_problem(e, data) for e in err.errors(include_url=False)]
+    if problems:
+        _raise(source, problems)
     return preset
 
 
-def _raise(lines: list[str]):
-    err = PresetError("\n".join(lines))
-    err.errors = tuple(lines)
+def _raise(source: str, problems: list[PresetProblem]):
+    lines = tuple(f"{source}: {_path(p.path)}: {p.message}" for p in problems)
+    err = PresetError("\n".join(lines), problems=problems)
+    err.errors = lines
     raise err
 
 
@@ -383,97 +382,5 @@ def preset_schema() -> dict:
                            "(docs/preset-format.md)"}
 
 
-# ---- from a preset to logits processors -----------------------------------------------------
-
-
-def build_chain(preset: Preset, tokenizer=None, generator=None):
-    """Fresh sampler objects in the preset's order, as a `LogitsProcessorList`.
-
-    Call it once per generation: samplers such as mirostat keep state while generating.
-    `generator` (a `torch.Generator`) goes to samplers whose `from_params` accepts it.
-    """
-    from .samplers import SamplerChain
-
-    registry = _registry()
-    chain = SamplerChain()  # a LogitsProcessorList that runs single-threaded on the CPU
-    for spec in preset.samplers:
-        cls = registry[spec.name]
-        params = dict(spec.params)
-        try:  # a sampler that needs the tokenizer for these parameters says so (ValueError)
-            if generator is not None and "generator" in inspect.signature(cls.from_params).parameters:
-                sampler = cls.from_params(params, tokenizer=tokenizer, generator=generator)
-            else:
-                sampler = cls.from_params(params, tokenizer=tokenizer)
-                if generator is not None and "generator" in inspect.signature(cls).parameters:
-                    sampler.generator = generator  # random samplers (xtc) draw from it
-        except ValueError as err:
-            if not cls.needs_tokenizer or tokenizer is not None:
-                raise
-            raise CFGTextgenError(f"preset {preset.name}: sampler {spec.name!r} needs a tokenizer: {err}") from None
-        chain.append(sampler)
-    return chain
-
-
-def build_processors(preset: Preset, model=None, tokenizer=None, generator=None):
-    """`CFGLogitsProcessor` first (scale != 1; needs the model), then a fresh `build_chain`: the
-    samplers see the story's raw logits without CFG and the guided scores on that scale with it,
-    as in the engine."""
-    from transformers import LogitsProcessorList
-
-    from .guidance import CFGLogitsProcessor
-
-    if preset.grammar:  # transformers has no grammar engine; the llama.cpp backend's engine does it
-        raise CFGTextgenError(f"preset {preset.name}: grammar: GBNF grammars need the llama.cpp backend "
-                              "(the streaming engine on a .gguf model), not model.generate")
-    processors = LogitsProcessorList()
-    if preset.cfg.active:
-        if model is None:
-            raise CFGTextgenError(f"preset {preset.name}: CFG (scale {preset.cfg.scale}) needs the model "
-                                  "for its opposing branch: generate_kwargs(preset, model, tokenizer)")
-        processors.append(CFGLogitsProcessor(
-            model, scale=preset.cfg.scale, opposing_prompt=preset.cfg.opposing_prompt,
-            tokenizer=tokenizer, mode=preset.cfg.opposing_mode))
-    processors.extend(build_chain(preset, tokenizer, generator))
-    return processors
-
-
-# Every GenerationConfig field that makes `generate` add a logits processor or warper of its own
-# (transformers 5 `_get_logits_processor`), or change the decoding mode, with its neutral value.
-# A model's generation_config.json may set any of them (top_k 50, temperature 0.6, ...), and the
-# global default top_k is 50: without these, a sampler would run twice or a foreign one would run.
-_NEUTRAL = {
-    "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "top_h": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "guidance_scale": None, "sequence_bias": None, "bad_words_ids": None,
-    "min_length": 0, "min_new_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "remove_invalid_values": False, "exponential_decay_length_penalty": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None,
-    "watermarking_config": None, "renormalize_logits": False,
-    # one sequence, no beams, no contrastive / constrained / assisted decoding
-    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "constraints": None,
-    "force_words_ids": None, "prompt_lookup_num_tokens": None,
-}
-
-
-def generate_kwargs(preset: Preset, model=None, tokenizer=None, generator=None) -> dict:
-    """Keyword arguments for `model.generate(input_ids, **kwargs)` that apply the preset exactly once.
-
-    transformers' own warpers and penalties are neutralised (whatever the model's
-    generation_config says) and the preset's processors are passed as `logits_processor`.
-    A preset with CFG (scale != 1) needs the `model`; text stop sequences need the `tokenizer`
-    (`generate` keeps the stop text in its output; trim it).
-    """
-    from transformers import GenerationConfig
-
-    known = GenerationConfig()
-    kwargs = {k: v for k, v in _NEUTRAL.items() if hasattr(known, k)}  # older transformers lack some
-    kwargs["do_sample"] = preset.do_sample
-    kwargs["max_new_tokens"] = preset.max_new_tokens
-    if preset.stop and tokenizer is not None:
-        kwargs["stop_strings"] = list(preset.stop)
-        kwargs["tokenizer"] = tokenizer
-    kwargs["logits_processor"] = build_processors(preset, model, tokenizer, generator)
-    return kwargs
+# the chain assembly (chain.py) is importable from here, as before
+from .chain import build_chain, build_processors, generate_kwargs  # noqa: E402,F401

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .analysis import METRIC_LABELS, METRICS, ExplainStep, LambadaResult, SweepRow
 from .errors import CFGTextgenError
-from .files import atomic_write
+from .files import write_file
 
 INSTALL_REPORT = "pip install 'cfg-textgen[report]'"
 MIN_COLUMN = 24  # narrower than this, texts are shown one after another instead of side by side
@@ -276,10 +276,4 @@ _DEFINITIONS = {
 }
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """`files.atomic_write`: a reader never sees a half-written report, and a failure leaves any
-    previous file untouched; an OSError becomes a CFGTextgenError naming the file."""
-    try:
-        atomic_write(path, data)
-    except OSError as err:
-        raise CFGTextgenError(f"{path}: cannot write: {err.strerror or err}") from err
+write_atomic = write_file  # the report's writer (files.write_file)

@@ -1,5 +1,5 @@
 """The sampler settings: one pydantic model per sampler, its parameters' defaults, ranges and docs
-declared once. The sampler classes (samplers.py) validate their keywords through it, presets.py
+declared once. The sampler classes (samplers/) validate their keywords through it, presets.py
 builds the preset model and its JSON Schema from it, the importers read source values with its types.
 
 No torch here: presets, the importers and `cfg-textgen presets ...` check presets without loading

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CFGTextgenError
-from .files import atomic_write, default_mode
+from .files import atomic_write
 
 
 def _why(err: OSError) -> str:
@@ -110,7 +110,7 @@ class Appender:
     def __init__(self, story: Story):
         self.story = story
         try:
-            self._fd = os.open(story.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, default_mode())
+            self._fd = os.open(story.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # minus the umask
         except OSError as err:
             raise CFGTextgenError(f"{story.path}: cannot write the story: {_why(err)}") from None
         story.existed = True

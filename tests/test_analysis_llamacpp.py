@@ -1,4 +1,4 @@
-"""`sweep`, `explain` and `eval lambada` on the llama.cpp backend (issue 11): the same analysis code
+"""`sweep`, `explain` and `eval lambada` on the llama.cpp backend: the same analysis code
 as on transformers, over the backend API, with scales and examples decoded side by side.
 
 Three kinds of checks, all on the real default model (SmolLM2-135M Q4_1):

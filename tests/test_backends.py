@@ -303,6 +303,70 @@ def test_scheduler_long_run_of_submit_and_cancel_never_exhausts_the_context():
         small.close()
 
 
+class _FailingDecode:
+    """Make the `n`-th llama_decode from now fail, as llama.cpp does when it cannot place a batch."""
+
+    def __init__(self, backend, n: int):
+        from cfg_textgen.backends.llama_cpp import LlamaCppError
+
+        self.backend, self.n, self.error = backend, n, LlamaCppError
+        self.orig = backend._decode
+        backend._decode = self
+
+    def __call__(self, entries):
+        self.n -= 1
+        if self.n == 0:
+            del self.backend._decode  # once
+            raise self.error("llama_decode failed with code 1 (injected)")
+        return self.orig(entries)
+
+
+def test_llama_run_that_fails_on_the_second_new_pair_leaves_every_slot_free():
+    """Two pairs join in one `run`; the second one's prefill decode fails: the first pair, whose
+    own decode had succeeded, must not stay allocated (the backend's failure contract)."""
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend, LlamaCppError
+    from cfg_textgen.models import default_gguf_path
+
+    b = LlamaCppBackend(default_gguf_path(), n_ctx=128, pairs=2)
+    try:
+        story = b.tokenize(STORY)
+        _FailingDecode(b, 2)
+        with pytest.raises(LlamaCppError, match="injected"):
+            b.run(new=[(story, [1]), (story, [1])])
+        assert b.used_cells == 0 and len(b._free_seqs) == 4
+        pairs = b.prefill([(story, [1]), (story, [1])])  # both fit again
+        for p in pairs:
+            b.release(p)
+    finally:
+        b.close()
+
+
+def test_scheduler_failing_decode_while_jobs_join_leaves_every_slot_free_and_the_next_job_runs():
+    """Three times, two CFG jobs join at once and the second one's prefill fails (2 pairs: all 4
+    sequences taken by the two). Every slot must come back each time, and a healthy CFG job
+    then runs; a leak of the first job's sequences would leave it queued forever."""
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
+    from cfg_textgen.models import default_gguf_path
+
+    b = LlamaCppBackend(default_gguf_path(), n_ctx=128, pairs=2)
+    try:
+        with Scheduler(b, max_parallel=2) as sched:
+            for _ in range(3):
+                with sched._cv:  # both are queued before the decode thread admits either
+                    _FailingDecode(b, 2)
+                    jobs = [sched.submit(Request(STORY, _greedy(1.5, tokens=4))) for _ in range(2)]
+                for job in jobs:
+                    assert job.wait(60), "a job never ended"
+                assert jobs[1].stop_reason == "error" and "injected" in str(jobs[1].error)
+                assert jobs[0].error is None  # it was not in the failed decode
+            healthy = sched.submit(Request(STORY, _greedy(1.5, tokens=4)))
+            assert healthy.wait(60), "a healthy job stayed queued: sequences leaked"
+            assert healthy.stop_reason in ("max_tokens", "eos"), healthy.error
+        assert b.used_cells == 0 and len(b._free_seqs) == 4
+    finally:
+        b.close()
+
+
 def test_scheduler_refuses_bad_requests_at_submit():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
     from cfg_textgen.models import default_gguf_path
@@ -396,6 +460,20 @@ def test_backend_choice_rules(tiny_model_dir, tmp_path):
         choose_backend(str(tiny_model_dir), "llama.cpp")
     with pytest.raises(ValueError, match="backend"):
         choose_backend(None, "vllm")
+
+
+def test_llama_generation_with_a_full_preset_never_imports_transformers():
+    code = ("import sys\n"
+            "from cfg_textgen.engine import stream_preset\n"
+            "from cfg_textgen.models import load_backend\n"
+            "from cfg_textgen.presets import load_preset\n"
+            "b = load_backend(None, 'llama.cpp')\n"
+            "s = stream_preset(b, None, 'Once upon a time', load_preset('balanced-story'), seed=1)\n"
+            "assert ''.join(s) and s.stats.batch == 2\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_cli_generate_on_llama_cpp_streams_and_reports_the_backend():

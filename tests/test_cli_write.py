@@ -121,7 +121,7 @@ def test_write_reports_cut_context_on_stderr(tmp_path, endless_model_dir):
     path.write_text(" ".join(["The knight rode through the rain."] * 40), encoding="utf-8")
     r = run(["write", str(path), "--tokens", "5", *model_args(endless_model_dir)])
     assert r.exit_code == 0, r.output
-    # 256 - 5: the opposing row (BOS) is a row of its own and no longer counts (issue 10 item 5)
+    # 256 - 5: the opposing row (BOS) is a row of its own and no longer counts
     assert "older text was cut" in r.stderr and "last 251 tokens" in r.stderr
     assert "cut" not in r.stdout
 

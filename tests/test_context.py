@@ -1,4 +1,4 @@
-"""The rules engine, analysis and CLI share (issue 10 item 5): the per-row context cut, the one EOS
+"""The rules engine, analysis and CLI share: the per-row context cut, the one EOS
 rule, and analysis on its input's device. References: generate with our CFG processor on the kept
 tokens (a different code path from the engine's batched rows), and ids counted by hand."""
 
@@ -154,7 +154,7 @@ def test_analysis_ends_a_continuation_at_the_end_of_document_token(endoftext_pai
     prompt = tok("Once upon a time")["input_ids"]
     gen = A.make_generate_fn(model, tok, seed=0, max_new_tokens=6)
     forced = [5, 6, 400, 7, 8, 9]
-    import cfg_textgen.presets as P
+    import cfg_textgen.chain as P  # where generate_kwargs finds build_processors
 
     real = P.build_processors
 

@@ -29,7 +29,7 @@ def test_default_model_cfg_equals_transformers_processor(default_model):
     theirs_seq, theirs = _run(model, ids, UnbatchedClassifierFreeGuidanceLogitsProcessor(
         1.5, model, unconditional_ids=blank))
     assert torch.equal(ours_seq, theirs_seq)
-    # distributions: ours are on the story's raw-logit scale (c_raw + (s-1)(c-u), issue 10 item 2),
+    # distributions: ours are on the story's raw-logit scale (c_raw + (s-1)(c-u)),
     # transformers' are u + s(c-u); they differ by the per-row constant logsumexp(c_raw)
     ours, theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
     finite = torch.isfinite(ours)

@@ -86,7 +86,7 @@ class _CountForwards:
     def __init__(self, model):
         self.batches = []
         # the decoder runs once per forward pass whether the engine calls the whole model or the
-        # decoder and the output layer itself (guidance.split_head)
+        # decoder and the output layer itself (backends.transformers.split_head)
         self.handle = model.base_model.register_forward_hook(lambda mod, args, kwargs, out: self.batches.append(
             (args[0] if args else kwargs["input_ids"]).shape), with_kwargs=True)
 
@@ -185,7 +185,7 @@ def test_stream_cuts_old_text_to_fit_the_context(tiny_tokenizer):
     cuts = []
     s = generate_stream(model, tok, story, scale=1.5, opposing_prompt="", max_new_tokens=20,
                         do_sample=False, on_cut=lambda kept, total: cuts.append((kept, total)))
-    # window - new tokens: the opposing row is a row of its own (issue 10 item 5; it was - 1 more)
+    # window - new tokens: the opposing row is a row of its own (not counted in the story's room)
     assert cuts == [(256 - 20, len(ids))]
     assert s.prompt_ids == ids[-(256 - 20):]
     list(s)
@@ -245,7 +245,7 @@ def test_engine_matches_generate_plugin_on_the_default_model(default_model):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_engine_split_head_gives_the_models_own_logits(arch, tiny_tokenizer):
     """The engine's own output layer (W @ h.T) equals the model's forward, up to float rounding."""
-    from cfg_textgen.guidance import head_logits, split_head
+    from cfg_textgen.backends.transformers import head_logits, split_head
 
     model = make_tiny_model(arch)
     decoder, weight = split_head(model)
@@ -263,10 +263,26 @@ def test_engine_split_head_gives_the_models_own_logits(arch, tiny_tokenizer):
 def test_engine_split_head_refuses_models_that_scale_their_logits():
     from transformers import CohereConfig, AutoModelForCausalLM
 
-    from cfg_textgen.guidance import head_logits, split_head
+    from cfg_textgen.backends.transformers import head_logits, split_head
 
     cohere = AutoModelForCausalLM.from_config(CohereConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, logit_scale=0.5))
     assert split_head(cohere) is None
     assert split_head(make_tiny_model("llama")) is not None
+
+
+def test_engine_scheduler_and_llama_backend_modules_import_no_transformers():
+    """The llama.cpp path (engine, scheduler, decode loop, analysis, the server's service, the
+    llama.cpp backend) never loads transformers: it costs a second or more at every start."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, cfg_textgen.engine, cfg_textgen.scheduler, cfg_textgen.analysis, "
+            "cfg_textgen.server.scheduling, cfg_textgen.backends.llama_cpp\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -19,7 +19,7 @@ STEPS = 48
 class BruteForceCFG(LogitsProcessor):
     """Reference: every step, run opposing prompt + generated tokens from scratch, row by row.
 
-    It returns the guided scores on the story's scale, `scores + (s-1)(c-u)` (issue 10 item 2), so
+    It returns the guided scores on the story's scale, `scores + (s-1)(c-u)`, so
     that beam search, which sums the processed scores without renormalising them, ranks beams as
     ours does when an earlier processor (min_new_tokens) removed a token; the formula itself is
     checked against the paper's `u + s(c-u)` in the cfg_combine tests."""
@@ -54,7 +54,7 @@ def assert_scores_close(a, b, tol):
     tokens are -inf on both sides).
 
     Distributions, not raw scores: our CFG returns `c_raw + (s-1)(c-u)` on the story's raw-logit
-    scale (issue 10 item 2), transformers' processor and the brute-force reference `u + s(c-u)`;
+    scale, transformers' processor and the brute-force reference `u + s(c-u)`;
     the two differ by the per-row constant logsumexp(c_raw), which log_softmax removes."""
     a, b = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
     assert torch.equal(torch.isneginf(a), torch.isneginf(b))
@@ -77,8 +77,8 @@ def test_cfg_combine_matches_hand_computed_values():
     assert torch.allclose(got, torch.tensor([want]), atol=1e-6)
     # scale 0 is the opposing branch alone, scale 1 the story alone
     assert torch.allclose(cfg_combine(c, u, 0.0), u, atol=1e-6)
-    # issue 10 item 2: the result stays on the story's raw-logit scale: at scale 1 it is exactly the
-    # raw logits (a shift included), at 2 it is c_raw + (c - u) (lead's decision, BRIEF.md)
+    # the result stays on the story's raw-logit scale: at scale 1 it is exactly the raw logits (a
+    # shift included), at 2 it is c_raw + (c - u) (DESIGN: penalties keep their strength)
     assert torch.equal(cfg_combine(c + 3.0, u, 1.0), c + 3.0)
     assert torch.allclose(cfg_combine(c + 3.0, u, 2.0), torch.tensor([want]) + 3.0, atol=1e-6)
 
@@ -200,7 +200,7 @@ def test_cfg_processor_feeds_one_token_per_step(tiny_tokenizer):
     model = make_tiny_model("llama")
     lengths = []
     # the decoder runs in every forward pass, generate's and the opposing branch's (which may run
-    # the decoder and the output layer itself: guidance.split_head)
+    # the decoder and the output layer itself: backends.transformers.split_head)
     model.base_model.register_forward_pre_hook(lambda m, args, kw: lengths.append(
         (kw.get("input_ids") if kw.get("input_ids") is not None else args[0]).shape[1]), with_kwargs=True)
     proc = CFGLogitsProcessor(model, 1.5, opposing_prompt=[1, 40, 41, 42])
@@ -231,7 +231,7 @@ def test_cfg_processor_batch_rows_equal_rows_run_alone(arch, tiny_tokenizer):
         assert_scores_close(batch_scores[row], alone_scores[0], 1e-4)
 
 
-# ---- issue 10 item 1: identical stories with different opposing prompts -------------------------
+# ---- identical stories with different opposing prompts ----------------------------------------
 # Each row keeps its own opposing branch: the old `_source_rows` mapped every row to the FIRST row
 # with the same history, so row 1 ran on row 0's opposing cache (the issue's repro is the first test).
 
@@ -304,17 +304,17 @@ def test_cfg_processor_beam_search_equals_brute_force(arch, tiny_tokenizer):
 
 def test_cfg_processor_beam_search_reorders_the_opposing_branch(tiny_tokenizer, monkeypatch):
     """The beam test above can only fail if beams really get reordered: check that they do."""
-    from cfg_textgen import guidance
+    from cfg_textgen.backends import transformers as hf
 
     model = make_tiny_model("llama")
     reorders = []
-    real = guidance.OpposingBranch.reorder
+    real = hf.OpposingBranch.reorder
 
     def spy(self, index):
         reorders.append(index.tolist())
         return real(self, index)
 
-    monkeypatch.setattr(guidance.OpposingBranch, "reorder", spy)
+    monkeypatch.setattr(hf.OpposingBranch, "reorder", spy)
     model.generate(_prompt(tiny_tokenizer), logits_processor=[CFGLogitsProcessor(model, 2.0)],
                    max_new_tokens=16, num_beams=3, do_sample=False, pad_token_id=0)
     assert any(r != sorted(r) or len(set(r)) < len(r) for r in reorders)
@@ -419,5 +419,5 @@ def test_cfg_processor_follows_the_model_dtype(tiny_tokenizer):
     got = CFGLogitsProcessor(model, 2.0)(ids, cond)
     assert got.dtype == torch.bfloat16
     c, u = F.log_softmax(cond.float(), -1), F.log_softmax(opp.float(), -1)
-    # the formula on the story's raw-logit scale (issue 10 item 2; was u + 2(c - u))
+    # the formula on the story's raw-logit scale (not u + 2(c - u))
     assert torch.allclose(got.float(), (cond.float() + (2.0 - 1) * (c - u)).bfloat16().float())

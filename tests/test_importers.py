@@ -326,7 +326,7 @@ def test_import_preset_unknown_format_is_a_clear_error():
         import_preset({"colour": "blue"})
 
 
-# ---- issue 10 item 3: keys whose meaning differs between the apps -----------------------------
+# ---- keys whose meaning differs between the apps ------------------------------------------------
 
 
 def test_import_preset_koboldcpp_slope_is_the_two_step_rule():

@@ -1,4 +1,4 @@
-"""LAMBADA with lm-eval-harness' token rule (issue 10 item 6), against transformers' own CFG:
+"""LAMBADA with lm-eval-harness' token rule, against transformers' own CFG:
 `generate(guidance_scale=s, negative_prompt_ids=...)` greedy, as many tokens as
 `tokenizer(" " + last_word)` has; an example is correct when the ids are exactly those. The examples
 are written here by hand (no dataset download is possible)."""

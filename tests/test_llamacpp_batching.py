@@ -1,4 +1,4 @@
-"""Check 3 (issue 11): several pairs at once through our llama.cpp backend equal each pair alone.
+"""Several pairs at once through our llama.cpp backend equal each pair alone.
 
 The backend keeps every step's decode below 64 tokens (where llama.cpp's CPU kernels change) and
 prefills each joining pair in a decode of its own, so a pair's logits should not depend on what

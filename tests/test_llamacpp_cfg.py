@@ -1,4 +1,4 @@
-"""The llama.cpp backend against independent references (issue 11, checks 1-3).
+"""The llama.cpp backend against independent references.
 
 The references live in tests/llamacpp_reference.py and use llama-cpp-python's low-level API only:
 nothing of cfg_textgen.backends is in them.

@@ -1,4 +1,4 @@
-"""Check 2 (issue 11): the llama.cpp backend and the transformers path on the SAME GGUF.
+"""The llama.cpp backend and the transformers path on the SAME GGUF.
 
 transformers (`models.load_default()`) dequantizes the Q4_1 weights to float32 and multiplies in
 float32; llama.cpp keeps the 4-bit weights and quantizes the activations to 8 bits for its dot

@@ -1,5 +1,5 @@
 """A NovelAI preset with CFG enabled, imported from the community's own file, generates text on the
-default model end to end (issue 4, acceptance 5)."""
+default model end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where a preset's repetition penalty acts (issue 10 item 2): on the story's raw logits without CFG,
+"""Where a preset's repetition penalty acts: on the story's raw logits without CFG,
 as in transformers, KoboldAI, text-generation-webui and llama.cpp, and continuously in the CFG scale.
 
 Each reference gets the input it really gets: transformers' `generate(repetition_penalty=...)` and

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cfg_textgen.errors import PresetError
-from cfg_textgen.guidance import cache_keyword, returned_cache
+from cfg_textgen.backends.transformers import cache_keyword, returned_cache
 from cfg_textgen.presets import (
     FORMAT, MAX_PRESET_BYTES, Preset, SamplerSpec, build_chain, build_processors, builtin_names,
     generate_kwargs, list_presets, load_preset, parse_preset, preset_schema,
@@ -402,6 +402,24 @@ def test_build_chain_applies_samplers_in_the_preset_order():
     assert torch.equal(logits, torch.tensor([[1.0, 4.0, 2.0, 3.0]]))  # input untouched
 
 
+def test_build_chain_order_changes_the_result_when_the_samplers_do_not_commute():
+    """min-p keeps a token whose probability is at least p times the best one's, and temperature
+    changes those ratios, so the two orders keep different tokens (hand-computed): a chain that
+    ran its samplers in any other order than the preset's fails here."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    ids = torch.tensor([[0]])
+    inf = float("-inf")
+
+    def chain(*samplers):
+        return build_chain(parse_preset({"name": "x", "samplers": list(samplers)}, "t.json"))(ids, logits)
+
+    sharpen, min_p = {"sampler": "temperature", "temperature": 0.5}, {"sampler": "min_p", "p": 0.1}
+    # temperature first: [0, 2, 4, 6]; ratios to the best e^-6, e^-4, e^-2 = 0.0025, 0.018, 0.135
+    assert torch.equal(chain(sharpen, min_p), torch.tensor([[inf, inf, 4.0, 6.0]]))
+    # min-p first on [0, 1, 2, 3]: ratios e^-3, e^-2, e^-1 = 0.050, 0.135, 0.368; then halved T
+    assert torch.equal(chain(min_p, sharpen), torch.tensor([[inf, 2.0, 4.0, 6.0]]))
+
+
 @needs("temperature", "mirostat")
 def test_build_chain_gives_fresh_objects_per_generation():
     preset = parse_preset({"name": "x", "samplers": [{"sampler": "mirostat"},
@@ -439,8 +457,8 @@ def test_build_processors_puts_cfg_first_only_when_scale_is_not_one(tiny_tokeniz
     plain = parse_preset({"name": "x", "samplers": [{"sampler": "repetition_penalty", "penalty": 1.3}]},
                          "t.json")
     procs = build_processors(plain, model, tiny_tokenizer)
-    # without CFG the samplers see the model's raw logits, as in every reference app (issue 10 item 2:
-    # the LogProbs chain start is gone); the penalty then acts on raw logits as transformers' does
+    # without CFG the samplers see the model's raw logits, as in every reference app (no
+    # log-probabilities step first); the penalty then acts on raw logits as transformers' does
     assert [type(p).__name__ for p in procs] == ["RepetitionPenalty"]
     scores = torch.tensor([[2.0, -1.0, 0.5]])
     got = procs(torch.tensor([[0, 1]]), scores.clone())

@@ -1,4 +1,4 @@
-"""Every sampler returns on its input's device and dtype (issue 10 item 5): a CPU test over
+"""Every sampler returns on its input's device and dtype: a CPU test over
 float32, bfloat16 and float16 (where torch has the op for that dtype on the CPU), and the same test
 on CUDA when a GPU is present. Each sampler runs with parameters that switch its work on, so the
 tensors it creates (repetition penalty's window arrays, XTC's random draw, ...) are exercised."""

@@ -1,4 +1,4 @@
-"""Our samplers against llama.cpp's own implementations (issue 11, check 4).
+"""Our samplers against llama.cpp's own implementations.
 
 Each reference sampler comes from llama-cpp-python's low-level API (`llama_sampler_init_*`) and is
 applied to a `llama_token_data_array` built with ctypes from the same float32 logits our sampler

@@ -1,4 +1,4 @@
-"""What every user sees on stderr (issue 10 item 4).
+"""What every user sees on stderr.
 
 transformers 5.24 renamed forward's `past_key_values` to `cache`: the old name still works until
 5.40 but raises a FutureWarning from every call (and logs "`past_key_values`/`cache_params` are
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from cfg_textgen.engine import generate_stream
-from cfg_textgen.guidance import CFGLogitsProcessor, cache_keyword
+from cfg_textgen.backends.transformers import cache_keyword
+from cfg_textgen.guidance import CFGLogitsProcessor
 from conftest import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,6 +65,7 @@ import torch
 from ..errors import CFGTextgenError, ModelNotFoundError
 from ..runtime import CACHE_TYPES, FLASH_ATTN, QUANTIZED_BLOCK, RuntimeSettings, RuntimeSettingsError, kv_cell_bytes
 from . import require_llama_cpp
+from .base import Pair, PairIds, Shortcuts
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
 STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
@@ -132,15 +133,14 @@ class LlamaCppError(CFGTextgenError):
     """llama.cpp refused a batch (context full, bad input)."""
 
 
-class LlamaCppPair:
-    """One live (story, opposing) pair: its sequence ids and next positions."""
+class LlamaCppPair(Pair):
+    """One live (story, opposing) pair: its sequence ids and next positions. `logits` is a
+    (rows, vocab) view into llama.cpp's output buffer, valid until the next decode."""
 
     def __init__(self, seqs: list[int], lengths: list[int]):
+        super().__init__(len(seqs))
         self.seqs = seqs  # [story] or [story, opposing]
-        self.rows = len(seqs)
         self.next_pos = list(lengths)
-        self.logits: torch.Tensor | None = None  # (rows, vocab) view, valid until the next decode
-        self.live = True
 
     @property
     def cells(self) -> int:
@@ -194,7 +194,7 @@ class LlamaTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Shortcuts):
     name = "llama.cpp"
     device = torch.device("cpu")
 
@@ -437,12 +437,6 @@ class LlamaCppBackend:
 
     # ---- decoding --------------------------------------------------------------------------
 
-    def prefill(self, pairs) -> list[LlamaCppPair]:
-        return self.run(new=pairs)[1]
-
-    def step(self, tokens) -> list[torch.Tensor]:
-        return self.run(steps=tokens)[0]
-
     def run(self, steps=(), new=()):
         """The next token of every pair in `steps` [(pair, token)] and the prompts of the pairs in
         `new` [(story, opposing or None)]; outputs at each sequence's last token. Returns (logits
@@ -460,8 +454,8 @@ class LlamaCppBackend:
             if not pair.live:
                 raise ValueError("`step` got a released pair")
         checked = []
-        for story, opposing in new:
-            rows = [list(story)] + ([list(opposing)] if opposing is not None else [])
+        for ids in new:
+            rows = PairIds(*ids).rows()
             if any(not ids for ids in rows):
                 raise ValueError("`prefill` got an empty token list")
             bad = [t for ids in rows for t in ids if not 0 <= int(t) < self.n_vocab]
@@ -480,8 +474,19 @@ class LlamaCppBackend:
         if full:
             raise LlamaCppError(f"a sequence's {self.seq_cells} cells of the llama.cpp context are "
                                 f"full ({max(full[0].next_pos)} tokens in use)")
+        fresh: list[LlamaCppPair] = []
+        try:
+            out_steps = self._prefill_then_step(checked, steps, fresh)
+        except BaseException:
+            # the failure contract (base.py): no new pair outlives a failed run, also the ones whose
+            # own decode had succeeded before a later one failed
+            for pair in fresh:
+                self.release(pair)
+            raise
+        return out_steps, fresh
+
+    def _prefill_then_step(self, checked, steps, fresh: list) -> list[torch.Tensor]:
         last = not steps
-        fresh = []
         for k, rows in enumerate(checked):
             seqs = [self._free_seqs.pop(0) for _ in rows]
             pair = LlamaCppPair(seqs, [len(ids) for ids in rows])
@@ -491,9 +496,9 @@ class LlamaCppBackend:
                 self._free_seqs[:0] = seqs  # llama.cpp restored its memory
                 pair.live = False
                 raise
+            fresh.append(pair)
             # later decodes overwrite llama.cpp's output buffer: keep a copy unless this is the last
             pair.logits = view if last and k == len(checked) - 1 else view.clone()
-            fresh.append(pair)
         out_steps = []
         chunk: list = []
         for i, (pair, token) in enumerate(steps):
@@ -510,7 +515,7 @@ class LlamaCppBackend:
                     j += p.rows
                     out_steps.append(p.logits)
                 chunk = []
-        return out_steps, fresh
+        return out_steps
 
     def _decode(self, entries) -> torch.Tensor:
         """One llama_decode of [(sequence id, token ids, first position)], an output at the last

@@ -1,169 +1,78 @@
-"""The transformers backend: a pair's story and opposing rows as one left-padded batch, KV-cached.
+"""The transformers backend: a pair's story and opposing rows as one left-padded batch, KV-cached,
+and the plumbing every transformers forward here shares (the `model.generate` plugin's opposing
+branch too).
 
-Per pair and step (what the engine did before backends existed):
+Per pair and step:
 
     prefill: ids, mask = left_pad([story, opposing])   # (rows, width); positions count real tokens
     step:    the same token appended to every row; each row continues at its own position
 
 Pairs are independent (own cache, mask, positions): `run` makes one forward per pair, so
 several live pairs cost several forwards (the llama.cpp backend does them in one batch). The
-output layer runs as `W @ h.T` where the architecture allows it (guidance.split_head).
+output layer runs as `W @ h.T` where the architecture allows it (`split_head`). No transformers
+import: everything here works on the model object it is given.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 
 from ..context import bos_id, context_length, eos_ids
-from ..guidance import (forward_kwargs, left_pad, padding_id, positions_from_mask, run_model,
-                        split_head)
-
-REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that do not form a whole character (yet)
+from .base import Pair, PairIds, Shortcuts
+from .text import REPLACEMENT, IncrementalDecoder, StreamDecoder, text_decoder  # noqa: F401  (API)
 
 
-def text_decoder(tokenizer, context_ids: Sequence[int] = ()):
-    """The streaming decoder for `tokenizer`: `StreamDecoder` (tokenizers' DecodeStream, constant
-    cost per token) for a fast tokenizer, `IncrementalDecoder` for a slow (Python) one."""
-    if StreamDecoder.supports(tokenizer):
-        return StreamDecoder(tokenizer, context_ids)
-    return IncrementalDecoder(tokenizer, context_ids)
+class KVRows:
+    """Left-padded rows run through a model with a KV cache: the mask, each row's next position, the
+    cache and the last-position logits (rows, vocab). `step` appends one token to every row.
+
+    `split` (from `split_head`) runs the output layer as `W @ h.T`; None runs the model's own
+    forward (the plugin uses that, so its scores equal transformers' CFG to the last bits)."""
+
+    def __init__(self, model, rows: Sequence[Sequence[int]], pad_id: int, split=None,
+                 accepts: set[str] | None = None):
+        self.model, self._split = model, split
+        self._accepts = forward_kwargs(model) if accepts is None else accepts
+        ids, mask = left_pad(rows, pad_id)
+        self.mask = mask.to(model.device)
+        self.next_pos = self.mask.sum(-1, keepdim=True)  # (rows, 1): position of the next token
+        self.cache = None
+        self.calls = 0
+        self.logits = self._forward(ids.to(model.device), positions_from_mask(self.mask))
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(attention_mask=self.mask, use_cache=True)
+        if "position_ids" in self._accepts:
+            kwargs["position_ids"] = positions
+        logits, self.cache = run_model(self.model, self._split, ids, cache=self.cache, **kwargs)
+        self.calls += 1
+        return logits  # (rows, vocab)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (rows,) and return the next-token logits (rows, vocab)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        positions, self.next_pos = self.next_pos, self.next_pos + 1
+        self.logits = self._forward(tokens.view(-1, 1).to(self.mask.device), positions)
+        return self.logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Follow rows that beam search reordered or duplicated: row i now continues row index[i]."""
+        index = index.to(self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        self.logits = self.logits.index_select(0, index)
+        self.cache.reorder_cache(index)
 
 
-def _context_tail(decode, context_ids: Sequence[int], tail: int) -> list[int]:
-    """The last `tail` context ids, widened until their text does not start inside a multi-byte
-    character (that would decode to U+FFFD)."""
-    context = [int(t) for t in context_ids]
-    ids = context[-tail:] if tail else []
-    while ids and REPLACEMENT in decode(ids)[:1] and len(ids) < len(context):
-        ids = context[-(len(ids) + 1):]
-    return ids
+class OpposingBranch(KVRows):
+    """The opposing branch of one `model.generate` call (guidance.CFGLogitsProcessor): its rows on
+    the model's own forward, fed exactly one new token per step."""
 
-
-class StreamDecoder:
-    """Decode new token ids one at a time with `tokenizers.decoders.DecodeStream` and release only
-    text that will not change; the same contract as `IncrementalDecoder` (`add`, `flush`,
-    `released`) at a constant cost per token.
-
-    DecodeStream decodes a short window of recent ids and gives the text past the window's
-    previous text, holding a token back while the text ends in U+FFFD (the first bytes of a
-    character whose last bytes are still to come). It is prefilled with the last context tokens,
-    so the first new token joins the story as in a one-shot decode (a SentencePiece decoder drops
-    the leading space of the first token it sees). `flush` gives the held-back rest at the end.
-    """
-
-    def __init__(self, tokenizer, context_ids: Sequence[int] = (), tail: int = 3):
-        from tokenizers.decoders import DecodeStream
-
-        self.tokenizer = tokenizer
-        self._rust = tokenizer.backend_tokenizer
-        self._tail = _context_tail(self._decode, context_ids, tail)
-        try:
-            self._stream = DecodeStream(ids=self._tail, skip_special_tokens=True)
-        except TypeError:  # tokenizers < 0.22: no prefill; feed the tail and drop its text
-            self._stream = DecodeStream(skip_special_tokens=True)
-            for t in self._tail:
-                self._stream.step(self._rust, t)
-        self._done: list[int] = list(self._tail)  # ids whose text has been released (recent ones)
-        self._pending: list[int] = []  # ids added since the last released chunk
-        self._fallback: IncrementalDecoder | None = None
-        self.released = ""
-
-    @staticmethod
-    def supports(tokenizer) -> bool:
-        try:
-            from tokenizers import Tokenizer
-            from tokenizers.decoders import DecodeStream  # noqa: F401  (tokenizers >= 0.21)
-        except ImportError:
-            return False
-        return isinstance(getattr(tokenizer, "backend_tokenizer", None), Tokenizer)
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._rust.decode(list(ids), skip_special_tokens=True)
-
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text that became stable (often "", never retracted)."""
-        token_id = int(token_id)
-        if self._fallback is not None:
-            return self._take(self._fallback.add(token_id))
-        try:
-            chunk = self._stream.step(self._rust, token_id)
-        except Exception:
-            # DecodeStream refuses a window whose text does not extend its previous text (a
-            # decoder that rewrites earlier characters): continue with the re-decoding decoder
-            self._fallback = IncrementalDecoder(self.tokenizer, self._done)
-            piece = "".join(self._fallback.add(t) for t in self._pending + [token_id])
-            self._pending = []
-            return self._take(piece)
-        self._pending.append(token_id)
-        if chunk is None:
-            return ""
-        self._done = (self._done + self._pending)[-8:]  # enough context for `flush`
-        self._pending = []
-        return self._take(chunk)
-
-    def flush(self) -> str:
-        """The rest, unfinished characters included (U+FFFD), at the end of the generation."""
-        if self._fallback is not None:
-            return self._take(self._fallback.flush())
-        if not self._pending:
-            return ""
-        head = _context_tail(self._decode, self._done, 3)
-        base, full = self._decode(head), self._decode(head + self._pending)
-        piece = full[len(base):] if full.startswith(base) else self._decode(self._pending)
-        self._done, self._pending = (self._done + self._pending)[-8:], []
-        return self._take(piece)
-
-    def _take(self, piece: str) -> str:
-        self.released += piece
-        return piece
-
-
-class IncrementalDecoder:
-    """Decode a growing list of new token ids and release only text that will not change: the
-    fallback for slow (Python) tokenizers, which have no DecodeStream; cost grows with the text.
-
-    The text of the new tokens is `decode(tail + new)` minus `decode(tail)`, where `tail` is the last
-    few context tokens: a SentencePiece decoder drops the leading space of the first token it sees,
-    and the tail keeps the join to the story right. (For byte-level BPE this equals
-    `decode(new)`.) Each call decodes the whole new list again and releases the new suffix, holding
-    back trailing U+FFFD: the first bytes of a character whose last bytes are still to come.
-    """
-
-    def __init__(self, tokenizer, context_ids: Sequence[int] = (), tail: int = 3):
-        self.tokenizer = tokenizer
-        self.tail = _context_tail(self._decode, context_ids, tail)
-        self.base = self._decode(self.tail)
-        self.ids: list[int] = []
-        self.released = ""
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
-
-    def text(self) -> str:
-        """All the text of the new tokens so far, unstable end included."""
-        full = self._decode(self.tail + self.ids)
-        return full[len(self.base):] if full.startswith(self.base) else self._decode(self.ids)
-
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text that became stable (often "", never retracted)."""
-        self.ids.append(int(token_id))
-        return self._release(self.text().rstrip(REPLACEMENT))
-
-    def flush(self) -> str:
-        """The rest, unfinished characters included (U+FFFD), at the end of the generation."""
-        return self._release(self.text())
-
-    def _release(self, stable: str) -> str:
-        if not stable.startswith(self.released):
-            # the decoder changed text it already gave (rare; e.g. a normaliser): keep what was
-            # shown and continue after its length
-            stable = self.released + stable[len(self.released):]
-        piece = stable[len(self.released):]
-        self.released = stable
-        return piece
+    def __init__(self, model, rows: list[list[int]], pad_id: int):
+        super().__init__(model, rows, pad_id, split=None)
 
 
 def _cuda_device() -> torch.device:
@@ -176,20 +85,16 @@ def _cuda_device() -> torch.device:
     return torch.device("cuda")
 
 
-class TransformersPair:
-    """One (story, opposing) pair: its left-padded rows' cache, mask and next positions."""
+class TransformersPair(Pair):
+    """One (story, opposing) pair: its left-padded rows (`KVRows`) and the float32 logits."""
 
-    def __init__(self, rows: list[list[int]]):
-        self.rows = len(rows)
-        self.lengths = [len(r) for r in rows]
-        self.cache = None
-        self.mask: torch.Tensor | None = None
-        self.next_pos: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None  # (rows, vocab) after the last forward
-        self.live = True
+    def __init__(self, rows: KVRows, n: int):
+        super().__init__(n)
+        self.kv: KVRows | None = rows
+        self.logits = rows.logits.to(dtype=torch.float32)
 
 
-class TransformersBackend:
+class TransformersBackend(Shortcuts):
     name = "transformers"
 
     def __init__(self, model, tokenizer, runtime=None):
@@ -221,42 +126,130 @@ class TransformersBackend:
     def reserve(self, pairs: int) -> None:
         """Nothing to allocate: each pair owns its cache."""
 
-    def _forward(self, pair: TransformersPair, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(attention_mask=pair.mask, use_cache=True)
-        if "position_ids" in self._accepts:
-            kwargs["position_ids"] = positions
-        logits, pair.cache = run_model(self.model, self._split, ids, cache=pair.cache, **kwargs)
-        self.forwards += 1
-        pair.logits = logits.to(dtype=torch.float32)  # (rows, vocab)
-        return pair.logits
-
-    def prefill(self, pairs) -> list[TransformersPair]:
-        return self.run(new=pairs)[1]
-
-    def step(self, tokens) -> list[torch.Tensor]:
-        return self.run(steps=tokens)[0]
+    def fits(self, rows: int = 2) -> bool:
+        """Always: each pair owns its cache (memory is the limit, not slots)."""
+        return True
 
     def run(self, steps=(), new=()):
-        """One forward per pair: `steps` [(pair, token)] continue, `new` [(story, opposing)] start."""
-        out_steps = []
-        for pair, token in steps:
+        """One forward per pair: `steps` [(pair, token)] continue, `new` [(story, opposing)] start
+        (base.py: the protocol and its failure contract)."""
+        for pair, _ in steps:
             if not pair.live:
                 raise ValueError("`step` got a released pair")
-            ids = torch.full((pair.rows, 1), int(token), dtype=torch.long, device=self.device)
-            pair.mask = torch.cat([pair.mask, torch.ones_like(pair.mask[:, :1])], dim=-1)
-            positions, pair.next_pos = pair.next_pos, pair.next_pos + 1
-            out_steps.append(self._forward(pair, ids, positions))
+        out_steps = []
+        for pair, token in steps:
+            tokens = torch.full((pair.rows,), int(token), dtype=torch.long, device=self.device)
+            pair.logits = pair.kv.step(tokens).to(dtype=torch.float32)
+            self.forwards += 1
+            out_steps.append(pair.logits)
         out_new = []
-        for story, opposing in new:
-            rows = [list(story)] + ([list(opposing)] if opposing is not None else [])
-            pair = TransformersPair(rows)
-            ids, mask = left_pad(rows, self._pad)
-            pair.mask = mask.to(self.device)
-            pair.next_pos = pair.mask.sum(-1, keepdim=True)  # (rows, 1)
-            self._forward(pair, ids.to(self.device), positions_from_mask(pair.mask))
-            out_new.append(pair)
+        for ids in new:
+            rows = PairIds(*ids).rows()
+            kv = KVRows(self.model, rows, self._pad, self._split, self._accepts)
+            self.forwards += 1
+            out_new.append(TransformersPair(kv, len(rows)))
         return out_steps, out_new
 
     def release(self, pair: TransformersPair) -> None:
-        pair.cache = pair.logits = pair.mask = None
+        pair.kv = pair.logits = None
         pair.live = False
+
+
+# ---- the plumbing of a transformers forward ---------------------------------------------------
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (ids, attention_mask), both (batch, max_len) long tensors."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def padding_id(model, tokenizer=None) -> int:
+    """The id to left-pad rows with (masked out, so any id works): the model's pad, the tokenizer's,
+    the model's EOS (first one of a list), the tokenizer's EOS, else 0."""
+    for t in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None),
+              getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(t, (list, tuple)) and t:
+            t = t[0]
+        if isinstance(t, int) and not isinstance(t, bool):
+            return int(t)
+    return 0
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only attended tokens (0 for the first real token of each row)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_kwargs(model) -> set[str]:
+    """Which optional arguments this model's forward accepts (position_ids, logits_to_keep)."""
+    names = set(inspect.signature(model.forward).parameters)
+    return names & {"position_ids", "logits_to_keep", "num_logits_to_keep"}
+
+
+# Architectures whose logits are exactly `lm_head(last hidden state)`: a plain bias-free Linear,
+# no soft-capping or logit scaling (Gemma, Cohere, Granite, ... have those and take the normal path).
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "smollm3", "olmo2"}
+
+
+def split_head(model):
+    """(decoder, head_weight) when we may run the model's output layer ourselves, else None.
+
+    Why: MKL on a CPU multiplies one or two rows by a tall (vocab x hidden) output matrix far
+    slower than it computes `W @ h.T` with at least two rows as columns (SmolLM2's 49152 x 576
+    head: 12 ms for one row and 22-26 ms for two, against ~3-5 ms), and the head is a sixth to a
+    quarter of a decode step. Same numbers up to float rounding (tested).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (getattr(model.config, "model_type", None) not in _PLAIN_HEAD_TYPES
+            or type(head) is not torch.nn.Linear or head.bias is not None):
+        return None
+    decoder = getattr(model, "base_model", None)
+    if decoder is None or decoder is model:
+        return None
+    return decoder, head.weight
+
+
+def head_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden @ weight.T` (batch, vocab) computed as `weight @ hidden.T`; a single row is paired
+    with a zero row, since the one-column product takes MKL's much slower matrix-vector path."""
+    rows = hidden.shape[0]
+    cols = hidden if rows > 1 else torch.cat([hidden, torch.zeros_like(hidden)])
+    return torch.mm(weight, cols.t()).t()[:rows].contiguous()
+
+
+def cache_keyword(module) -> str:
+    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24,
+    which still accepts `past_key_values` until 5.40 but warns on every call) or `past_key_values`
+    (5.20-5.23, which know no `cache`)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned, from the field this transformers version has (5.24
+    names it `cache`; reading the old `past_key_values` property there warns)."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
+
+
+def run_model(model, split, ids: torch.Tensor, cache=None, **kwargs):
+    """One forward pass with the KV cache `cache` (None: start one); (last-position logits
+    (batch, vocab), the returned cache)."""
+    with torch.no_grad():
+        if split is None:
+            if "logits_to_keep" in forward_kwargs(model):
+                kwargs["logits_to_keep"] = 1
+            out = model(ids, **{cache_keyword(model): cache}, **kwargs)
+            return out.logits[:, -1], returned_cache(out)
+        out = split[0](ids, **{cache_keyword(split[0]): cache}, **kwargs)
+        return head_logits(split[1], out.last_hidden_state[:, -1]), returned_cache(out)

@@ -69,7 +69,7 @@ def import_preset(path_or_text, name: str | None = None) -> tuple[dict, Report]:
     try:
         fmt = detect_format(data)
     except PresetError as err:
-        raise PresetError(f"{source}: {err}") from None
+        raise err.within(source) from None
     if fmt == "koboldai-bundle":
         if name is None and len(data) > 1:
             raise PresetError(f"{source}: a KoboldAI bundle of {len(data)} presets "

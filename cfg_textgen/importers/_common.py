@@ -160,7 +160,8 @@ class Builder:
         return self.prefix + key
 
     def error(self, key: str, message: str) -> PresetError:
-        return PresetError(f"{self.source}: {self.k(key)}: {message}")
+        """The error about source key `key`: the key (as written, prefix included) is its `field`."""
+        return PresetError(f"{self.source}: {self.k(key)}: {message}", field=self.k(key), rule=message)
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -239,7 +240,7 @@ def build(preset: dict, source: str):
     try:
         return parse_preset(preset, source)
     except PresetError as err:
-        raise PresetError(f"{source}: the imported preset is invalid: {err}") from None
+        raise err.within(f"{source}: the imported preset is invalid") from None
 
 
 # ---- small helpers shared by several formats ------------------------------------------------

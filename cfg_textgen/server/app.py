@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 import threading
 from functools import partial
 
@@ -28,10 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import CFGTextgenError
+from ..errors import CFGTextgenError, SchedulerClosed
 from . import chat, jsonbody, kobold, logprobs, webui
 from .bodies import read
-from .errors import KOBOLD, WEBUI, APIError, api_of_path, error_body
+from .errors import KOBOLD, WEBUI, APIError, api_of_path, error_body, from_engine_error
 from .origin import LocalOnly
 from .requestlog import SKIPPED_HEADER, RequestLog
 from .scheduling import SHUTDOWN, shutting_down
@@ -65,26 +64,15 @@ async def off_loop(func, *args, **kw):
     return await anyio.to_thread.run_sync(partial(func, *args, **kw))
 
 
-_NAMED = re.compile(r"`(\w+)`")
-_ROOM = re.compile(r"(\d+) new tokens \(\+ (\d+) opposing-prompt tokens\)")
-_ENGINE_FIELDS = {"prompt": "prompt", "max_new_tokens": None, "opposing_prompt": "negative_prompt",
-                  "scale": "guidance_scale"}
-
-
 def submit(service, length_field: str, prompt, preset, seed, **kw):
-    """service.submit, with the engine's refusals (too long, ...) as a 400 naming the field."""
+    """service.submit, with the engine's refusals (too long, ...) as a 400 naming the field the
+    engine's typed error is about, and a closing server as a 503."""
     try:
         return service.submit(prompt, preset, seed, **kw)
+    except SchedulerClosed as err:
+        raise APIError(503, str(err), None, "unavailable") from None
     except (ValueError, CFGTextgenError) as err:
-        text = str(err)
-        m = _NAMED.search(text)
-        field = _ENGINE_FIELDS.get(m.group(1), m.group(1)) if m else None
-        if field is None:  # the engine's words: too many new tokens, too long a negative prompt or story
-            field = length_field if ("leave no room" in text or (m and m.group(1) == "max_new_tokens")) else "prompt"
-            counts = _ROOM.match(text)
-            if "leave no room" in text and counts and int(counts.group(2)) > int(counts.group(1)):
-                field = "negative_prompt"
-        raise APIError(400, text if f"`{field}`" in text else f"`{field}`: {text}", field) from None
+        raise from_engine_error(err, length_field) from None
 
 
 # ---- waiting for jobs, noticing disconnects -------------------------------------------------
@@ -266,7 +254,7 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
                 if job.stop_reason == "error":
                     yield _sse(error_body(WEBUI, _error_of(job)))
                     continue
-                last = chunk(i, "", webui.finish_reason(job), token_logprobs(i, None))
+                last = chunk(i, "", job.finish_reason, token_logprobs(i, None))
                 if ended == len(jobs):
                     last["usage"] = usage()
                 yield _sse(last)
@@ -424,7 +412,7 @@ async def kobold_stream(request: Request):
                 elif job.stop_reason == "error":
                     yield _kobold_event(error_body(KOBOLD, _error_of(job)))
                 else:
-                    yield _kobold_event({"token": "", "finish_reason": kobold.finish_reason(job)})
+                    yield _kobold_event({"token": "", "finish_reason": job.finish_reason})
         finally:
             job.cancel()
 

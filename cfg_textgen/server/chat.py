@@ -20,7 +20,7 @@ from ..chat import ChatTemplateError
 from .bodies import Count, read
 from .errors import APIError, bad
 from .translate import WEBUI_FLAVOUR, build_preset, check_request_grammar
-from .webui import DEFAULT_MAX_TOKENS, NULLABLE, ChoicesBody, finish_reason, usage
+from .webui import DEFAULT_MAX_TOKENS, NULLABLE, ChoicesBody, usage
 
 CHAT_NULLABLE = NULLABLE | {"max_completion_tokens", "stream_options", "negative_messages", "response_format",
                             "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"}
@@ -104,7 +104,7 @@ def chat_response(cid: str, model: str, jobs, prompt_tokens: int) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": i, "message": {"role": "assistant", "content": job.text},
-                         "finish_reason": finish_reason(job), "logprobs": None} for i, job in enumerate(jobs)],
+                         "finish_reason": job.finish_reason, "logprobs": None} for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}
 
 

@@ -8,7 +8,6 @@ add the field there too. Every error names the field it is about where there is 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 WEBUI, KOBOLD = "webui", "kobold"
@@ -47,10 +46,8 @@ def bad(field: str, rule: str, value: Any) -> APIError:
     return APIError(400, f"`{field}` {rule}, but is {_kind(value)} {shown}", field)
 
 
-# ---- errors from the preset translation (importers/ and presets.parse_preset) ----------------
+# ---- library errors as request errors: by their typed `field`, never by their words ------------
 
-_BUILDER = re.compile(r"^[^:]*: ([A-Za-z_][\w.]*(?:\[\d+\])?): (.*)$", re.S)
-_PRESET_PATH = re.compile(r"\$\.(samplers\[(\d+)\](?:\.(\w+))?|cfg\.(\w+)|(\w+))")
 _CFG_FIELD = {"scale": "guidance_scale", "opposing_prompt": "negative_prompt"}
 
 
@@ -58,29 +55,43 @@ def from_preset_error(err: Exception, preset: dict | None, report, renames: dict
                       ) -> APIError:
     """A PresetError from translating a request, as a 400 naming the request field.
 
-    An importer's error names the source key itself (`SOURCE: key: what`); a validation error of
-    the translated preset names a JSON path (`$.samplers[1].k`), traced back to the request key
-    through the import report (which says what each key was mapped to)."""
-    text = str(err).splitlines()[0]
+    An importer's error is about one source key (`err.field`: the request key itself); a
+    validation error of the translated preset holds JSON paths (`err.problems`:
+    `("samplers", 1, "k")`), traced back to the request key through the import report (which says
+    what each key was mapped to)."""
+    text = (str(err).splitlines() or [""])[0]
     renames = renames or {}
-    if "the imported preset is invalid" not in text and preset is None:
-        m = _BUILDER.match(text)
-        if m:
-            return APIError(400, f"`{m.group(1)}`: {m.group(2)}", m.group(1))
-        return APIError(400, text, None)
-    m = _PRESET_PATH.search(text)
-    why = text.split(": ", 1)[-1] if m is None else text[m.end():].lstrip(": ")
+    problems = getattr(err, "problems", ())
+    if not problems:
+        field = getattr(err, "field", None)
+        if field is None:
+            return APIError(400, text, None)
+        field = renames.get(field, field)
+        return APIError(400, f"`{field}`: {err.rule}", field)
+    path, why = problems[0].path, problems[0].message
     field = None
-    if m and m.group(2) is not None and preset is not None:
-        spec = preset["samplers"][int(m.group(2))]
-        target = f"{spec['sampler']}.{m.group(3)}" if m.group(3) else spec["sampler"]
+    if len(path) >= 2 and path[0] == "samplers" and isinstance(path[1], int) and preset is not None:
+        spec = preset["samplers"][path[1]]
+        target = f"{spec['sampler']}.{path[2]}" if len(path) > 2 else spec["sampler"]
         field = _report_key(report, target) or _report_key(report, spec["sampler"]) or spec["sampler"]
-    elif m and m.group(4) is not None:
-        field = _CFG_FIELD.get(m.group(4), m.group(4))
-    elif m and m.group(5) is not None:
-        field = _report_key(report, m.group(5)) or m.group(5)
+    elif len(path) >= 2 and path[0] == "cfg":
+        field = _CFG_FIELD.get(path[1], path[1])
+    elif path:
+        field = _report_key(report, str(path[0])) or str(path[0])
     field = renames.get(field, field)
     return APIError(400, f"`{field}`: {why}" if field else text, field)
+
+
+def from_engine_error(err: Exception, length_field: str) -> APIError:
+    """The engine's refusal of a request (a setting out of range, a story too long for the window
+    with truncation off, no room for the new tokens) as a 400 naming the request field: the
+    engine's typed `field` in the API's words (`length_field` is the request's length field:
+    `max_tokens`, `max_new_tokens` or Kobold's `max_length`). An error without a field is about
+    the prompt, the one input left."""
+    field = getattr(err, "field", None) or "prompt"
+    field = length_field if field == "max_new_tokens" else _CFG_FIELD.get(field, field)
+    text = str(err)
+    return APIError(400, text if f"`{field}`" in text else f"`{field}`: {text}", field)
 
 
 def _report_key(report, target: str) -> str | None:

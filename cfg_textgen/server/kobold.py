@@ -74,11 +74,6 @@ AbortBody = create_model("AbortBody", genkey=(Text | None, None))
 TokenCountBody = create_model("TokenCountBody", prompt=(Text, ...))  # /api/extra/tokencount
 
 
-def finish_reason(job) -> str:
-    """"length", "stop", or "cancelled" for a job ended by a stop/abort request or a shutdown."""
-    return {"max_tokens": "length", "cancelled": "cancelled"}.get(job.stop_reason, "stop")
-
-
 def logprobs_of(job, service) -> dict | None:
     """KoboldCpp's logprobs object for a job that recorded them (`logprobs: true`), else None."""
     if job is None or job.generation.logprobs is None:
@@ -87,7 +82,7 @@ def logprobs_of(job, service) -> dict | None:
 
 
 def generate_response(job, prompt_tokens: int, service) -> dict:
-    return {"results": [{"text": job.text, "finish_reason": finish_reason(job),
+    return {"results": [{"text": job.text, "finish_reason": job.finish_reason,
                          "logprobs": logprobs_of(job, service),
                          "prompt_tokens": prompt_tokens, "completion_tokens": len(job.token_ids)}]}
 

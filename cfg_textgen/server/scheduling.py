@@ -1,5 +1,5 @@
-"""The model behind the server: load its backend, run the engine's Scheduler (INTERFACE.md: the
-server uses only that contract), tokenize, and track which API's jobs are running.
+"""The model behind the server: load its backend, run the engine's Scheduler (the server uses only
+its submit / cancel / wait contract), tokenize, and track which API's jobs are running.
 
 On llama.cpp the Scheduler decodes every active request (and each of `n` choices) in one batch per
 step; on transformers each active pair is its own forward within a step.
@@ -8,14 +8,14 @@ step; on transformers each active pair is its own forward within a step.
 from __future__ import annotations
 
 import collections
-import random
 import threading
 import time
 from pathlib import Path
 
 from ..context import fit_context, fit_with_memory
-from ..engine import Request, Scheduler
 from ..errors import CFGTextgenError
+from ..generation import random_seed
+from ..scheduler import Request, Scheduler
 from .defaults import ServerDefaults
 from .errors import APIError
 
@@ -42,7 +42,7 @@ class Service:
         self.n_ctx = int(self.backend.n_ctx or 2048)
         self._jobs: dict[int, tuple[object, str, str | None]] = {}  # id(job) -> (job, api, genkey)
         self._lock = threading.Lock()
-        self._tokenizer_lock = threading.Lock()  # tokenizers are not safe to call from several threads
+        self._tokenizer_lock = self.scheduler.tokenizer_lock  # also held by the decode thread's text work
         self.started = self.last_request = time.time()
         self.total = 0  # generations submitted since start
         self._recent: collections.deque = collections.deque(maxlen=16)
@@ -105,7 +105,7 @@ class Service:
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",
                genkey=None, logprobs: int | None = None, opposing_ids=None):
         if seed is None:
-            seed = random.randrange(2**31)
+            seed = random_seed()
         with self._lock:
             if self._stopping:
                 raise shutting_down()

@@ -83,11 +83,6 @@ TextBody = create_model("TextBody", text=(Text, ...))  # /v1/internal/encode and
 TokensBody = create_model("TokensBody", tokens=(TokenList, ...))  # /v1/internal/decode: read with vocab_size
 
 
-def finish_reason(job) -> str:
-    """"length", "stop", or "cancelled" for a job ended by a stop/abort request or a shutdown."""
-    return {"max_tokens": "length", "cancelled": "cancelled"}.get(job.stop_reason, "stop")
-
-
 def new_id() -> str:
     return "cmpl-" + uuid.uuid4().hex[:24]
 
@@ -97,7 +92,7 @@ def completion_response(cid: str, model: str, jobs, prompt_tokens: int, echo_tex
     """`text_of` (token id -> its text) when the request asked for logprobs."""
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": finish_reason(job),
+            "choices": [{"index": i, "text": echo_text + job.text, "finish_reason": job.finish_reason,
                          "logprobs": logprobs.openai(logprobs.shown(job), text_of, len(echo_text))
                          if text_of else None} for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}

@@ -1,0 +1,118 @@
+"""What every backend is: the typed protocol the decode loop (lanes.py) drives, and the pair.
+
+    new_logits, new_pairs = backend.run(new=[PairIds(story, opposing or None), ...])
+    step_logits, _ = backend.run(steps=[(pair, token), ...])   # one token per live pair
+    backend.release(pair)                                      # its sequences are free again
+
+A `Pair` is one generation's rows in the backend: row 0 the story, row 1 the opposing prompt
+when the pair has CFG (`pair.cfg`; a pair without CFG has the story row only, and the opposing
+branch is never run). `pair.logits` is (rows, vocab) float32 after the pair's last decode; it may
+be a view into the backend's own output buffer (llama.cpp: zero-copy), valid until the next
+`run`, so the caller reads it (cfg_combine makes new tensors) before decoding again.
+
+Failure contract (the decode loop relies on it): when `run` raises, no pair of `new` is live
+afterwards (whatever it allocated is released), and the pairs of `steps` are still live, for the
+caller to release. So a failed decode never leaks a sequence slot.
+
+Callers never see sequence ids, cells or caches: which slot a new pair takes and what its rows
+hold is the backend's business, so a backend may later keep a released slot's tokens and start a
+new pair from the longest matching prefix, or prefill a long prompt in chunks, behind this same
+protocol.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PairIds(NamedTuple):
+    """What a new pair starts from: the story's token ids and the opposing prompt's (None: no CFG)."""
+
+    story: Sequence[int]
+    opposing: Sequence[int] | None = None
+
+    @property
+    def cfg(self) -> bool:
+        return self.opposing is not None
+
+    def rows(self) -> list[list[int]]:
+        return [list(self.story)] + ([list(self.opposing)] if self.opposing is not None else [])
+
+
+class Pair:
+    """One live (story, opposing) pair in a backend. Backends subclass it with their own state."""
+
+    def __init__(self, rows: int):
+        self.rows = rows  # 2 with CFG (story, opposing), 1 without
+        self.logits: "torch.Tensor | None" = None  # (rows, vocab) after the last decode
+        self.live = True
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the pair has an opposing row (guidance runs; scale != 1)."""
+        return self.rows == 2
+
+
+class TextDecoder(Protocol):
+    """Streams text: `add(token)` returns the text that became final (often ""), `flush()` the rest
+    at the end, `released` all of it so far."""
+
+    released: str
+
+    def add(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model behind the decode loop (transformers.TransformersBackend, llama_cpp.LlamaCppBackend).
+
+    Besides decoding: `name` ("transformers" | "llama.cpp"), `n_ctx` (one sequence's window in
+    tokens, or None), `tokenize(text)` (the model's own special-token convention, as a story is
+    encoded), `eos_ids`, `bos_id`, `special_ids`, `device`, `tokenizer` (an object with
+    `encode`/`decode`/`__call__`, for samplers that need text), `decoder(context_ids)`,
+    `forwards` (decode calls so far)."""
+
+    name: str
+    n_ctx: int | None
+    eos_ids: set
+    bos_id: int | None
+    special_ids: set
+    forwards: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def decoder(self, context_ids: Sequence[int] = ()) -> TextDecoder: ...
+
+    def reserve(self, pairs: int) -> None:
+        """Make room for that many live pairs at once (before any is live)."""
+
+    def fits(self, rows: int) -> bool:
+        """Whether new pairs with `rows` rows in all can start now."""
+
+    def run(self, steps: Sequence[tuple[Pair, int]] = (), new: Sequence[PairIds] = ()
+            ) -> tuple[list["torch.Tensor"], list[Pair]]:
+        """Append one token to every row of each pair in `steps` and start the pairs of `new`;
+        (each step pair's new logits, the new pairs). See the failure contract above."""
+
+    def release(self, pair: Pair) -> None:
+        """Free the pair's sequences (idempotent)."""
+
+
+class Shortcuts:
+    """`prefill` and `step`: `run` with only new pairs or only steps (for tests and references
+    that drive a backend by hand)."""
+
+    def prefill(self, pairs) -> list[Pair]:
+        return self.run(new=pairs)[1]
+
+    def step(self, tokens) -> list:
+        return self.run(steps=tokens)[0]
+
+
+def is_backend(obj) -> bool:
+    return isinstance(obj, Backend)

@@ -1,0 +1,165 @@
+"""The one decode loop: lanes (a generation's state + its pair of sequences) over a backend.
+
+Every way of generating runs it: the CLI's `Stream` (one lane), the server's `Scheduler` (lanes
+join and leave between steps) and the analysis commands (`analysis.run_side_by_side`: a sweep's
+scales, LAMBADA's examples). One call of `DecodeLoop.step(joining)` is one decode step:
+
+    1. lanes cancelled since the last step leave (their pairs are released);
+    2. every live lane's last token goes into ONE `backend.run(steps=...)`; each lane's state
+       reads its pair's logits (`advance`: CFG, samplers, pick), and only then does any finished
+       lane release its pair (llama.cpp may reuse its output buffer once its memory changes);
+    3. each joining lane's prompt is prefilled (`backend.run(new=...)`) and advanced at once.
+
+Failures stay with the lanes they belong to, and no pair is ever leaked: a failed step ends the
+lanes in that step (all live ones) with the error; a failed prefill ends only the lane that
+joined; a failing `advance` (a sampler's bug) ends only its own lane. Every pair the loop got is
+released when its lane ends, and `close()` releases whatever is still live.
+
+A lane's state is any object with the generation protocol: `pair_ids()` (story ids, opposing ids
+or None), `advance(logits) -> text piece or None`, `done`, `last_token` (engine.Generation is
+one). A `Lane` subclass decides what a piece and the end mean to its caller (`put`, `end`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol, Sequence
+
+from .backends.base import PairIds
+
+
+class LaneState(Protocol):
+    """What the loop needs of a generation (engine.Generation, analysis' teacher forcing)."""
+
+    done: bool
+
+    def pair_ids(self) -> tuple: ...
+
+    def advance(self, logits): ...
+
+    @property
+    def last_token(self) -> int: ...
+
+
+class Lane:
+    """One generation in the loop: its state and, while live, its backend pair.
+
+    After it ends: `reason` (None when the state finished on its own, "cancelled", "error") and
+    `error` (the exception that ended it). Subclasses override `cancelled`, `put` and `end`."""
+
+    def __init__(self, state: LaneState):
+        self.state = state
+        self.pair = None
+        self.ended = False
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return False
+
+    def put(self, piece) -> None:
+        """A text piece (or whatever `advance` returned) the state gave this step."""
+
+    def end(self, reason: str | None, error: BaseException | None) -> None:
+        """Called once, after the lane's pair was released."""
+
+
+class DecodeLoop:
+    """Live lanes on one backend, decoded one step at a time (see the module docstring)."""
+
+    def __init__(self, backend, text_lock=None):
+        self.backend = backend
+        # held while lanes read their logits (samplers and text decoders use the tokenizer), not
+        # during decodes: the Scheduler's lock, shared with the threads that tokenize requests
+        self.text_lock = text_lock if text_lock is not None else contextlib.nullcontext()
+        self.live: list[Lane] = []
+        self.steps = 0  # decode steps made
+
+    def step(self, joining: Sequence[Lane] = ()) -> list[Lane]:
+        """One decode step of every live lane, then the joining lanes' prefill; the lanes that
+        ended in it (their pairs released)."""
+        ended: list[Lane] = []
+        for lane in [lane for lane in self.live if lane.cancelled]:
+            self._end(lane, "cancelled", None, ended)
+        if self.live:
+            self._step_live(ended)
+        for lane in joining:
+            if lane.cancelled:
+                self._end(lane, "cancelled", None, ended)
+            else:
+                self._join(lane, ended)
+        if self.live or joining:
+            self.steps += 1
+        return ended
+
+    def _step_live(self, ended: list[Lane]) -> None:
+        lanes = list(self.live)
+        try:
+            self.backend.run(steps=[(lane.pair, lane.state.last_token) for lane in lanes])
+        except Exception as err:  # the step failed: it ends the lanes in it, never the loop
+            for lane in lanes:
+                self._end(lane, "error", err, ended)
+            return
+        self._advance(lanes, ended)
+
+    def _join(self, lane: Lane, ended: list[Lane]) -> None:
+        try:
+            _, [lane.pair] = self.backend.run(new=[PairIds(*lane.state.pair_ids())])
+        except Exception as err:  # the backend released what it allocated (base.py's contract)
+            lane.pair = None
+            self._end(lane, "error", err, ended)
+            return
+        self.live.append(lane)
+        self._advance([lane], ended)
+
+    def _advance(self, lanes: list[Lane], ended: list[Lane]) -> None:
+        """Each lane reads its logits; finished lanes release only after all have read theirs."""
+        leaving = []
+        with self.text_lock:
+            for lane in lanes:
+                if lane.cancelled:  # cancelled during the decode: no more text
+                    leaving.append((lane, "cancelled", None))
+                    continue
+                try:
+                    lane.put(lane.state.advance(lane.pair.logits))
+                except Exception as err:  # one lane's bad sampler must not end the others
+                    leaving.append((lane, "error", err))
+                    continue
+                if lane.state.done:
+                    leaving.append((lane, None, None))
+        for lane, reason, err in leaving:
+            self._end(lane, reason, err, ended)
+
+    def _end(self, lane: Lane, reason: str | None, error: BaseException | None, ended: list[Lane]) -> None:
+        """Release the lane's pair and end it. A release that fails (a backend bug) becomes the
+        lane's error, and the caller's other lanes still end."""
+        if lane.ended:
+            return
+        lane.ended = True
+        if lane in self.live:
+            self.live.remove(lane)
+        pair, lane.pair = lane.pair, None
+        if pair is not None:
+            try:
+                self.backend.release(pair)
+            except Exception as err:
+                reason, error = "error", error or err
+        lane.reason, lane.error = reason, error
+        ended.append(lane)
+        lane.end(reason, error)
+
+    def fail(self, lanes: Sequence[Lane], error: BaseException) -> list[Lane]:
+        """End `lanes` (live or not yet joined) with `error`, releasing their pairs: what a caller
+        does when something outside a step failed around them."""
+        ended: list[Lane] = []
+        for lane in lanes:
+            self._end(lane, "error", error, ended)
+        return ended
+
+    def close(self) -> list[Lane]:
+        """End every live lane as cancelled, releasing its pair."""
+        ended: list[Lane] = []
+        for lane in list(self.live):
+            self._end(lane, "cancelled", None, ended)
+        return ended

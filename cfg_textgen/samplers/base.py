@@ -1,0 +1,116 @@
+"""What every sampler is: the `Sampler` base class (preset parameters checked by its settings model),
+the registry name -> class, the chain of a preset, and the final pick."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, ClassVar, Mapping
+
+import torch
+from pydantic import BaseModel, Field
+
+from ..processors import LogitsProcessor, ProcessorList
+from ..settings import SETTINGS, Int, Param, SamplerSettings, check, fields_of
+
+
+NEG_INF = float("-inf")
+LN2 = math.log(2.0)
+
+
+class Sampler(LogitsProcessor):
+    """Base class: a named LogitsProcessor whose constructor takes its preset parameters as keywords
+    (or by position in declaration order, then `min_tokens_to_keep`), checked by its `Settings`
+    model (settings.py) and stored as attributes of the same names."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[SamplerSettings]]  # set by `register`, from settings.SETTINGS
+    params: ClassVar[tuple[Param, ...]] = ()  # read-only views of the Settings fields
+    needs_tokenizer: ClassVar[bool] = False  # e.g. DRY's sequence breakers are text
+
+    def __init__(self, *args, **kwargs):
+        names = [p.name for p in self.params] + ["min_tokens_to_keep"]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes at most {len(names)} positional arguments")
+        for key, value in zip(names, args):
+            if key in kwargs:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {key!r}")
+            kwargs[key] = value
+        keep = check(_Keep, {"min_tokens_to_keep": kwargs.pop("min_tokens_to_keep", 1)})
+        settings = check(self.Settings, {**kwargs, "sampler": self.name})
+        for p in self.params:
+            setattr(self, p.name, getattr(settings, p.name))
+        self.min_tokens_to_keep = keep.min_tokens_to_keep
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], tokenizer=None) -> "Sampler":
+        """Build from preset parameters (missing ones take their defaults)."""
+        return cls(**params, **({"tokenizer": tokenizer} if cls.needs_tokenizer else {}))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{p.name}={getattr(self, p.name)!r}" for p in self.params)
+        return f"{type(self).__name__}({args})"
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raise NotImplementedError
+
+
+class _Keep(BaseModel):
+    min_tokens_to_keep: Int = Field(1, ge=1)
+
+
+SAMPLERS: dict[str, type[Sampler]] = {}
+
+
+def register(cls: type[Sampler]) -> type[Sampler]:
+    """Class decorator: add a sampler to the registry under its `name`, with the settings model of
+    that name; its signature and the Args of its docstring (help(), IDEs) list the model's fields."""
+    if cls.name in SAMPLERS:
+        raise ValueError(f"sampler name {cls.name!r} registered twice")
+    cls.Settings = SETTINGS[cls.name]
+    cls.params = tuple(v for k, v in fields_of(cls.Settings).items() if k != "sampler")
+    args = "".join(f"        {p.name} ({p.rule()}, defaults to {p.default!r}): {p.doc}.\n" for p in cls.params)
+    cls.__doc__ = cls.__doc__.replace("    Args:\n", "    Args:\n" + args, 1)  # the rest are not settings
+    P = inspect.Parameter
+    own = [q for q in inspect.signature(cls.__init__).parameters.values() if q.kind is P.KEYWORD_ONLY]
+    cls.__signature__ = inspect.Signature(
+        [P(p.name, P.POSITIONAL_OR_KEYWORD, default=p.default, annotation=p.kind) for p in cls.params]
+        + [P("min_tokens_to_keep", P.POSITIONAL_OR_KEYWORD, default=1, annotation=int)] + own)
+    SAMPLERS[cls.name] = cls
+    return cls
+
+
+class SamplerChain(ProcessorList):
+    """A preset's samplers in order (what `chain.build_chain` returns): a processor list
+    that runs them with one intra-op thread when the scores are on the CPU.
+
+    A chain is ~20 short passes over one row of ~50k scores; threads gain nothing there, and torch
+    splits every elementwise op above 32,768 elements across its threads, so each op waits for the
+    slowest thread. With the other core busy (any shared machine) that wait is a scheduler time
+    slice: measured here, `diff().diff().abs()` over 49,152 floats took 0.014 ms on one thread and
+    48 ms on two. The thread count is restored afterwards; it is process-wide, so a model running a
+    forward pass in another Python thread at the same moment would run it single-threaded too.
+    """
+
+    def __call__(self, input_ids, scores, **kwargs):
+        threads = torch.get_num_threads()
+        if scores.device.type != "cpu" or threads == 1:
+            return super().__call__(input_ids, scores, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return super().__call__(input_ids, scores, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None
+               ) -> torch.LongTensor:
+    """The final choice after the chain: (batch, vocab) scores -> (batch,) token ids.
+
+    Greedy is `argmax`; sampling is `torch.multinomial(softmax(scores), 1)`, the very call
+    `model.generate` makes, so a run seeded with `torch.manual_seed` picks the same tokens.
+    """
+    if not do_sample:
+        return torch.argmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
