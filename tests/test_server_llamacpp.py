@@ -166,3 +166,15 @@ def test_llamacpp_importer_runs_only_listed_samplers_and_skips_unknown_names():
 def test_llamacpp_importer_dynatemp_range_spreads_temperature():
     samplers, _, _ = _samplers({"samplers": ["temperature"], "temperature": 1.0, "dynatemp_range": 0.4})
     assert samplers == [("dynamic_temperature", {"low": 0.6, "high": 1.4, "exponent": 1.0})]
+
+
+def test_llamacpp_importer_repeat_last_n_0_with_penalties_not_listed():
+    # what SillyTavern 1.12's "llama.cpp" type really sent in a browser run: no "penalties" in
+    # `samplers`, repeat_last_n 0 (llama.cpp: penalties off) and repeat_penalty 1.1; it was a 500
+    body = {"samplers": ["top_k", "tfs_z", "typical_p", "top_p", "min_p", "xtc", "temperature"],
+            "repeat_penalty": 1.1, "repeat_last_n": 0, "top_k": 0, "temperature": 0.7}
+    samplers, _, report = _samplers(body)
+    assert "repetition_penalty" not in [s for s, _ in samplers]
+    assert "repeat_penalty" in report.render()  # said: not listed, so llama.cpp does not run it
+    samplers, _, _ = _samplers({**body, "samplers": ["penalties", "temperature"]})
+    assert [s for s, _ in samplers] == ["temperature"]  # listed, but repeat_last_n 0 turns it off

@@ -94,7 +94,7 @@ def _order(b: Builder) -> list[str]:
 def _derived(b: Builder, fields: dict) -> None:
     """llama.cpp's special values, as the web UI settings they mean."""
     last_n = b.num("repeat_last_n", integer=True) if "repeat_last_n" in fields else None
-    if last_n == 0:
+    if last_n == 0 and "repeat_penalty" in fields:  # (not there when `samplers` leaves penalties out)
         fields["repeat_penalty"] = 1  # 0: penalties off
     elif last_n is not None and last_n < 0:
         fields["repeat_last_n"] = 0  # -1: the whole context (our range 0)
