@@ -3,8 +3,16 @@ byte-level BPE tokenizer trained in the test session, and (for slow tests) the r
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The suite mixes torch's OpenMP threads and llama.cpp's in one process (and in the server processes
+# it starts, which inherit this) on CI's 2 cores: with OpenMP's default waiting, each side's idle
+# threads spin while the other computes, and llama.cpp tests ran many times slower. Users keep the
+# default (runtime.configure_process leaves OMP_WAIT_POLICY alone); only the tests wait passively.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_ARCHS = ("llama", "gpt2", "qwen2")
 
