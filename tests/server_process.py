@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,6 +54,19 @@ class ServerProcess:
         if not self._log.closed:
             self._log.flush()
         return self.stderr_path.read_text()
+
+    def wait_log(self, pattern: str, timeout: float = 30) -> re.Match:
+        """The first match of `pattern` in the server's stderr, waiting for it: a stream's log line is
+        written when the server has finished with the request, which may be just after the client
+        has read the last byte."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.stderr()
+            found = re.search(pattern, text)
+            if found or time.monotonic() > deadline:
+                assert found, f"{pattern!r} not in the server's log:\n{text}"
+                return found
+            time.sleep(0.05)
 
     def terminate(self, timeout: float = 90) -> int:
         """SIGTERM and wait; the exit code (the server should exit 0)."""
