@@ -137,10 +137,11 @@ class LlamaCppPair(Pair):
     """One live (story, opposing) pair: its sequence ids and next positions. `logits` is a
     (rows, vocab) view into llama.cpp's output buffer, valid until the next decode."""
 
-    def __init__(self, seqs: list[int], lengths: list[int]):
+    def __init__(self, seqs: list[int], rows: list[list[int]]):
         super().__init__(len(seqs))
         self.seqs = seqs  # [story] or [story, opposing]
-        self.next_pos = list(lengths)
+        self.next_pos = [len(ids) for ids in rows]
+        self.tokens = [list(ids) for ids in rows]  # what each sequence holds, position by position
 
     @property
     def cells(self) -> int:
@@ -489,7 +490,7 @@ class LlamaCppBackend(Shortcuts):
         last = not steps
         for k, rows in enumerate(checked):
             seqs = [self._free_seqs.pop(0) for _ in rows]
-            pair = LlamaCppPair(seqs, [len(ids) for ids in rows])
+            pair = LlamaCppPair(seqs, rows)
             try:
                 view = self._decode([(seq, ids, 0) for seq, ids in zip(seqs, rows)])
             except BaseException:
@@ -509,8 +510,10 @@ class LlamaCppBackend(Shortcuts):
                 view = self._decode([(seq, (tok,), p.next_pos[r]) for p, tok in chunk
                                      for r, seq in enumerate(p.seqs)])
                 j = 0
-                for p, _ in chunk:
+                for p, tok in chunk:
                     p.next_pos = [n + 1 for n in p.next_pos]
+                    for row in p.tokens:
+                        row.append(tok)
                     p.logits = view[j:j + p.rows] if end else view[j:j + p.rows].clone()
                     j += p.rows
                     out_steps.append(p.logits)
@@ -541,6 +544,31 @@ class LlamaCppBackend(Shortcuts):
         # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
         base = L.llama_get_logits(self.ctx)
         return torch.from_numpy(np.ctypeslib.as_array(base, shape=(len(entries), self.n_vocab)))
+
+    def rewind(self, pair: LlamaCppPair, n: int) -> torch.Tensor:
+        """Take the last `n` tokens back from every row of the pair; the logits at the new last
+        position (rows, vocab), also as `pair.logits`.
+
+        The rewound positions and the last kept one leave both sequences (`llama_memory_seq_rm`),
+        and the last kept token is decoded again in a decode of its own: llama.cpp keeps no
+        logits of earlier positions, and one token decoded at its position onto the same cells
+        gives what the step that first decoded it gave (a copy of every step's logits, kept in
+        case, would cost a vocabulary-sized copy per step for a rare event). Call it after every
+        pair of the step has read its logits (the decode reuses llama.cpp's output buffer)."""
+        if not pair.live:
+            raise ValueError("`rewind` got a released pair")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < min(pair.next_pos):
+            raise ValueError(f"`n` has to be an integer in [0, {min(pair.next_pos) - 1}], but is {n!r}")
+        kept = [pos - n for pos in pair.next_pos]
+        for seq, k in zip(pair.seqs, kept):
+            self.lib.llama_memory_seq_rm(self.memory, seq, k - 1, -1)
+        self.used_cells -= (n + 1) * pair.rows
+        for row, k in zip(pair.tokens, kept):
+            del row[k:]
+        pair.next_pos = kept
+        pair.logits = self._decode([(seq, (row[-1],), k - 1)
+                                    for seq, row, k in zip(pair.seqs, pair.tokens, kept)])
+        return pair.logits
 
     def release(self, pair: LlamaCppPair) -> None:
         """Remove the pair's sequences from the KV cache and free their ids (idempotent)."""
