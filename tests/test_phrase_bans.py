@@ -200,3 +200,12 @@ def test_stream_holds_back_only_text_that_may_become_a_banned_phrase(tiny_tokeni
     token_start = max(end for end in ends(plain) | {0} if end <= 5)  # the token where it began
     assert ends(held) <= ends(plain)  # pieces still end where tokens end, and only the text from
     assert all(token_start < end <= 9 for end in ends(plain) - ends(held))  # that token waited
+
+
+def test_model_generate_refuses_a_preset_with_phrase_bans():
+    from cfg_textgen.chain import generate_kwargs
+    from cfg_textgen.errors import CFGTextgenError
+
+    preset = parse_preset({"name": "banning", "banned_strings": ["a testament to"]})
+    with pytest.raises(CFGTextgenError, match="banned_strings: phrase bans go back in the text"):
+        generate_kwargs(preset)
