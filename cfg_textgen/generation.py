@@ -265,7 +265,8 @@ class Generation:
         """If the text not given out yet contains a banned phrase: go back to the token whose text
         holds its first character, ban that token at that position, restore the state there and
         ask the loop to rewind (`self.rewind`). After MAX_REWINDS_PER_POSITION rewinds to one
-        position the phrase found there stays (the tokens banned there stay banned)."""
+        position (counted over the whole generation, so a generation rewinds at most that many
+        times per token) the phrase found there stays (the tokens banned there stay banned)."""
         released = self._decoder.released
         at = self.bans.find(released, max(len(self.text), self._scan_from))
         if at < 0:
@@ -278,8 +279,6 @@ class Generation:
         self._position_bans.setdefault(k, set()).add(self.token_ids[k])
         for later in [p for p in self._position_bans if p > k]:  # bans of a text that is gone
             del self._position_bans[later]
-        for later in [p for p in self._rewinds_at if p > k]:
-            del self._rewinds_at[later]
         # the pair holds every generated token but the last pick, which is fed at the next step
         self.rewind = len(self.token_ids) - k - 1
         self._restore(k)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-# Rewinds that start at one position before the phrase found there is let through: each rewind
-# bans one more first token, and a model that insists on a phrase through 16 other spellings
-# would otherwise spend a step per token of its vocabulary.
+# Rewinds to one position (over the whole generation) before the phrase found there is let
+# through: each rewind bans one more first token, and a model that insists on a phrase through 16
+# other spellings would otherwise spend a step per token of its vocabulary. It also bounds a
+# generation's rewinds by 16 per token.
 MAX_REWINDS_PER_POSITION = 16
 
 
