@@ -14,6 +14,12 @@ penalty acts as in the reference apps. `story_ids` is the prompt plus the genera
 exactly what `generate` gives its processors, so repetition penalties see the same history. Text
 comes out as soon as it is final (the backend's decoder): the pieces joined equal the one-shot
 decode of all new tokens.
+
+Phrase bans (phrase_bans.py): when the text not given out yet contains a banned phrase, `advance`
+takes back every token from the one whose text holds the phrase's first character, bans that token
+at that position, restores the RNG and the stateful samplers as they were there, and sets
+`rewind` for the decode loop, which rewinds the pair and hands back the logits at that position.
+Until a phrase is decided, the text from the token where it may begin is held back.
 """
 
 from __future__ import annotations

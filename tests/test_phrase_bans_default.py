@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 STORY = "The old lighthouse keeper climbed the stairs one last time. At the top, he found"
 OPPOSING = "A dull, generic story."
-TOKENS = 30
+TOKENS = 16
 
 
 @pytest.fixture(scope="module", params=["llama.cpp", "transformers"])

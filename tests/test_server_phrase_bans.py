@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not have_llama_cpp(), reason="llama-cpp-python is not installed")]
 
 STORY = "The old lighthouse keeper climbed the stairs one last time. At the top, he found"
-TOKENS = 24
+TOKENS = 16
 
 
 @pytest.fixture(scope="module")
