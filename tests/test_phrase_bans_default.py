@@ -95,3 +95,23 @@ def test_write_ban_story_file_equals_what_was_streamed(tmp_path):
     assert f"{TOKENS} tokens in" in r.stderr and "rewinds for banned phrases" in r.stderr
     bad = CliRunner().invoke(main, ["generate", STORY, *args, "--ban", ""])
     assert bad.exit_code == 2 and "--ban" in bad.stderr
+
+
+def test_phrase_bans_with_a_grammar_take_the_grammar_back_too(backend):
+    """A rewind inside a grammar restarts llama.cpp's grammar state from the kept tokens: the text
+    still follows the grammar, and the banned choices are not taken."""
+    if backend.name != "llama.cpp":
+        pytest.skip("grammars need the llama.cpp backend")
+    grammar = 'root ::= "The pet is a " ("cat" | "dog" | "cow") "."'
+    for scale in (1.0, 1.5):
+        def pet(bans):
+            s = generate_stream(backend, None, "Question: which pet? Answer:", grammar=grammar, do_sample=False,
+                                max_new_tokens=12, banned_strings=bans, scale=scale, opposing_prompt=OPPOSING)
+            return "".join(s), s.stats.rewinds
+
+        first, _ = pet(())
+        assert first in ("The pet is a cat.", "The pet is a dog.", "The pet is a cow.")
+        second, rewinds = pet([first[-4:-1]])
+        assert second != first and rewinds >= 1
+        third, _ = pet([first[-4:-1], second[-4:-1]])
+        assert {first, second, third} == {"The pet is a cat.", "The pet is a dog.", "The pet is a cow."}
