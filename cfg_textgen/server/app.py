@@ -217,12 +217,6 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
     last one with `usage()`), then [DONE]. With `text_of` (a token's text), each chunk carries the
     log-probs of the tokens its text came from, their text offsets counted from `offset`. A client
     that leaves cancels the jobs."""
-    if not stream:
-        if not await wait_or_cancel(request, jobs):
-            return JSONResponse({})  # the client is gone; nobody reads this
-        _ended(jobs)
-        return JSONResponse(whole())
-
     async def events():
         # per choice: tokens whose log-probs were sent, and where the next token's text starts
         sent, offsets = [0] * len(jobs), [offset] * len(jobs)
@@ -236,34 +230,52 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
             offsets[i] += sum(map(len, out["tokens"]))
             return out
 
+        for event in opening:
+            yield _sse(event)
+        ended = 0
+        async for i, piece, upto in pieces_of(jobs):
+            if piece is not None:
+                yield _sse(chunk(i, piece, None, token_logprobs(i, upto)))
+                continue
+            ended += 1
+            job = jobs[i]
+            if job.stop_reason == "error":
+                yield _sse(error_body(WEBUI, _error_of(job)))
+                continue
+            last = chunk(i, "", job.finish_reason, token_logprobs(i, None))
+            if ended == len(jobs):
+                last["usage"] = usage()
+            yield _sse(last)
+        yield "data: [DONE]\n\n"
+
+    return await respond(request, jobs, stream, whole, events, WEBUI)
+
+
+async def respond(request: Request, jobs, stream: bool, whole, events, api: str):
+    """Every generate route's answer, in its API's shape: `whole()` as JSON once all jobs are done,
+    or the server-sent `events()` (strings) once they have started. A refusal to start (shutdown)
+    is a plain error response, a failed non-streamed job a 500, and a client that leaves cancels
+    the jobs (streaming or not)."""
+    if not stream:
+        if not await wait_or_cancel(request, jobs):
+            return JSONResponse({})  # the client is gone; nobody reads this
+        _ended(jobs)
+        return JSONResponse(whole())
+
+    async def body():
         try:
             refused = await started(jobs)
             if refused is not None:
                 yield refused
                 return
             yield ""  # the status line: the jobs run
-            for event in opening:
-                yield _sse(event)
-            ended = 0
-            async for i, piece, upto in pieces_of(jobs):
-                if piece is not None:
-                    yield _sse(chunk(i, piece, None, token_logprobs(i, upto)))
-                    continue
-                ended += 1
-                job = jobs[i]
-                if job.stop_reason == "error":
-                    yield _sse(error_body(WEBUI, _error_of(job)))
-                    continue
-                last = chunk(i, "", job.finish_reason, token_logprobs(i, None))
-                if ended == len(jobs):
-                    last["usage"] = usage()
-                yield _sse(last)
-            yield "data: [DONE]\n\n"
+            async for event in events():
+                yield event
         finally:
             for job in jobs:
                 job.cancel()  # a no-op for a finished job; frees the slot of a dropped client
 
-    return EventStream(events(), WEBUI)
+    return EventStream(body(), api)
 
 
 def _start_completion(request: Request, body: dict):
@@ -390,33 +402,24 @@ def _kobold_job(request: Request, body: dict):
 
 async def kobold_generate(request: Request):
     job, prompt_tokens = await off_loop(_kobold_job, request, await read_json(request))
-    if not await wait_or_cancel(request, [job]):
-        return JSONResponse({})
-    _ended([job])
-    return JSONResponse(kobold.generate_response(job, prompt_tokens, request.app.state.service))
+    return await respond(request, [job], False,
+                         lambda: kobold.generate_response(job, prompt_tokens, request.app.state.service), None,
+                         KOBOLD)
 
 
 async def kobold_stream(request: Request):
     job, _ = await off_loop(_kobold_job, request, await read_json(request))
 
     async def events():
-        try:
-            refused = await started([job])
-            if refused is not None:
-                yield refused
-                return
-            yield ""  # the status line: the job runs
-            async for _, piece, _ in pieces_of([job]):
-                if piece is not None:
-                    yield _kobold_event({"token": piece, "finish_reason": None})
-                elif job.stop_reason == "error":
-                    yield _kobold_event(error_body(KOBOLD, _error_of(job)))
-                else:
-                    yield _kobold_event({"token": "", "finish_reason": job.finish_reason})
-        finally:
-            job.cancel()
+        async for _, piece, _ in pieces_of([job]):
+            if piece is not None:
+                yield _kobold_event({"token": piece, "finish_reason": None})
+            elif job.stop_reason == "error":
+                yield _kobold_event(error_body(KOBOLD, _error_of(job)))
+            else:
+                yield _kobold_event({"token": "", "finish_reason": job.finish_reason})
 
-    return EventStream(events(), KOBOLD)
+    return await respond(request, [job], True, None, events, KOBOLD)
 
 
 def _kobold_event(data: dict) -> str:

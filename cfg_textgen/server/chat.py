@@ -30,13 +30,10 @@ class ChatBody(ChoicesBody):
     """POST /v1/chat/completions' envelope; `messages` and `negative_messages` are checked by
     `messages_of`."""
 
+    LENGTH_FIELDS = ("max_completion_tokens", *ChoicesBody.LENGTH_FIELDS)  # OpenAI's newer name wins
     messages: Any = None
     negative_messages: Any = None
-    max_completion_tokens: Count = None  # OpenAI's newer name; wins when both are sent
-
-    @property
-    def length_field(self) -> str:
-        return "max_completion_tokens" if self.max_completion_tokens is not None else super().length_field
+    max_completion_tokens: Count = None
 
 
 def messages_of(field: str, value) -> list[dict]:
