@@ -211,12 +211,15 @@ def submit_choices(service, c, prompt, preset, opposing_ids=None, logprobs=None)
 
 
 async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, opening=(), text_of=None,
-                 offset: int = 0):
+                 offset: int = 0, shape=None):
     """The OpenAI-shaped answer for the jobs: `whole()` once all are done, or server-sent events:
     `opening` chunks, `chunk(i, text, reason, token_logprobs)` per piece and per choice's end (the
     last one with `usage()`), then [DONE]. With `text_of` (a token's text), each chunk carries the
-    log-probs of the tokens its text came from, their text offsets counted from `offset`. A client
-    that leaves cancels the jobs."""
+    log-probs of the tokens its text came from: `shape(entries, offset)`, by default completions'
+    object (logprobs.openai), whose text offsets count from `offset`. A client that leaves cancels
+    the jobs."""
+    shape = shape or (lambda entries, at: logprobs.openai(entries, text_of, at))
+
     async def events():
         # per choice: tokens whose log-probs were sent, and where the next token's text starts
         sent, offsets = [0] * len(jobs), [offset] * len(jobs)
@@ -225,9 +228,9 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
             if text_of is None:
                 return None
             entries = logprobs.shown(jobs[i], upto)[sent[i]:]
-            out = logprobs.openai(entries, text_of, offsets[i])
+            out = shape(entries, offsets[i])
             sent[i] += len(entries)
-            offsets[i] += sum(map(len, out["tokens"]))
+            offsets[i] += sum(len(text_of(e.token)) for e in entries)
             return out
 
         for event in opening:
@@ -311,7 +314,7 @@ def _start_chat(request: Request, body: dict):
     service = request.app.state.service
     c, preset, prompt, opposing = chat.parse_chat(body, service)
     request.state.skipped_samplers = c.skipped_samplers
-    jobs = submit_choices(service, c, prompt, preset, opposing)
+    jobs = submit_choices(service, c, prompt, preset, opposing, logprobs=c.alternatives)
     return c, jobs, _used(request, jobs)
 
 
@@ -319,13 +322,17 @@ async def chat_completions(request: Request):
     service = request.app.state.service
     c, jobs, prompt_tokens = await off_loop(_start_chat, request, await read_json(request))
     cid, model = chat.new_id(), service.model_name
+    shape = None
+    if c.alternatives is not None:
+        shape = lambda entries, at=0: logprobs.chat(entries, service.token_text, service.token_bytes)  # noqa: E731
     return await answer(request, jobs, c.stream,
-                        whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens),
-                        chunk=lambda i, text, reason, lp: chat.chat_chunk(cid, model, i, {"content": text} if text else {},
-                                                                      reason),
+                        whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens, shape),
+                        chunk=lambda i, text, reason, lp: chat.chat_chunk(cid, model, i, {"content": text} if text
+                                                                          else {}, reason, lp),
                         usage=lambda: webui.usage(jobs, prompt_tokens),
                         opening=[chat.chat_chunk(cid, model, i, {"role": "assistant", "content": ""})
-                                 for i in range(len(jobs))])
+                                 for i in range(len(jobs))],
+                        text_of=service.token_text if shape else None, shape=shape)
 
 
 def _used(request: Request, jobs) -> int:
