@@ -32,31 +32,20 @@ from . import chat, jsonbody, kobold, logprobs, webui
 from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, error_body, from_engine_error
 from .origin import LocalOnly
+from .reading import BODY_TIMEOUT, read_body
 from .requestlog import SKIPPED_HEADER, RequestLog
 from .scheduling import SHUTDOWN, shutting_down
-
-MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
-
 
 # ---- request bodies ---------------------------------------------------------------------------
 
 
 async def read_json(request: Request, empty: dict | None = None) -> dict:
-    """The body (any transfer encoding: Content-Length or chunked) as a JSON object, parsed in a
-    worker thread; `empty`, when given, stands for a body of no bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY}", None,
-                       "body_too_large")
-    raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > MAX_BODY:
-            raise APIError(413, f"the request body is larger than the {MAX_BODY}-byte limit", None,
-                           "body_too_large")
+    """The body (reading.py: size and time limits) as a JSON object, parsed in a worker thread;
+    `empty`, when given, stands for a body of no bytes."""
+    raw = await read_body(request, request.app.state.body_timeout)
     if empty is not None and not raw.strip():
         return empty
-    return await off_loop(jsonbody.parse, bytes(raw))
+    return await off_loop(jsonbody.parse, raw)
 
 
 async def off_loop(func, *args, **kw):
@@ -542,8 +531,9 @@ class APIKey:
 
 
 def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
-               request_log=None, loopback: bool = False) -> Starlette:
+               request_log=None, loopback: bool = False, body_timeout: float = BODY_TIMEOUT) -> Starlette:
     """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request;
+    `body_timeout`: seconds a request's body may take (reading.py);
     `loopback`: the server is bound to a loopback address (without an API key it then answers only
     loopback Host names: see origin.py)."""
     routes = [
@@ -585,4 +575,5 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash})
     app.state.service = service
     app.state.api_key = api_key
+    app.state.body_timeout = body_timeout
     return app
