@@ -113,7 +113,8 @@ def generation_settings(c: CompletionBody, preset, max_new: int, service) -> dic
     return {"n_ctx": service.n_ctx, "n_predict": max_new, "seed": c.seed if c.seed is not None else -1,
             "stream": c.stream, "n_probs": c.n_probs, "ignore_eos": c.ignore_eos, "stop": list(preset.stop),
             "guidance_scale": preset.cfg.scale, "negative_prompt": preset.cfg.opposing_prompt,
-            "samplers": [s.name for s in preset.samplers], "post_sampling_probs": c.post_sampling_probs}
+            "samplers": [s.name for s in preset.samplers], "post_sampling_probs": c.post_sampling_probs,
+            "grammar": preset.grammar}
 
 
 def final(job, c: CompletionBody, preset, max_new: int, prompt_n: int, service, streamed: bool) -> dict:
