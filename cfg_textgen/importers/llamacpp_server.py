@@ -15,11 +15,13 @@ Semantics (llama.cpp tools/server, common/sampling.cpp):
 - `adaptive_target` / `adaptive_decay`: Adaptive-P, where `samplers` lists `adaptive_p` (on for a
   target above 0, the web UI's rule; llama.cpp's is "not negative", so a target of exactly 0 differs).
 - `guidance_scale` / `negative_prompt`: CFG (SillyTavern sends them to every Text Completion type).
+- `grammar`: a GBNF grammar (the preset's grammar). Its `json_schema` needs the backend's converter:
+  the server turns it into a `grammar` before it comes here (server/llamacpp.py).
 """
 
 from __future__ import annotations
 
-from ._common import Builder
+from ._common import Builder, grammar_key
 from .textgen_webui import DEFAULTS as WEBUI_DEFAULTS
 from .textgen_webui import ooba_chain
 
@@ -55,7 +57,7 @@ ORDER_KEY = "samplers"
 def import_request(body: dict, source: str = "request"):
     """The sampler fields of a llama.cpp server `/completion` request as our preset dict and its
     report. Bad values raise PresetError naming the key."""
-    fields = dict(DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS}
+    fields = dict(DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS | {"grammar"}}
     b = Builder(source, "llama.cpp server request", fields)
     order = _order(b)
     slots = [slot for name in order for slot in SLOTS[name]]
@@ -70,6 +72,7 @@ def import_request(body: dict, source: str = "request"):
     keys |= {k: k for k in ("dynamic_temperature", "dynatemp_low", "dynatemp_high", "dynatemp_exponent")}
     b.data[ORDER_KEY] = slots
     ooba_chain(b, keys, {**WEBUI_DEFAULTS, "repetition_penalty_range": 64}, ORDER_KEY)
+    grammar_key(b, "grammar")
     return b.finish(None, "request", "A llama.cpp server request."), b.report
 
 
