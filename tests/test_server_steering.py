@@ -138,3 +138,30 @@ def test_llamacpp_route_grammar_and_json_schema_constrain_the_text(server, scale
 def test_llamacpp_route_bad_grammar_or_schema_is_a_400_naming_the_field(server, field, value):
     err = post(server, "/completion", {"prompt": STORY, "n_predict": 2, field: value}, status=400)
     assert err["error"]["param"] == field, err
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_llamacpp_route_logit_bias_false_bans_as_pairs_object_or_text(server, ref, scale):
+    """llama.cpp's own shapes of `logit_bias` on `/completion`: `[[id, false]]`, `{"id": false}` and
+    `[[text, false]]` (each token of the text; here a text of one token) all ban the token."""
+    top = reference_tokens(ref, ban=(), scale=scale)[0]
+    text = ref.detokenize([top])
+    assert ref.tokenize(text, add_special=False) == [top]
+    expected = reference_text(ref, ban=[top], scale=scale)
+    cfg = {"guidance_scale": scale, "negative_prompt": NEGATIVE} if scale != 1 else {}
+    for bias in ([[top, False]], {str(top): False}, [[text, False]], [["junk"], [top, False], [1, True]]):
+        got = post(server, "/completion", {"prompt": STORY, "n_predict": TOKENS, "temperature": 0,
+                                           "logit_bias": bias, **cfg})
+        assert got["content"] == expected, bias
+
+
+def test_llamacpp_route_logit_bias_is_added_as_given(server, ref):
+    """A bias of +30 on the greedy top's runner-up makes it the first token (llama.cpp adds the
+    number as it is: no clamp, no -100 rule), and the same bias in the OpenAI shape on
+    /v1/completions gives the same text."""
+    logits = ref.last_logits(ref.tokenize(STORY))
+    second = int(logits.argsort()[-2])
+    got = post(server, "/completion", {"prompt": STORY, "n_predict": TOKENS, "temperature": 0,
+                                       "logit_bias": [[second, 30]]})
+    assert got["content"].startswith(ref.detokenize([second]))
+    assert got["content"] == complete(server, logit_bias={str(second): 30})

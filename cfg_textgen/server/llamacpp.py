@@ -5,7 +5,8 @@ and TabbyAPI's model and token routes (SillyTavern's "TabbyAPI" type): envelopes
 "tokens_predicted", "tokens_evaluated", "timings", "generation_settings", ...}; streaming sends
 SSE `data: {"content", "tokens", "stop": false, ...}` per piece and a last `"stop": true` object
 with the totals (no [DONE]). `grammar` (GBNF) or `json_schema` constrain the text (llama.cpp
-backend only; elsewhere a 400 naming the field). `n_probs` adds `completion_probabilities` (logprobs.py). Sampler fields
+backend only; elsewhere a 400 naming the field). `logit_bias` is llama.cpp's (pairs or an object,
+token ids or texts, `false` bans). `n_probs` adds `completion_probabilities` (logprobs.py). Sampler fields
 go to translate.py (importers/llamacpp_server.py). TabbyAPI generates through /v1/completions.
 """
 
@@ -17,6 +18,7 @@ from typing import Annotated
 from pydantic import Field, create_model
 
 from ..grammar import GrammarError, grammar_of_json_schema
+from ..importers.steering import llamacpp_bias_entries
 from . import logprobs
 from .bodies import Flag, GenerateBody, Int, Prompt, Text, TokenList
 from .errors import APIError
@@ -57,7 +59,9 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object, int]:
     else:
         max_new = asked
     body, grammar_field = _with_schema_grammar(body, service)
-    preset, c._skipped = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults)
+    body = _with_bias_ids(body, service)
+    preset, c._skipped = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults,
+                                      vocab_size=service.vocab_size)
     check_request_grammar(service, preset, body, (grammar_field,))
     return c, preset, max_new
 
@@ -72,6 +76,20 @@ def _with_schema_grammar(body: dict, service) -> tuple[dict, str]:
         except GrammarError as err:
             raise APIError(400, f"`json_schema`: {err}", "json_schema") from None
     return body, "grammar"
+
+
+def _with_bias_ids(body: dict, service) -> dict:
+    """`logit_bias` with its texts as token ids: as llama.cpp server, a text's bias goes to every
+    token of the text (tokenized without BOS), so `[["Hello, World!", -0.5]]` lowers each of them."""
+    entries = llamacpp_bias_entries(body.get("logit_bias"))
+    if not entries or not any(isinstance(key, str) for key, _ in entries):
+        return body
+    pairs = []
+    for key, bias in entries:
+        value = False if bias == float("-inf") else bias
+        ids = service.tokenize(key, special=False) if isinstance(key, str) else [key]
+        pairs += [[token, value] for token in ids]
+    return {**body, "logit_bias": pairs}
 
 
 def read_body(model, body, service):
