@@ -479,6 +479,9 @@ def _check_api_key(ctx, param, value):
               help="On SIGTERM, running generations may finish for this long, then end (waiting ones get 503 at once).")
 @click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=15, show_default=True,
               metavar="SECONDS", help="Close a connection that has not sent its request headers within this time.")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              metavar="SECONDS", help="Answer 408 and close a connection whose request body has not arrived within "
+                                      "this time (1 s more per 500 bytes received).")
 @click.option("--max-connections", type=click.IntRange(min=1), default=None, metavar="N",
               help="Open connections at most; beyond it the ones idle longest are closed "
                    "(default: what the open-file limit allows, at most 4096).")
@@ -493,7 +496,7 @@ def _check_api_key(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
                                             "method, path, status, prompt/new tokens, time).")
 def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale, opposing,
-          max_queue, shutdown_grace, header_timeout, max_connections):
+          max_queue, shutdown_grace, header_timeout, max_connections, body_timeout):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -517,7 +520,7 @@ def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name
     sys.exit(run(host=host, port=port, model=model.spec, backend=model.backend, runtime=model.runtime,
                  api_key=api_key, cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
                  defaults=defaults, max_queue=max_queue, grace=shutdown_grace, header_timeout=header_timeout,
-                 max_connections=max_connections))
+                 body_timeout=body_timeout, max_connections=max_connections))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

@@ -327,6 +327,12 @@ class Generation:
             scores = processor(history, scores)
         return self.grammar.allowed(scores)
 
+    def end_early(self) -> str:
+        """The run was ended from outside (cancelled, aborted): what it held back (the start of a
+        possible stop sequence, the bytes of an unfinished character) is final text now, as a
+        run ending at its token limit gives it out; "" if the run had already finished."""
+        return "" if self.done else self._finish()
+
     def _finish(self) -> str:
         self.done = True
         self._decoder.flush()

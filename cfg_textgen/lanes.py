@@ -17,10 +17,11 @@ released when its lane ends, and `close()` releases whatever is still live.
 
 A lane's state is any object with the generation protocol: `pair_ids()` (story ids, opposing ids
 or None), `advance(logits) -> text piece or None`, `done`, `last_token` (engine.Generation is
-one). A `Lane` subclass decides what a piece and the end mean to its caller (`put`, `end`). A state
-may also have `rewind`: when it is a number n after `advance`, the loop takes the pair's last n
-tokens back (`backend.rewind`, after every lane of the step has read its logits) and hands the state
-the logits there (phrase bans, generation.py).
+one), and optionally `end_early() -> text piece`: a cancelled lane's last piece (the text it held
+back), given out before it ends. A `Lane` subclass decides what a piece and the end mean to its
+caller (`put`, `end`). A state may also have `rewind`: when it is a number n after `advance`, the
+loop takes the pair's last n tokens back (`backend.rewind`, after every lane of the step has read
+its logits) and hands the state the logits there (phrase bans, generation.py).
 """
 
 from __future__ import annotations
@@ -168,6 +169,13 @@ class DecodeLoop:
             except Exception as err:
                 reason, error = "error", error or err
         lane.reason, lane.error = reason, error
+        end_early = getattr(lane.state, "end_early", None)
+        if reason == "cancelled" and end_early is not None:
+            try:
+                with self.text_lock:  # the decoder uses the tokenizer
+                    lane.put(end_early())
+            except Exception as err:  # the held-back text is lost; the lane still ends
+                lane.reason, lane.error = reason, error = "error", err
         ended.append(lane)
         lane.end(reason, error)
 

@@ -139,6 +139,63 @@ def add_token_steering(b: Builder, *, bias_key: str | None = None, ban_keys=(), 
     _insert(b, bias, ban)
 
 
+def llamacpp_bias_entries(raw) -> list[tuple[int | str, float]] | None:
+    """llama.cpp server's `logit_bias` as (token id or text, bias) pairs, bias -inf for `false`; None
+    when it is neither of llama.cpp's shapes. llama.cpp (tools/server, params_from_json) takes a list
+    of `[token id or text, number or false]` or an object `{"token id or text": number or false}`
+    and skips, without a word, any entry of another shape (true, null, a list of three, ...)."""
+    if isinstance(raw, dict):
+        pairs = [(int(k) if k.strip().isascii() and k.strip().isdigit() else k, v) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        pairs = [tuple(el) for el in raw if isinstance(el, list) and len(el) == 2]
+    else:
+        return None
+    out = []
+    for key, value in pairs:
+        if value is False:
+            value = -math.inf
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        if (isinstance(key, int) and not isinstance(key, bool)) or isinstance(key, str):
+            out.append((key, float(value)))
+    return out
+
+
+def add_llamacpp_bias(b: Builder, key: str = "logit_bias", vocab_size: int | None = None) -> None:
+    """llama.cpp's `logit_bias` (token ids; the server turns texts into ids before this, see
+    server/llamacpp.py): each bias is added as given (no clamp, no -100 rule), `false` bans the
+    token, and the biases of a token named twice add up, as llama.cpp's logit-bias sampler adds
+    every entry. Entries llama.cpp skips (other shapes, ids outside the vocabulary) are skipped."""
+    if not b.has(key):
+        return
+    entries = llamacpp_bias_entries(b.data[key])
+    if entries is None:
+        raise b.error(key, f'must be a list of [token id, bias] pairs or an object {{"token id": bias}}, '
+                           f"got {b.data[key]!r}")
+    bias: dict[int, float] = {}
+    ban: list[int] = []
+    texts = 0
+    for token, value in entries:
+        if isinstance(token, str):
+            texts += 1
+            continue
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            continue
+        if value == -math.inf:
+            ban.append(token)
+        else:
+            bias[token] = bias.get(token, 0.0) + value
+    if bias or ban:
+        b.mapped(key, "logit_bias.bias" + (" and logit_bias.ban (false)" if ban else "") + " (added as given, "
+                      "as llama.cpp)")
+    elif not texts:
+        b.neutral(key, "empty")
+    if texts:
+        b.dropped(key, f"{texts} entries name a text, not a token id: a server request turns them into "
+                       "token ids; a file cannot")
+    _insert(b, bias, ban)
+
+
 # ---- preset files: NovelAI and SillyTavern -------------------------------------------------------
 
 
