@@ -5,7 +5,11 @@
 // the wire. The server must allow the page's origin: `cfg-textgen serve --cors-origin <lite origin>`.
 //
 // usage: node kobold-lite.mjs --lite http://127.0.0.1:8124/klite.html --server http://127.0.0.1:5152 \
-//          --mode story|instruct --stream off|poll|sse [--abort] [--tokens 60] [--shots DIR] [--name N]
+//          --mode story|instruct --stream off|poll|sse [--abort] [--tokens 60] [--shots DIR] [--name N] \
+//          [--generations 2] [--banned "phrase||$||other"]
+// --generations N: after the first (maybe aborted) generation, Submit N-1 more times with an empty
+// input box (Lite continues the story; each prompt starts with the previous one);
+// --banned: Context -> Tokens -> "Phrase / Word Ban (Anti-Slop)", phrases separated by ||$||.
 import { parseArgs } from 'node:util';
 import { openBrowser, watchPage, shoot, endRun, sleep, commonOptions } from './browser.mjs';
 
@@ -16,9 +20,14 @@ const { values: args } = parseArgs({
         mode: { type: 'string', default: 'story' },
         stream: { type: 'string', default: 'sse' },
         abort: { type: 'boolean', default: false },
+        // with --abort: how long to let it write first, and the output length (long enough to abort)
+        'abort-after': { type: 'string', default: '3' },
+        'abort-tokens': { type: 'string', default: '400' },
         memory: { type: 'string', default: '[Genre: gothic horror. The narrator is Mara, a lighthouse keeper on a cold northern island.]' },
         story: { type: 'string', default: 'The lighthouse keeper had not seen a ship in eleven years. Then, one foggy night,' },
         instruction: { type: 'string', default: 'Write a short poem about a lighthouse in winter.' },
+        generations: { type: 'string', default: '1' },
+        banned: { type: 'string', default: '' },
     },
 });
 const opmode = { story: '1', instruct: '4' }[args.mode];
@@ -79,7 +88,7 @@ try {
     await page.waitForSelector('#settingscontainer:not(.hidden)');
     await page.selectOption('#opmode', opmode);
     await page.locator('#settingsmenusamplers_tab a').click();
-    await page.fill('#max_length', args.abort ? '400' : args.tokens);
+    await page.fill('#max_length', args.abort ? args['abort-tokens'] : args.tokens);
     await page.locator('#max_length').dispatchEvent('input');
     await shoot(page, args.shots, `${name}-2-settings-samplers`);
     await page.locator('#settingsmenuadvanced_tab a').click();
@@ -93,29 +102,40 @@ try {
         await page.locator('#btn_actmem').click();
         await page.waitForSelector('#memorycontainer:not(.hidden)');
         await page.fill('#memorytext', args.memory);
+        if (args.banned) {
+            await page.locator('#token_tab a').click();
+            await page.locator('button[onclick="expand_tokens_section(\'expandtokenbans\')"]').click();
+            await page.fill('#tokenbans', args.banned);
+            await shoot(page, args.shots, `${name}-2-token-bans`);
+            step('banned phrases', args.banned);
+        }
         await page.locator('#memorycontainer button[onclick^="confirm_memory()"]').click();
         step('memory set', args.memory);
     }
 
-    // type and submit
-    await page.fill('#input_text', args.mode === 'story' ? args.story : args.instruction);
-    await page.locator('#btnsend').click();
-    step('submitted');
-    await page.waitForFunction(() => pending_response_id !== '', null, { timeout: 10000 }).catch(() => {});
-    if (args.abort) {
-        await sleep(3000);
-        result.text_before_abort = await storyText();
-        await page.locator('#abortgen').click().catch(async () => page.evaluate(() => abort_generation()));
-        step('aborted after 3 s');
-        await sleep(3000);
-    } else {
-        const deadline = Date.now() + Number(args.timeout) * 1000;
-        while (Date.now() < deadline && await generating()) await sleep(1000);
-        await sleep(1000);
+    result.stories = [];
+    for (let gen = 1; gen <= Number(args.generations); gen++) {
+        // type (the first time) and submit
+        await page.fill('#input_text', gen > 1 ? '' : args.mode === 'story' ? args.story : args.instruction);
+        await page.locator('#btnsend').click();
+        step('submitted', `generation ${gen}`);
+        await page.waitForFunction(() => pending_response_id !== '', null, { timeout: 10000 }).catch(() => {});
+        if (args.abort && gen === 1) {
+            await sleep(Number(args['abort-after']) * 1000);
+            result.text_before_abort = await storyText();
+            await page.locator('#abortgen').click().catch(async () => page.evaluate(() => abort_generation()));
+            step(`aborted after ${args['abort-after']} s`, JSON.stringify(result.text_before_abort.slice(-200)));
+            await sleep(3000);
+        } else {
+            const deadline = Date.now() + Number(args.timeout) * 1000;
+            while (Date.now() < deadline && await generating()) await sleep(1000);
+            await sleep(1000);
+        }
+        result.story = await storyText();
+        result.stories.push(result.story);
+        step('story', JSON.stringify(result.story.slice(-400)));
+        await shoot(page, args.shots, `${name}-3-result${gen > 1 ? '-' + gen : ''}`);
     }
-    result.story = await storyText();
-    step('story', JSON.stringify(result.story.slice(-400)));
-    await shoot(page, args.shots, `${name}-3-result`);
     result.message_box = await dismissMessageBox('after generation');
     await endRun({ page, browser, seen, shots: args.shots, name, result, step });
 } catch (error) {

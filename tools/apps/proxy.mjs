@@ -25,6 +25,12 @@ function parsedOrText(buffer) {
     try { return JSON.parse(text); } catch { return text.slice(0, keep); }
 }
 
+/** The answer's `x-...` headers, as `{headers: {...}}`, or nothing when there are none. */
+function xHeaders(headers) {
+    const own = Object.fromEntries(Object.entries(headers).filter(([k]) => k.startsWith('x-')));
+    return Object.keys(own).length ? { headers: own } : {};
+}
+
 http.createServer((req, res) => {
     const started = Date.now();
     const chunks = [];
@@ -49,6 +55,8 @@ http.createServer((req, res) => {
                     method: req.method, path: req.url, origin: req.headers.origin ?? null,
                     body: parsedOrText(body), status: answer.statusCode,
                     content_type: answer.headers['content-type'] ?? null,
+                    // the server's own headers (X-Skipped-Samplers, ...): what it says it did not use
+                    ...xHeaders(answer.headers),
                     answer: parsedOrText(Buffer.concat(kept).subarray(0, keep)),
                 };
                 fs.appendFileSync(args.log, JSON.stringify(record) + '\n');

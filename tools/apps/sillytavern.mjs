@@ -6,7 +6,12 @@
 //
 // usage: node sillytavern.mjs --st http://127.0.0.1:8123 --server http://127.0.0.1:5152 \
 //          --type ooba|koboldcpp|llamacpp|tabby [--stream] [--logprobs] [--scale 1.5] \
-//          [--negative "..."] [--tokens 60] [--context 2048] [--shots /work/apps/shots] [--name st-ooba]
+//          [--negative "..."] [--tokens 60] [--context 2048] [--shots /work/apps/shots] [--name st-ooba] \
+//          [--new-chat] [--messages 2] [--banned '"word"'] [--regenerate]
+// --new-chat starts the character's chat afresh (so a second message shares the first one's prompt);
+// --messages N sends N messages one after another in the chat (turn 2 should reuse turn 1's prompt);
+// --banned fills Text Completion's "Banned Tokens" box (lines; a line in double quotes is a string);
+// --regenerate regenerates the chat's last reply instead of sending a message.
 import { parseArgs } from 'node:util';
 import { openBrowser, watchPage, shoot, endRun, sleep, commonOptions } from './browser.mjs';
 
@@ -20,8 +25,14 @@ const { values: args } = parseArgs({
         scale: { type: 'string', default: '1.5' },
         negative: { type: 'string', default: 'Write short, dull replies in the past tense.' },
         message: { type: 'string', default: 'Seraphina, tell me about the forest. What lives there?' },
+        // the messages after the first (--messages)
+        'next-message': { type: 'string', default: 'Who else guards the forest with you?' },
         // SillyTavern's "Context (tokens)": smaller prompts for a slow CPU
         context: { type: 'string', default: '2048' },
+        'new-chat': { type: 'boolean', default: false },
+        messages: { type: 'string', default: '1' },
+        banned: { type: 'string', default: '' },
+        regenerate: { type: 'boolean', default: false },
     },
 });
 const name = args.name ?? `st-${args.type}${args.stream ? '-stream' : ''}${args.logprobs ? '-logprobs' : ''}`;
@@ -73,13 +84,17 @@ try {
     await shoot(page, args.shots, `${name}-1-connect`);
 
     // response length, streaming and token probabilities, as set in the UI panels
-    await page.evaluate(({ tokens, context, stream, logprobs }) => {
+    await page.evaluate(({ tokens, context, stream, logprobs, banned }) => {
         const $ = window.jQuery;
         $('#amount_gen').val(tokens).trigger('input');
         $('#max_context').val(context).trigger('input');
         $('#streaming_textgenerationwebui').prop('checked', stream).trigger('input');
         $('#request_token_probabilities').prop('checked', logprobs).trigger('input');
-    }, { tokens: Number(args.tokens), context: Number(args.context), stream: args.stream, logprobs: args.logprobs });
+        // Text Completion settings -> "Banned Tokens" (ooba, tabby, ... types)
+        $('#banned_tokens_textgenerationwebui').val(banned).trigger('input');
+    }, { tokens: Number(args.tokens), context: Number(args.context), stream: args.stream, logprobs: args.logprobs,
+        banned: args.banned.replaceAll('\\n', '\n') });
+    if (args.banned) step('banned tokens box', JSON.stringify(args.banned));
     await page.locator('#sys-settings-button .drawer-toggle').click();
 
     // the default character (its one chat: earlier runs' messages stay in it, cut to the context)
@@ -90,6 +105,14 @@ try {
     });
     await page.waitForFunction(() => document.querySelectorAll('#chat .mes').length > 0, null, { timeout: 30000 });
     step('character opened', await page.locator('#chat .mes .name_text').first().textContent());
+    if (args['new-chat']) {
+        await page.locator('#options_button').click();
+        await page.locator('#option_start_new_chat').click();
+        await page.locator('dialog.popup[open] .popup-button-ok').click();
+        await page.waitForFunction(() => document.querySelectorAll('#chat .mes').length === 1, null, { timeout: 30000 });
+        step('new chat started');
+        await sleep(500);
+    }
 
     // the chat's CFG panel (options menu left of the chat box -> CFG Scale)
     await page.locator('#options_button').click();
@@ -109,29 +132,41 @@ try {
     await shoot(page, args.shots, `${name}-2-cfg-panel`);
     await page.locator('#CFGClose').click().catch(() => {});
 
-    // send and wait for the reply (the stop button shows while generating)
-    const before = await page.locator('#chat .mes').count();
-    await page.fill('#send_textarea', args.message);
-    // the send button only shows when SillyTavern thinks it is connected; Enter sends regardless
-    if (await page.locator('#send_but').isVisible()) await page.locator('#send_but').click();
-    else { step('send button hidden (not connected); pressing Enter'); await page.locator('#send_textarea').press('Enter'); }
-    step('message sent');
-    const deadline = Date.now() + Number(args.timeout) * 1000;
-    await page.waitForSelector('#mes_stop', { state: 'visible', timeout: 15000 }).catch(() => {});
-    while (Date.now() < deadline) {
-        const busy = await page.locator('#mes_stop').isVisible();
-        if (!busy) break;
-        await sleep(1000);
+    result.replies = [];
+    const turns = args.regenerate ? 1 : Number(args.messages);
+    for (let turn = 1; turn <= turns; turn++) {
+        // send (or regenerate) and wait for the reply (the stop button shows while generating)
+        const before = await page.locator('#chat .mes').count();
+        if (args.regenerate) {
+            await page.locator('#options_button').click();
+            await page.locator('#option_regenerate').click();
+            step('regenerate clicked');
+        } else {
+            await page.fill('#send_textarea', turn === 1 ? args.message : args['next-message']);
+            // the send button only shows when SillyTavern thinks it is connected; Enter sends regardless
+            if (await page.locator('#send_but').isVisible()) await page.locator('#send_but').click();
+            else { step('send button hidden (not connected); pressing Enter'); await page.locator('#send_textarea').press('Enter'); }
+            step('message sent', `turn ${turn}`);
+        }
+        const deadline = Date.now() + Number(args.timeout) * 1000;
+        await page.waitForSelector('#mes_stop', { state: 'visible', timeout: 15000 }).catch(() => {});
+        while (Date.now() < deadline) {
+            const busy = await page.locator('#mes_stop').isVisible();
+            if (!busy) break;
+            await sleep(1000);
+        }
+        await sleep(1500);
+        const after = await page.locator('#chat .mes').count();
+        // a regenerated reply replaces the last message; a sent message adds two
+        result.reply = after >= before + (args.regenerate ? 0 : 2)
+            ? (await page.locator('#chat .mes').last().locator('.mes_text').innerText()).trim()
+            : null;
+        result.replies.push(result.reply);
+        result.toasts = await page.locator('#toast-container .toast').allInnerTexts();
+        step('reply', result.reply === null ? 'NONE' : JSON.stringify(result.reply.slice(0, 300)));
+        if (result.toasts.length) step('toasts', JSON.stringify(result.toasts));
+        await shoot(page, args.shots, `${name}-3-reply${turns > 1 ? '-' + turn : ''}`);
     }
-    await sleep(1500);
-    const after = await page.locator('#chat .mes').count();
-    result.reply = after > before + 1
-        ? (await page.locator('#chat .mes').last().locator('.mes_text').innerText()).trim()
-        : null;
-    result.toasts = await page.locator('#toast-container .toast').allInnerTexts();
-    step('reply', result.reply === null ? 'NONE' : JSON.stringify(result.reply.slice(0, 300)));
-    if (result.toasts.length) step('toasts', JSON.stringify(result.toasts));
-    await shoot(page, args.shots, `${name}-3-reply`);
 
     if (args.logprobs) {
         await page.locator('#options_button').click();
