@@ -94,7 +94,7 @@ def default():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
     ref = LlamaRef(n_threads=THREADS)
-    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS)
+    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS, n_ubatch=512)
     yield backend, ref
     backend.close()
     ref.close()

@@ -111,4 +111,4 @@ def test_server_request_log_counts_a_streams_new_tokens(server):
                                                                       "ban_eos_token": True}, timeout=120) as r:
         assert r.status_code == 200
         r.read()
-    server.wait_log(r"POST /v1/completions 200 prompt=\d+ new=4 \d+\.\d\ds")
+    server.wait_log(r"POST /v1/completions 200 prompt=\d+ new=4 cached=\d+ \d+\.\d\ds")

@@ -19,7 +19,7 @@ async def completion(request: Request):
     c, preset, max_new = llamacpp.parse_completion(body, service)
     request.state.skipped_samplers = c.skipped_samplers
     job = submit(service, c.length_field, c.prompt, preset, c.seed, ban_eos=c.ignore_eos, api=WEBUI,
-                 logprobs=c.n_probs if c.n_probs else None)
+                 logprobs=c.n_probs if c.n_probs else None, cache_prompt=c.cache_prompt)
     prompt_n = _used(request, [job])
     if not c.stream:
         if not await wait_or_cancel(request, [job]):
