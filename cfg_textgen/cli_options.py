@@ -76,6 +76,10 @@ _OPTIONS = [
         "--cache-prompt/--no-cache-prompt", default=True, show_default=True,
         help="llama.cpp: start from the cached tokens an earlier request shares with this one and "
              "read only the rest (a request's cache_prompt: false turns it off for that request).")),
+    ("context_shift", click.option(
+        "--context-shift/--no-context-shift", default=True, show_default=True,
+        help="llama.cpp: a story that lost its oldest tokens to the window keeps the rest of its "
+             "cache, moved down, instead of reading it again (not with --deterministic).")),
     ("batch_size", click.option(
         "--batch-size", type=click.IntRange(min=1), default=512, show_default=True, metavar="N",
         help="llama.cpp: prompt tokens read at once between the running streams' steps.")),

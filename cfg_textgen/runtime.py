@@ -70,6 +70,10 @@ class RuntimeSettings:
         cache_prompt: llama.cpp: a new request starts from the cached tokens of an earlier one
             that share its beginning and decodes only the rest (llama.cpp's `--cache-prompt`,
             on by default; a request's `cache_prompt: false` turns it off for that request).
+        context_shift: llama.cpp: when a story outgrew the window and lost its oldest tokens, the
+            cache drops them too and moves the rest down instead of reading it all again
+            (KoboldCpp's ContextShift; llama.cpp's `--context-shift`). Off in the deterministic
+            mode: the kept tokens' cells were computed with the dropped ones in view.
         batch_size: llama.cpp: prompt tokens decoded at once while other requests stream (>= 1;
             llama.cpp's `--batch-size`): a long prompt is read in pieces of this size between
             their steps, and a cancelled one stops within one piece.
@@ -88,6 +92,7 @@ class RuntimeSettings:
     cache_type_v: str = "f16"
     deterministic: bool = False
     cache_prompt: bool = True
+    context_shift: bool = True
     batch_size: int = 512
     ubatch_size: int | None = None
 
@@ -110,7 +115,7 @@ class RuntimeSettings:
             raise RuntimeSettingsError("cache_type_v", f"a quantized V cache ({self.cache_type_v}) "
                                        f"needs flash attention: leave flash attention on or auto, or "
                                        f"keep the V cache at f16")
-        for name in ("deterministic", "cache_prompt"):
+        for name in ("deterministic", "cache_prompt", "context_shift"):
             if not isinstance(getattr(self, name), bool):
                 raise RuntimeSettingsError(name, f"`{name}` has to be true or false, "
                                            f"but is {getattr(self, name)!r}")

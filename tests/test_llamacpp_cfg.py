@@ -63,6 +63,13 @@ class Tap:
             self.logits.append(t.numpy().copy())
         return outs, pairs
 
+    def feed(self, pair, budget):
+        """The decode loop's prompt read: the pair's logits once its prompt is all read."""
+        n = self._b.feed(pair, budget)
+        if not pair.pending:
+            self.logits.append(pair.logits.numpy().copy())
+        return n
+
     def prefill(self, pairs):
         return self.run(new=pairs)[1]
 

@@ -169,3 +169,54 @@ def test_llama_rewind_takes_tokens_back_from_the_cache_and_the_records(warm, col
     logits, read = _read(warm, story + [first, 7, 8], [warm.bos_id])
     assert read == 2 + 1
     assert torch.equal(logits, _read(cold, story + [first, 7, 8], [warm.bos_id])[0])
+
+
+# context shift: the kept tokens' cells were computed with the dropped ones in view, so the next-token
+# distribution is not a fresh read's. Measured on the default model (memory + a 180-token story
+# whose first 20/40/60 tokens are dropped): KL(fresh || shifted) 0.0007 / 0.0035 / 0.0095 nats, the
+# same top token, max |d logit| up to 4.3 (in the far tail); dropping 100 of the 180 gave KL 0.11.
+# Bound, for a drop of up to a third of the story: KL <= 0.05 and the same top token.
+SHIFT_KL_BOUND = 0.05
+MEMORY = "[Memory: Ada is a lighthouse keeper on a cold northern island.]\n"
+DAYS = " ".join(f"On day {i} the sea was grey and the lamp burned until dawn." for i in range(30))
+
+
+@pytest.mark.parametrize("drop", [20, 60])
+def test_context_shift_keeps_the_story_after_the_dropped_tokens_within_the_stated_bound(drop):
+    """A story that outgrew the window: next turn it keeps BOS and the memory block, loses its
+    oldest `drop` tokens and gains 12. Only the 12 are read; the cells after the dropped tokens move
+    down to close the hole."""
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
+    from cfg_textgen.runtime import RuntimeSettings
+
+    b = LlamaCppBackend(default_gguf(), RuntimeSettings(), n_ctx=256, pairs=1)
+    c = LlamaCppBackend(default_gguf(), RuntimeSettings(cache_prompt=False), n_ctx=256, pairs=1)
+    try:
+        assert b.context_shift
+        memory, text = b.tokenize(MEMORY, add_special=False), b.tokenize(DAYS, add_special=False)
+        front = [b.bos_id] + memory
+        _read(b, front + text[:180], None)
+        turn2 = front + text[drop:192]
+        logits, read = _read(b, turn2, None)
+        assert read == 12 and b.shifted_tokens == drop
+        slot = max(b._slots, key=lambda s: s.used_at)
+        assert slot.tokens == turn2
+        assert b.lib.llama_memory_seq_pos_max(b.memory, slot.seq) == len(turn2) - 1  # positions closed up
+        fresh, _ = _read(c, turn2, None)
+        p, q = torch.log_softmax(fresh.double(), -1), torch.log_softmax(logits.double(), -1)
+        kl = (p.exp() * (p - q)).sum().item()
+        assert kl <= SHIFT_KL_BOUND, kl
+        assert logits.argmax() == fresh.argmax()
+    finally:
+        b.close()
+        c.close()
+
+
+def test_context_shift_is_off_in_the_deterministic_mode(warm):
+    """There the text must not depend on what the cache held: the story after the prefix is read."""
+    assert not warm.context_shift
+    memory, text = warm.tokenize(MEMORY, add_special=False), warm.tokenize(DAYS, add_special=False)
+    front = [warm.bos_id] + memory
+    _read(warm, front + text[:180], None)
+    _, read = _read(warm, front + text[20:192], None)
+    assert read == 172

@@ -26,6 +26,13 @@ logits exactly; with the default micro-batches a cached prefix was read (or, for
 tokens, decoded one by one) with other kernels than a cold read would use, and logits differ by
 the kernels' rounding (measured up to ~0.6 on the default model; tests/test_prompt_cache.py).
 
+Context shift (`find_hole`): a story cut at the front for the window (BOS and a memory block kept,
+the oldest story tokens lost) shares only BOS + memory with its cached sequence; when the rest of
+the new prompt continues the cached tokens after a hole, the hole's cells are removed and the
+ones after it moved down (`llama_memory_seq_rm` + `llama_memory_seq_add`; llama.cpp re-rotates
+their RoPE keys), and only what follows is read. Not in the deterministic mode (the moved cells
+were computed with the dropped tokens in view) nor where `llama_memory_can_shift` says no.
+
 Chunked prefill: `open` takes the slots and `feed(pair, budget)` reads at most `budget` prompt
 tokens per llama_decode (the decode loop gives it `prefill_chunk`, `--batch-size`, per step), each
 row's last token held back for the decode that finishes the pair and outputs both rows' logits
@@ -200,6 +207,34 @@ class LlamaCppPair(Pair):
         return sum(self.next_pos)
 
 
+SHIFT_ANCHOR = 8  # tokens of the prompt after its prefix that a shifted run must start with
+
+
+def find_hole(cached: Sequence[int], prompt: Sequence[int], start: int) -> tuple[int, int]:
+    """(hole, run): the prompt's tokens from `start` on continue `cached` after skipping `hole`
+    tokens from `start`, for `run` tokens; (0, 0) when no run is worth a shift.
+
+    What a story cut at the front looks like next turn (context.fit_context / fit_with_memory keep
+    BOS and a Kobold memory block, then the most recent tokens): the cache holds BOS + memory +
+    story[a:], the new prompt is BOS + memory + story[b:] + more, b > a; the hole is story[a:b].
+    A run counts when it starts at the prompt's first differing token, begins with SHIFT_ANCHOR
+    matching tokens and covers more than half of the prompt's rest (KoboldCpp's ContextShift,
+    PurgeMissingTokens, likewise needs the new text after the common prefix to start with a long
+    run of the old)."""
+    rest = len(prompt) - 1 - start  # what would be read otherwise (the last token is read anyway)
+    if rest < 2 * SHIFT_ANCHOR or len(cached) <= start + SHIFT_ANCHOR:
+        return 0, 0
+    anchor = list(prompt[start:start + SHIFT_ANCHOR])
+    tail = np.asarray(cached[start + 1:], dtype=np.int64)
+    best = (0, 0)
+    for q in (np.flatnonzero(tail == anchor[0]) + start + 1).tolist():
+        if list(cached[q:q + SHIFT_ANCHOR]) == anchor:
+            run = common_prefix(cached[q:], prompt[start:])
+            if run > best[1]:
+                best = (q - start, run)
+    return best if 2 * min(best[1], rest) > rest else (0, 0)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many tokens `a` and `b` share from the start."""
     n = min(len(a), len(b))
@@ -310,6 +345,7 @@ class LlamaCppBackend(Shortcuts):
         self.prefilled_tokens = 0  # prompt tokens decoded (what the prompt cache did not hold)
         self.cache_prompt = runtime.cache_prompt
         self.prefill_chunk = runtime.batch_size  # prompt tokens per decode between the others' steps
+        self.shifted_tokens = 0  # cells moved out of the way by context shifts (a counter for tests)
         self.ctx = None
         self._batch = None
         self._pairs = 0
@@ -363,6 +399,11 @@ class LlamaCppBackend(Shortcuts):
             raise LlamaCppError(f"llama.cpp gave each sequence {self.seq_cells} cells, not the "
                                 f"window of {self.window}")
         self.memory = L.llama_get_memory(self.ctx)
+        # context shift moves cached cells to other positions: never in the deterministic mode (the
+        # moved cells were computed with the dropped tokens in view, so the text would depend on
+        # what the cache held), and only where the model's memory can shift (RoPE; not recurrent)
+        self.context_shift = (self.runtime.context_shift and not self.runtime.deterministic
+                              and bool(L.llama_memory_can_shift(self.memory)))
         self._batch = L.llama_batch_init(batch, 0, 1)
         b = self._batch
         self._tok = np.ctypeslib.as_array(b.token, shape=(batch,))
@@ -601,8 +642,10 @@ class LlamaCppBackend(Shortcuts):
                 slot = self._choose_slot(prompt, cache)
                 slot.busy = True
                 slots.append(slot)
-                keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1) if cache else 0
-                self._trim(slot, keep)
+                if cache:
+                    self._reuse(slot, prompt)
+                else:
+                    self._trim(slot, 0)
         except BaseException:
             for slot in slots:
                 slot.busy = False
@@ -617,12 +660,42 @@ class LlamaCppBackend(Shortcuts):
         0.5 of the prompt, else the least recently used.)"""
         free = [s for s in self._slots if not s.busy]
         if cache:
-            usable = [(min(common_prefix(s.tokens, prompt), len(prompt) - 1), -s.used_at, i)
-                      for i, s in enumerate(free)]
+            usable = [(self._reusable(s.tokens, prompt)[0], -s.used_at, i) for i, s in enumerate(free)]
             match, _, i = max(usable)
             if match > 0 and 2 * match > len(prompt):
                 return free[i]
         return min(free, key=lambda s: s.used_at)
+
+    def _reusable(self, cached: list[int], prompt: list[int]) -> tuple[int, int, int]:
+        """(cached tokens a prompt can use, their common prefix, the hole after it): the prefix,
+        and with context shift a run of the cached tokens after a hole that continues the
+        prompt (`find_hole`). Never the prompt's last token: it is always read."""
+        prefix = common_prefix(cached, prompt)
+        hole = run = 0
+        if self.context_shift and prefix < len(prompt) - 1:
+            hole, run = find_hole(cached, prompt, prefix)
+        return min(prefix + run, len(prompt) - 1), prefix, hole
+
+    def _reuse(self, slot: Slot, prompt: list[int]) -> None:
+        """Keep what the slot's cells share with `prompt`: its common prefix, with context shift
+        also the run after a hole (the hole's cells removed, the run's moved down to close it),
+        and remove the rest."""
+        usable, prefix, hole = self._reusable(slot.tokens, prompt)
+        if hole and not self._shift(slot, prefix, hole):
+            usable = min(prefix, len(prompt) - 1)
+        self._trim(slot, usable)
+
+    def _shift(self, slot: Slot, start: int, hole: int) -> bool:
+        """Remove the slot's cells at positions [start, start + hole) and move the ones after them
+        `hole` positions down (llama.cpp re-rotates their keys' RoPE at the next decode);
+        False, with nothing changed, where the model's memory cannot shift."""
+        L = self.lib
+        if not L.llama_memory_seq_rm(self.memory, slot.seq, start, start + hole):
+            return False
+        L.llama_memory_seq_add(self.memory, slot.seq, start + hole, -1, -hole)
+        del slot.tokens[start:start + hole]
+        self.shifted_tokens += hole
+        return True
 
     def _trim(self, slot: Slot, keep: int) -> None:
         """Remove the slot's cells from position `keep` on (all of them where llama.cpp cannot
@@ -679,7 +752,10 @@ class LlamaCppBackend(Shortcuts):
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= min(pair.next_pos):
             raise ValueError(f"`n` has to be an integer in [0, {min(pair.next_pos)}], but is {n!r}")
         for slot in pair.slots:
-            self._trim(slot, len(slot.tokens) - n)
+            want = len(slot.tokens) - n
+            self._trim(slot, want)
+            if len(slot.tokens) != want:  # the model's memory cannot drop a part (recurrent)
+                raise LlamaCppError("this model's memory cannot take tokens back")
         pair.logits = None
 
     # ---- decoding --------------------------------------------------------------------------
