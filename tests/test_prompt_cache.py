@@ -219,4 +219,4 @@ def test_context_shift_is_off_in_the_deterministic_mode(warm):
     front = [warm.bos_id] + memory
     _read(warm, front + text[:180], None)
     _, read = _read(warm, front + text[20:192], None)
-    assert read == 172
+    assert read >= 172 and warm.shifted_tokens == 0  # the story after BOS + memory at least
