@@ -31,8 +31,11 @@ demo: setup
 	$(PYTHON) -m cfg_textgen.cli generate "$(STORY)" --cfg-scale 1.5 --seed 7 --tokens 60
 	@echo ""
 
+# Two workers, a test module each (--dist loadfile keeps a module's server process in one worker):
+# much of the suite waits on server processes and model loads, so two overlap well even on 2
+# cores. The 20 slowest tests are listed at the end, to keep the suite short.
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=20
 
 # the bench extra adds llama-cpp-python's own server (the baseline of the writers section)
 bench: setup

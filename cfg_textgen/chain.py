@@ -57,6 +57,9 @@ def build_processors(preset: Preset, model=None, tokenizer=None, generator=None)
     if preset.grammar:  # transformers has no grammar engine; the llama.cpp backend's engine does it
         raise CFGTextgenError(f"preset {preset.name}: grammar: GBNF grammars need the llama.cpp backend "
                               "(the streaming engine on a .gguf model), not model.generate")
+    if preset.banned_strings:  # a phrase is undone by rewinding the text, which `generate` cannot do
+        raise CFGTextgenError(f"preset {preset.name}: banned_strings: phrase bans go back in the text; they "
+                              "need the streaming engine (cfg-textgen write/generate/serve), not model.generate")
     processors = LogitsProcessorList()
     if preset.cfg.active:
         if model is None:

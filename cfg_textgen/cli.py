@@ -251,6 +251,9 @@ def _generation_options(f):
                      help="Tokens to generate per continuation."),
         click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), callback=_read_grammar_file,
                      metavar="FILE", help="A GBNF grammar (rule root) the text must follow; llama.cpp backend."),
+        click.option("--ban", "bans", multiple=True, metavar="TEXT",
+                     help="A phrase the text must never contain (repeatable; ignoring case): generation goes back "
+                          "to where it began and picks another word (anti-slop). Adds to the preset's."),
         click.option("--seed", type=int, metavar="S", help="Random seed, for repeatable sampling."),
         model_options,
         _verbose_option,
@@ -260,7 +263,7 @@ def _generation_options(f):
     return f
 
 
-def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file=None):
+def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file=None, bans=()):
     """The preset with the command-line flags applied on top."""
     import dataclasses
 
@@ -278,6 +281,10 @@ def _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_fil
         preset = dataclasses.replace(preset, max_new_tokens=tokens)
     if grammar_file is not None:
         preset = dataclasses.replace(preset, grammar=grammar_file[1])
+    if any(not ban for ban in bans):
+        raise click.BadParameter("a banned phrase cannot be empty", param_hint="--ban")
+    if bans:
+        preset = dataclasses.replace(preset, banned_strings=tuple(dict.fromkeys(preset.banned_strings + tuple(bans))))
     return preset
 
 
@@ -371,8 +378,8 @@ def _exit_interrupted(ctx, err):
 @click.option("--interactive", "-i", is_flag=True,
               help="After each continuation, read a line: Enter continues, text is added, /help.")
 @click.pass_context
-def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model, verbose,
-          interactive):
+def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, bans, seed, model,
+          verbose, interactive):
     """Continue the story in STORY.txt, streaming the new text to the screen and into the file.
 
     A missing file starts a new story. Every piece is in the file before it is shown, so after
@@ -383,12 +390,13 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, g
       cfg-textgen write story.txt
       cfg-textgen write story.txt --cfg-scale 2 --opposing "A dull, generic story."
       cfg-textgen write story.txt --preset wild --tokens 400 --interactive
+      cfg-textgen write story.txt --ban "shivers down" --ban "a testament to"
     """
     from .presets import load_preset
     from .session import WriteSession, describe
     from .story import SignalGuard, Story, Terminated
 
-    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file)
+    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, bans)
     story = Story.open(story_file)  # not UTF-8 / not writable: an error before any generation
     with SignalGuard() as guard:
         try:
@@ -410,7 +418,8 @@ def write(ctx, story_file, preset, cfg_scale, opposing, opposing_file, tokens, g
 @click.argument("prompt")
 @_generation_options
 @click.pass_context
-def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, seed, model, verbose):
+def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, bans, seed, model,
+             verbose):
     """Stream one continuation of PROMPT to stdout (nothing is written to disk).
 
     \b
@@ -421,7 +430,7 @@ def generate(ctx, prompt, preset, cfg_scale, opposing, opposing_file, tokens, gr
     from .session import describe, summary
     from .story import SignalGuard, Terminated
 
-    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file)
+    preset = _apply_flags(preset, cfg_scale, opposing, opposing_file, tokens, grammar_file, bans)
     with SignalGuard() as guard:
         try:
             backend, generator = _start(model, seed, verbose)
@@ -470,6 +479,9 @@ def _check_api_key(ctx, param, value):
               help="On SIGTERM, running generations may finish for this long, then end (waiting ones get 503 at once).")
 @click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=15, show_default=True,
               metavar="SECONDS", help="Close a connection that has not sent its request headers within this time.")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              metavar="SECONDS", help="Answer 408 and close a connection whose request body has not arrived within "
+                                      "this time (1 s more per 500 bytes received).")
 @click.option("--max-connections", type=click.IntRange(min=1), default=None, metavar="N",
               help="Open connections at most; beyond it the ones idle longest are closed "
                    "(default: what the open-file limit allows, at most 4096).")
@@ -484,7 +496,7 @@ def _check_api_key(ctx, param, value):
 @click.option("--quiet", is_flag=True, help="No request log (by default one line per request on stderr: "
                                             "method, path, status, prompt/new tokens, time).")
 def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name, cfg_scale, opposing,
-          max_queue, shutdown_grace, header_timeout, max_connections):
+          max_queue, shutdown_grace, header_timeout, max_connections, body_timeout):
     """Serve text-generation-webui's OpenAI-compatible API (/v1) and the KoboldAI API (/api) with
     CFG, for SillyTavern, Kobold Lite and OpenAI clients.
 
@@ -508,7 +520,7 @@ def serve(model, host, port, api_key, cors_origins, parallel, quiet, preset_name
     sys.exit(run(host=host, port=port, model=model.spec, backend=model.backend, runtime=model.runtime,
                  api_key=api_key, cors_origins=tuple(cors_origins), parallel=parallel, log=_say, quiet=quiet,
                  defaults=defaults, max_queue=max_queue, grace=shutdown_grace, header_timeout=header_timeout,
-                 max_connections=max_connections))
+                 body_timeout=body_timeout, max_connections=max_connections))
 
 
 # ---- sweep / explain / eval (analysis) ----------------------------------------------------

@@ -14,10 +14,17 @@ penalty acts as in the reference apps. `story_ids` is the prompt plus the genera
 exactly what `generate` gives its processors, so repetition penalties see the same history. Text
 comes out as soon as it is final (the backend's decoder): the pieces joined equal the one-shot
 decode of all new tokens.
+
+Phrase bans (phrase_bans.py): when the text not given out yet contains a banned phrase, `advance`
+takes back every token from the one whose text holds the phrase's first character, bans that token
+at that position, restores the RNG and the stateful samplers as they were there, and sets
+`rewind` for the decode loop, which rewinds the pair and hands back the logits at that position.
+Until a phrase is decided, the text from the token where it may begin is held back.
 """
 
 from __future__ import annotations
 
+import bisect
 import secrets
 import time
 import warnings
@@ -32,6 +39,7 @@ from .errors import ContextError, SettingError
 from .grammar import make_grammar
 from .guidance import cfg_combine, check_opposing, check_scale, opposing_token_ids
 from .logprobs import TokenLogprob, token_logprob
+from .phrase_bans import MAX_REWINDS_PER_POSITION, PhraseBans
 from .samplers import pick_token
 
 
@@ -46,6 +54,7 @@ class Stats:
     kept_tokens: int = 0  # story tokens the model saw
     batch: int = 1  # rows of this generation per step: 2 with CFG, 1 without
     first_token_seconds: float | None = None  # from the start (or submit) to the first token
+    rewinds: int = 0  # times a banned phrase was taken back
 
     @property
     def tokens_per_second(self) -> float:
@@ -88,6 +97,7 @@ class Generation:
                  generator: torch.Generator | None = None, seed: int | None = None,
                  on_cut: Callable[[int, int], None] | None = None, ban_eos: bool = False,
                  truncate: bool = True, logprobs: int | None = None, grammar: str = "",
+                 banned_strings: Sequence[str] = (), ban_case_sensitive: bool = False,
                  cache_prompt: bool = True):
         self.backend = backend = as_backend(model, tokenizer)
         if backend.tokenizer is None:
@@ -147,6 +157,16 @@ class Generation:
         self._eos_index = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
         self._decoder = backend.decoder(self.prompt_ids)
         self.grammar = make_grammar(backend, grammar) if grammar else None  # grammar.py
+        self._grammar_text = grammar
+        # phrase bans (phrase_bans.py): `rewind` = n asks the decode loop to take the pair's last n
+        # tokens back and hand over the logits there (n = 0: the last fed token's logits again)
+        self.bans = PhraseBans(banned_strings, ban_case_sensitive)
+        self.rewind: int | None = None
+        self._released_at = [0]  # len(decoder.released) after k generated tokens, k = 0, 1, ...
+        self._position_bans: dict[int, set[int]] = {}  # generated position -> tokens banned there
+        self._rewinds_at: dict[int, int] = {}  # generated position -> rewinds that went back to it
+        self._snapshots: dict[int, tuple] = {}  # generated position -> state before its pick
+        self._scan_from = 0  # phrases found before this text index were let through
         self._start = time.perf_counter()
 
     def _fit(self, ids: list[int], on_cut, truncate: bool) -> list[int]:
@@ -181,13 +201,22 @@ class Generation:
     def advance(self, logits: torch.Tensor) -> str:
         """One step: the pair's logits (rows, vocab) -> pick a token; the text that became final."""
         logits = logits.to(dtype=torch.float32)
-        self.stats.forwards += 1
+        if self.rewind is not None:  # the loop took the tokens back: the logits at the kept end
+            self.rewind = None
+        else:
+            self.stats.forwards += 1
+        position = len(self.token_ids)
+        if self.bans:
+            self._snapshot(position)
         if logits.shape[0] > 1:  # the pair has an opposing row: CFG
             scores = cfg_combine(logits[:1], logits[1:2], self.scale)
         else:  # what CFGLogitsProcessor(scale=1) returns: the raw logits
             scores = logits[:1]
         if self.ban_eos and len(self._eos_index):
             scores = scores.index_fill(-1, self._eos_index, float("-inf"))
+        if position in self._position_bans:  # first tokens of banned phrases found here before
+            banned = torch.tensor(sorted(self._position_bans[position]), dtype=torch.long, device=scores.device)
+            scores = scores.index_fill(-1, banned, float("-inf"))
         history = self._history[:, :self._filled]
         guided = scores
         for processor in self.chain:
@@ -209,18 +238,85 @@ class Generation:
         self.stats.seconds = time.perf_counter() - self._start  # live: a summary after Ctrl-C is right
         self.token_ids.append(tok)
         self.stats.tokens += 1
-        if tok in self.eos and not self.ban_eos:
+        eos = tok in self.eos and not self.ban_eos
+        if not eos:
+            self._decoder.add(tok)
+        ending = eos or len(self.token_ids) >= self.max_new_tokens
+        if ending:
+            self._decoder.flush()
+        self._released_at.append(len(self._decoder.released))
+        if self.bans and self._rewind_banned_phrase():
+            return ""
+        if eos:
             self.stop_reason = "eos"
-            return self._finish()
-        self._decoder.add(tok)
-        piece = self._emit(self._decoder.released, final=False)
-        if self.stop_reason:  # a stop sequence
+        piece = self._emit(self._decoder.released, final=ending)
+        if self.stop_reason or ending:  # a stop sequence, EOS or the length
+            self.stop_reason = self.stop_reason or "max_tokens"
             self.done = True
-            return piece
-        if len(self.token_ids) >= self.max_new_tokens:
-            self.stop_reason = "max_tokens"
-            return piece + self._finish()
         return piece
+
+    # ---- phrase bans: find, take back, restore ----------------------------------------------
+
+    def _snapshot(self, position: int) -> None:
+        """The state the pick at `position` starts from: the RNG and the stateful samplers'
+        fields (mirostat's mu, adaptive_p's history), so a rewind to here draws as if the
+        rewound tokens had never been. Positions whose text is out are never rewound to: their
+        snapshots go."""
+        rng = self.generator.get_state() if self.generator is not None else None
+        samplers = [dict(vars(p)) for p in self.chain if hasattr(p, "reset")]
+        self._snapshots[position] = (rng, samplers)
+        out = bisect.bisect_right(self._released_at, len(self.text)) - 1
+        for old in [k for k in self._snapshots if k < out]:
+            del self._snapshots[old]
+
+    def _rewind_banned_phrase(self) -> bool:
+        """If the text not given out yet contains a banned phrase: go back to the token whose text
+        holds its first character, ban that token at that position, restore the state there and
+        ask the loop to rewind (`self.rewind`). After MAX_REWINDS_PER_POSITION rewinds to one
+        position (counted over the whole generation, so a generation rewinds at most that many
+        times per token) the phrase found there stays (the tokens banned there stay banned)."""
+        released = self._decoder.released
+        at = self.bans.find(released, max(len(self.text), self._scan_from))
+        if at < 0:
+            return False
+        k = bisect.bisect_right(self._released_at, at) - 1  # token k's text covers index `at`
+        if self._rewinds_at.get(k, 0) >= MAX_REWINDS_PER_POSITION or self._released_at[k] < len(self.text):
+            self._scan_from = at + 1  # let it through (or its token's start is already out)
+            return False
+        self._rewinds_at[k] = self._rewinds_at.get(k, 0) + 1
+        self._position_bans.setdefault(k, set()).add(self.token_ids[k])
+        for later in [p for p in self._position_bans if p > k]:  # bans of a text that is gone
+            del self._position_bans[later]
+        # the pair holds every generated token but the last pick, which is fed at the next step
+        self.rewind = len(self.token_ids) - k - 1
+        self._restore(k)
+        self.stats.rewinds += 1
+        return True
+
+    def _restore(self, k: int) -> None:
+        """The state after `k` generated tokens, as it was when the pick at k began."""
+        del self.token_ids[k:]
+        del self.token_logprobs[k:]
+        del self._released_at[k + 1:]
+        self._filled = len(self.prompt_ids) + k
+        self.stats.tokens = k
+        self.done, self.stop_reason = False, None
+        self._decoder = self.backend.decoder(self.prompt_ids)
+        for tok in self.token_ids:
+            self._decoder.add(tok)
+        if self.grammar is not None:  # llama.cpp's grammar state cannot go back: start it again
+            self.grammar.close()
+            self.grammar = make_grammar(self.backend, self._grammar_text)
+            for tok in self.token_ids:
+                self.grammar.accept(tok)
+        rng, samplers = self._snapshots[k]
+        if rng is not None:
+            self.generator.set_state(rng)
+        for p, saved in zip([p for p in self.chain if hasattr(p, "reset")], samplers):
+            vars(p).clear()
+            vars(p).update(saved)
+        for later in [p for p in self._snapshots if p > k]:
+            del self._snapshots[later]
 
     def _grammar_allowed(self, history, guided, scores):
         """The chain's scores limited to what the grammar allows; if that leaves nothing, the
@@ -232,6 +328,12 @@ class Generation:
         for processor in self.chain:
             scores = processor(history, scores)
         return self.grammar.allowed(scores)
+
+    def end_early(self) -> str:
+        """The run was ended from outside (cancelled, aborted): what it held back (the start of a
+        possible stop sequence, the bytes of an unfinished character) is final text now, as a
+        run ending at its token limit gives it out; "" if the run had already finished."""
+        return "" if self.done else self._finish()
 
     def _finish(self) -> str:
         self.done = True
@@ -249,6 +351,10 @@ class Generation:
             self.stop_reason = "stop"
         elif not final:
             pending = pending[:len(pending) - _stop_prefix_len(pending, self.stop)]
+            if self.bans:  # from the token where a banned phrase may be starting, wait
+                start = self.bans.open_start(released, max(len(self.text), self._scan_from))
+                hold = self._released_at[bisect.bisect_right(self._released_at, start) - 1]
+                pending = pending[:max(0, hold - len(self.text))]
         self.text += pending
         return pending
 
@@ -262,7 +368,8 @@ def preset_settings(backend, preset, generator) -> dict:
                 opposing_mode=preset.cfg.opposing_mode,
                 chain=build_chain(preset, backend.tokenizer, generator),
                 max_new_tokens=preset.max_new_tokens, stop=preset.stop, do_sample=preset.do_sample,
-                generator=generator, grammar=preset.grammar)
+                generator=generator, grammar=preset.grammar, banned_strings=preset.banned_strings,
+                ban_case_sensitive=preset.ban_case_sensitive)
 
 
 def random_seed() -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import tempfile
 import threading
@@ -109,12 +110,32 @@ class LlamaGrammar:
             pass
 
 
-def make_grammar(backend, text: str) -> LlamaGrammar:
-    """The grammar state for one generation on `backend`; GrammarError if it cannot be had."""
+def _need_llamacpp(backend) -> None:
     if getattr(backend, "name", None) != "llama.cpp":
         raise GrammarError("GBNF grammars need the llama.cpp backend (a .gguf model with llama-cpp-python); "
                            f"the model runs on {getattr(backend, 'name', 'another backend')}")
+
+
+def make_grammar(backend, text: str) -> LlamaGrammar:
+    """The grammar state for one generation on `backend`; GrammarError if it cannot be had."""
+    _need_llamacpp(backend)
     return LlamaGrammar(backend.lib, backend.vocab, text)
+
+
+def grammar_of_json_schema(backend, schema: dict) -> str:
+    """The GBNF grammar of the JSON texts a JSON schema allows, by llama.cpp's own converter (the
+    Python port llama-cpp-python ships, llama_grammar.json_schema_to_gbnf, of llama.cpp's
+    json_schema_to_grammar). As llama.cpp server, an empty schema means any JSON object."""
+    _need_llamacpp(backend)
+    if not isinstance(schema, dict):
+        raise GrammarError(f"must be a JSON schema (an object), but is {json.dumps(schema)[:80]}")
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema or {"type": "object"}))
+    except Exception as err:  # the converter raises what the schema's shape makes it hit: say what it was
+        raise GrammarError(f"not a JSON schema llama.cpp can turn into a grammar ({type(err).__name__}: {err})") \
+            from None
 
 
 def check_grammar(backend, text: str) -> None:

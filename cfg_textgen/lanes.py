@@ -24,8 +24,13 @@ was for; a failing `advance` (a sampler's bug) ends only its own lane. Every pai
 released when its lane ends, and `close()` releases whatever is still live.
 
 A lane's state is any object with the generation protocol: `pair_ids()` (story ids, opposing ids
-or None), `advance(logits) -> text piece or None`, `done`, `last_token`, and optionally
-`cache_prompt` (False: the backend decodes the whole prompt; engine.Generation is one). A `Lane` subclass decides what a piece and the end mean to its caller (`put`, `end`).
+or None), `advance(logits) -> text piece or None`, `done`, `last_token` (engine.Generation is
+one), optionally `cache_prompt` (False: the backend reads the whole prompt, none of it from its
+prompt cache), and optionally `end_early() -> text piece`: a cancelled lane's last piece (the text it held
+back), given out before it ends. A `Lane` subclass decides what a piece and the end mean to its
+caller (`put`, `end`). A state may also have `rewind`: when it is a number n after `advance`, the
+loop takes the pair's last n tokens back (`backend.rewind`, after every lane of the step has read
+its logits) and hands the state the logits there (phrase bans, generation.py).
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ class DecodeLoop:
 
     def _advance(self, lanes: list[Lane], ended: list[Lane]) -> None:
         """Each lane reads its logits; finished lanes release only after all have read theirs."""
-        leaving = []
+        leaving, rewinding = [], []
         with self.text_lock:
             for lane in lanes:
                 if lane.cancelled:  # cancelled during the decode: no more text
@@ -161,10 +166,29 @@ class DecodeLoop:
                 except Exception as err:  # one lane's bad sampler must not end the others
                     leaving.append((lane, "error", err))
                     continue
+                if getattr(lane.state, "rewind", None) is not None:
+                    rewinding.append(lane)
+                elif lane.state.done:
+                    leaving.append((lane, None, None))
+            # only now: a rewind may decode, which reuses the buffer the other lanes read from
+            for lane in rewinding:
+                try:
+                    self._rewind(lane)
+                except Exception as err:
+                    leaving.append((lane, "error", err))
+                    continue
                 if lane.state.done:
                     leaving.append((lane, None, None))
         for lane, reason, err in leaving:
             self._end(lane, reason, err, ended)
+
+    def _rewind(self, lane: Lane) -> None:
+        """The lane's state asked to take its last `rewind` tokens back (a banned phrase): the
+        backend rewinds the pair, and the state reads the logits there again, until it asks no
+        more (generation.py bounds how often)."""
+        while lane.state.rewind is not None and not lane.state.done:
+            logits = self.backend.rewind(lane.pair, lane.state.rewind)
+            lane.put(lane.state.advance(logits))
 
     def _end(self, lane: Lane, reason: str | None, error: BaseException | None, ended: list[Lane]) -> None:
         """Release the lane's pair and end it. A release that fails (a backend bug) becomes the
@@ -181,6 +205,13 @@ class DecodeLoop:
             except Exception as err:
                 reason, error = "error", error or err
         lane.reason, lane.error = reason, error
+        end_early = getattr(lane.state, "end_early", None)
+        if reason == "cancelled" and end_early is not None:
+            try:
+                with self.text_lock:  # the decoder uses the tokenizer
+                    lane.put(end_early())
+            except Exception as err:  # the held-back text is lost; the lane still ends
+                lane.reason, lane.error = reason, error = "error", err
         ended.append(lane)
         lane.end(reason, error)
 

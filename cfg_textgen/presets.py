@@ -108,6 +108,11 @@ class Preset:
     do_sample: Bool = Field(True, description="false = greedy pick after the chain")
     grammar: Str = Field("", description='a GBNF grammar (llama.cpp\'s, rule "root") the text must follow, '
                                          'applied after the samplers; "" = none; needs the llama.cpp backend')
+    banned_strings: tuple[Annotated[Str, MinLen(1)], ...] = Field(
+        (), description="phrases the text must never contain: when one appears, generation goes back to where it "
+                        "began, bans the token that started it there and picks again (KoboldCpp's anti-slop)")
+    ban_case_sensitive: Bool = Field(False, description="compare banned_strings as written (default: ignoring "
+                                                        "case, as KoboldCpp and TabbyAPI do)")
 
     def to_dict(self) -> dict:
         """The JSON form: every top-level key, and per sampler only the parameters the preset gave
@@ -115,7 +120,9 @@ class Preset:
         samplers = [{"sampler": s.name, **{k: _json_value(v) for k, v in s.params.items()}} for s in self.samplers]
         return {"format": FORMAT, "name": self.name, "description": self.description,
                 "cfg": dataclasses.asdict(self.cfg), "samplers": samplers, "max_new_tokens": self.max_new_tokens,
-                "stop": list(self.stop), "do_sample": self.do_sample, **({"grammar": self.grammar} if self.grammar else {})}
+                "stop": list(self.stop), "do_sample": self.do_sample, **({"grammar": self.grammar} if self.grammar else {}),
+                **({"banned_strings": list(self.banned_strings)} if self.banned_strings else {}),
+                **({"ban_case_sensitive": True} if self.ban_case_sensitive else {})}
 
 
 def _json_value(value):

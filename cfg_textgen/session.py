@@ -64,7 +64,8 @@ def describe(preset) -> str:
     samplers = ", ".join(s.name for s in preset.samplers) or "none"
     return (f"preset {preset.name}: CFG scale {cfg.scale:g} (opposing: {opposing}); samplers: {samplers}; "
             f"{preset.max_new_tokens} tokens; {'sampling' if preset.do_sample else 'greedy'}"
-            + (f"; stop {list(preset.stop)!r}" if preset.stop else "") + ("; grammar" if preset.grammar else ""))
+            + (f"; stop {list(preset.stop)!r}" if preset.stop else "") + ("; grammar" if preset.grammar else "")
+            + (f"; banned phrases {list(preset.banned_strings)!r}" if preset.banned_strings else ""))
 
 
 def summary(stream) -> str:
@@ -73,7 +74,7 @@ def summary(stream) -> str:
         stream.stop_reason, "interrupted")
     return (f"{s.tokens} tokens in {s.seconds:.1f} s ({s.tokens_per_second:.1f} tokens/s, "
             f"{s.forwards} forward passes of batch {s.batch}; CFG scale {stream.scale:g}); "
-            f"stopped: {reason}")
+            f"stopped: {reason}" + (f"; rewinds for banned phrases: {s.rewinds}" if s.rewinds else ""))
 
 
 @dataclass

@@ -32,8 +32,25 @@ def test_kobold_request_logit_bias_is_clamped_and_added_as_koboldcpp_does():
                                           "custom_token_bans": "1,x,2", "grammar": GRAMMAR})
     assert first(data) == {"sampler": "logit_bias", "bias": {"5": -100.0, "6": 100.0}, "ban": [1, 2, 11]}
     assert data["grammar"] == GRAMMAR
-    assert report.status("banned_tokens") == DROPPED  # the phrase is not carried; the id is
-    assert "phrase bans" in report.entries["banned_tokens"].detail
+    assert data["banned_strings"] == ["a phrase"]  # KoboldCpp's strings are phrases; the id is a token
+    assert report.status("banned_tokens") == MAPPED and "banned_strings" in report.entries["banned_tokens"].detail
+
+
+def test_kobold_request_banned_strings_count_only_without_banned_tokens():
+    data, report = kobold.import_request({"banned_strings": ["A Shiver", ""], "custom_token_bans": "3"})
+    assert data["banned_strings"] == ["A Shiver"] and first(data)["ban"] == [3]
+    data, report = kobold.import_request({"banned_strings": ["ignored"], "banned_tokens": ["kept", "kept"]})
+    assert data["banned_strings"] == ["kept"] and report.status("banned_strings") == DROPPED
+
+
+def test_webui_request_banned_strings_are_phrases_a_list_or_one_string():
+    data, report = textgen_webui.import_request({"banned_strings": ["a testament to", "x"], "banned_tokens": ["x", 4]})
+    assert data["banned_strings"] == ["x", "a testament to"] and first(data)["ban"] == [4]
+    assert report.status("banned_strings") == MAPPED
+    assert textgen_webui.import_request({"banned_strings": "one phrase"})[0]["banned_strings"] == ["one phrase"]
+    assert "banned_strings" not in textgen_webui.import_request({"banned_strings": []})[0]
+    with pytest.raises(PresetError, match="^request: banned_strings: must be a list of strings"):
+        textgen_webui.import_request({"banned_strings": ["ok", 5]})
 
 
 @pytest.mark.parametrize("body,key", [({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": [5]}, "logit_bias"),
@@ -93,5 +110,18 @@ def test_sillytavern_text_lines_need_its_tokenizer_and_are_reported():
     out["logit_bias"].append({"id": "x", "text": " city", "value": -5})
     back, report = import_preset(out)
     assert first(back) == STEERED["samplers"][0]
-    assert "2 text lines" in report.entries["banned_tokens"].detail
+    assert back["banned_strings"] == ["a phrase"]  # a quoted line is a phrase (SillyTavern's banned_strings)
+    assert "1 text lines" in report.entries["banned_tokens"].detail
     assert "1 entries given as text" in report.entries["logit_bias"].detail
+
+
+@pytest.mark.parametrize("fmt", ["novelai", "sillytavern-textgen"])
+def test_export_and_import_of_banned_strings(fmt):
+    preset = parse_preset({**STEERED, "banned_strings": ["a testament to", "two\nlines"]})
+    out, report = export_preset(preset, fmt)
+    back, _ = import_preset(out)
+    if fmt == "novelai":
+        assert "banned_strings" not in back and report.status("banned_strings") == DROPPED
+    else:  # quoted lines of banned_tokens; SillyTavern reads one phrase per line
+        assert back["banned_strings"] == ["a testament to"] and report.status("banned_strings") == MAPPED
+        assert any("line break" in note for note in report.notes)

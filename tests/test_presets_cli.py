@@ -15,7 +15,7 @@ from cfg_textgen.samplers import SAMPLERS
 
 REPO = Path(__file__).resolve().parent.parent
 VALID_SAMPLERS = ", ".join(sorted(SAMPLERS))
-TOP_KEYS = "format, name, description, cfg, samplers, max_new_tokens, stop, do_sample, grammar"
+TOP_KEYS = "format, name, description, cfg, samplers, max_new_tokens, stop, do_sample, grammar, banned_strings, ban_case_sensitive"
 
 
 def run(*args):

@@ -7,9 +7,10 @@ those rendered prompts."""
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 
-from llamacpp_reference import have_llama_cpp
+from llamacpp_reference import have_llama_cpp, log_softmax64
 from test_chat import smollm2_template
 from test_server_steering import ref, server  # noqa: F401  (the same llama.cpp server and reference)
 
@@ -95,3 +96,38 @@ def test_chat_bad_requests_are_a_400_naming_the_field(server, body, field):
     r = httpx.post(server.url + "/v1/chat/completions", json={"max_tokens": 2, **body}, timeout=120)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field, r.text
+
+
+def test_chat_logprobs_are_the_drawn_distribution_streamed_and_not(client, ref, tiny_tokenizer):
+    # sampled at temperature 0.8 after top-k 5 with CFG: each token's log-prob and alternatives must be
+    # log_softmax(top_k(guided / T)) with guided = u + scale * (c - u), recomputed here along the path
+    # the server drew (the items' token_id) from llama.cpp's own logits for both branches
+    scale, temperature, k, top = 1.5, 0.8, 5, 3
+    args = dict(model="m", messages=MESSAGES, max_tokens=6, temperature=temperature, seed=7, logprobs=True,
+                top_logprobs=top, extra_body={"guidance_scale": scale, "negative_prompt": NEGATIVE, "top_k": k})
+    done = client.chat.completions.create(**args)
+    content = done.choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [i.model_dump() for i in streamed] == [i.model_dump() for i in content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    assert "".join(i.token for i in content) == done.choices[0].message.content and len(content) >= 4
+
+    story, opposing = rendered_ids(ref, tiny_tokenizer, MESSAGES), ref.tokenize(NEGATIVE)
+    for item in content:
+        c, u = log_softmax64(ref.last_logits(story)), log_softmax64(ref.last_logits(opposing))
+        guided = (u + scale * (c - u)) / temperature
+        guided[guided < np.sort(guided)[-k]] = -np.inf
+        drawn = log_softmax64(guided)
+        token = item.model_extra["token_id"]
+        assert item.logprob == pytest.approx(drawn[token], abs=2e-3)
+        assert item.bytes == list(ref.token_bytes(token)) and item.token == ref.detokenize([token])
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(np.sort(drawn)[::-1][:top].tolist(), abs=2e-3)
+        assert item.model_extra["story_logprob"] == pytest.approx(c[token], abs=2e-3)
+        story, opposing = story + [token], opposing + [token]
+
+
+def test_chat_top_logprobs_without_logprobs_is_a_400(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
+                                                              "top_logprobs": 2}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text

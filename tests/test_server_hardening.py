@@ -11,6 +11,7 @@ slow enough on a CPU that a test can act while they run; every one is ended by t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -56,7 +57,7 @@ def _low_file_limit():
 
 @pytest.fixture(scope="module")
 def web(tiny_model_dir):
-    srv = ServerProcess("--model", str(tiny_model_dir), "--cors-origin", LITE, "--header-timeout", "3",
+    srv = ServerProcess("--model", str(tiny_model_dir), "--cors-origin", LITE, "--header-timeout", "3", "--body-timeout", "3",
                         "--max-connections", "1000", preexec=_low_file_limit)
     yield srv
     assert srv.terminate() == 0, srv.stderr()
@@ -432,3 +433,38 @@ def test_connection_guard_closes_late_headers_and_the_longest_idle_beyond_the_ca
     again.cycle = _Cycle(complete=True)
     assert guard.sweep({again}, now=29.0) == 0  # 9 s after its first response: its wait starts anew
     assert guard.sweep({again}, now=38.0) == 0 and guard.sweep({again}, now=39.5) == 1
+
+
+def test_server_stalled_or_trickled_body_gets_408_and_a_closed_connection(web):
+    def send(head_and_part: bytes) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", web.port))
+        s.sendall(head_and_part)
+        return s
+
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    stalled = send(head + b'Content-Length: 100\r\n\r\n{"prompt": "x"')
+    trickled = send(head + b'Transfer-Encoding: chunked\r\n\r\n')
+    try:
+        assert answers(web)  # other clients are served meanwhile
+        received, answered = {"stalled": b"", "trickled": b""}, {}
+        deadline = time.monotonic() + 20  # the fixture's --body-timeout is 3 s
+        while len(answered) < 2 and time.monotonic() < deadline:
+            for name, s in (("stalled", stalled), ("trickled", trickled)):
+                if name in answered:
+                    continue
+                if name == "trickled":
+                    with contextlib.suppress(OSError):
+                        s.sendall(b"1\r\n \r\n")  # one byte of body now and then: never the end
+                s.settimeout(0.2)
+                with contextlib.suppress(socket.timeout, TimeoutError):
+                    while chunk := s.recv(65536):  # the answer, then the server's close
+                        received[name] += chunk
+                    answered[name] = received[name]
+        assert set(answered) == {"stalled", "trickled"}, f"still open after 20 s: {answered}"
+        for data in answered.values():
+            assert data.startswith(b"HTTP/1.1 408 "), data
+            assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    finally:
+        stalled.close()
+        trickled.close()
+    assert answers(web)

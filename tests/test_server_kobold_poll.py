@@ -104,3 +104,27 @@ def test_kobold_perf_queue_counts_waiting_requests_not_running_ones(server):
     assert perf["idle"] == 1 and perf["queue"] == 0 and perf["uptime"] > 0
     assert perf["last_token_count"] == 100 and perf["stop_reason"] == 0  # KoboldCpp: 0 = out of tokens
     assert perf["last_seed"] in range(6) and perf["last_process"] >= 0 and perf["last_eval"] > 0
+
+
+def test_kobold_poll_abort_returns_the_text_held_back_for_a_possible_stop_sequence(server):
+    # KoboldCpp's generate returns all the text made before an abort. Here the stop sequence is
+    # the run's own text from its 20th character on plus a character it never writes, so from there
+    # every character may still be the start of it and is held back from the check route; an abort
+    # must still give it out (it was never a stop sequence)
+    seeded = {**LONG, "sampler_seed": 6}
+    whole = post(server, "/api/v1/generate", seeded).json()["results"][0]["text"]
+    body = {**seeded, "genkey": "KCPP-held", "stop_sequence": [whole[20:] + "\u2603"]}
+    thread, out = in_thread(post, server, "/api/v1/generate", body)
+    seen = ""
+    while not seen and thread.is_alive():
+        seen = post(server, "/api/extra/generate/check", {"genkey": "KCPP-held"}).json()["results"][0]["text"]
+    assert seen == whole[:20]
+    assert post(server, "/api/extra/abort", {"genkey": "KCPP-held"}).json()["success"] == "true"
+    thread.join()
+    result = out["r"].json()["results"][0]
+    assert result["finish_reason"] == "cancelled" and result["completion_tokens"] < 240
+    # the text of exactly the tokens made before the abort: the same seeded run cut at that length
+    made = post(server, "/api/v1/generate", {**seeded, "max_length": result["completion_tokens"]}).json()
+    assert result["text"] == made["results"][0]["text"] and len(result["text"]) > 20
+    assert post(server, "/api/extra/generate/check", {"genkey": "KCPP-held"}).json()["results"][0]["text"] \
+        == result["text"]

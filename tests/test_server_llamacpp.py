@@ -178,3 +178,11 @@ def test_llamacpp_importer_repeat_last_n_0_with_penalties_not_listed():
     assert "repeat_penalty" in report.render()  # said: not listed, so llama.cpp does not run it
     samplers, _, _ = _samplers({**body, "samplers": ["penalties", "temperature"]})
     assert [s for s, _ in samplers] == ["temperature"]  # listed, but repeat_last_n 0 turns it off
+
+
+@pytest.mark.parametrize("field,value", [("grammar", 'root ::= ("yes" | "no")'),
+                                         ("json_schema", {"type": "object", "properties": {"a": {"type": "string"}}})])
+def test_llamacpp_grammar_fields_on_transformers_are_a_400_naming_the_field(server, field, value):
+    r = httpx.post(server.url + "/completion", json={"prompt": PROMPT, "n_predict": 2, field: value}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and "llama.cpp backend" in r.json()["error"]["message"]

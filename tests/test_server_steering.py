@@ -5,6 +5,8 @@ reference's greedy text with the same token banned at every step, with CFG off a
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -110,3 +112,56 @@ def test_invalid_grammar_is_a_400_naming_the_field(server, path, field):
     named = err["error"]["param"] if "error" in err else err["detail"]["field"]
     assert named == field, err
     assert post(server, "/v1/completions", {"prompt": STORY, "max_tokens": 2})["choices"]  # still serving
+
+
+YES_NO_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_llamacpp_route_grammar_and_json_schema_constrain_the_text(server, scale):
+    cfg = {"guidance_scale": scale, "negative_prompt": "Answer at length."} if scale != 1 else {}
+    body = {"prompt": "Question: Is the sea salty? Answer yes or no.\nAnswer:", "n_predict": 12, "seed": 5, **cfg}
+    assert post(server, "/completion", {**body, "grammar": YES_NO})["content"] in ("yes", "no")
+    streamed = httpx.post(server.url + "/completion", json={**body, "grammar": YES_NO, "stream": True}, timeout=600)
+    assert "".join(json.loads(line[6:])["content"] for line in streamed.text.splitlines()
+                   if line.startswith("data: ")) in ("yes", "no")
+    # the schema's JSON texts: `{"answer": "yes"}` give or take llama.cpp's optional spaces
+    text = post(server, "/completion", {**body, "n_predict": 24, "json_schema": YES_NO_SCHEMA})["content"]
+    assert json.loads(text) in ({"answer": "yes"}, {"answer": "no"}), text
+    # a grammar wins over a schema (llama.cpp server's rule)
+    both = post(server, "/completion", {**body, "grammar": YES_NO, "json_schema": YES_NO_SCHEMA})["content"]
+    assert both in ("yes", "no")
+
+
+@pytest.mark.parametrize("field,value", [("grammar", 'root ::= ("yes" | '), ("json_schema", {"type": "nonsense"}),
+                                         ("json_schema", "not a schema")])
+def test_llamacpp_route_bad_grammar_or_schema_is_a_400_naming_the_field(server, field, value):
+    err = post(server, "/completion", {"prompt": STORY, "n_predict": 2, field: value}, status=400)
+    assert err["error"]["param"] == field, err
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_llamacpp_route_logit_bias_false_bans_as_pairs_object_or_text(server, ref, scale):
+    """llama.cpp's own shapes of `logit_bias` on `/completion`: `[[id, false]]`, `{"id": false}` and
+    `[[text, false]]` (each token of the text; here a text of one token) all ban the token."""
+    top = reference_tokens(ref, ban=(), scale=scale)[0]
+    text = ref.detokenize([top])
+    assert ref.tokenize(text, add_special=False) == [top]
+    expected = reference_text(ref, ban=[top], scale=scale)
+    cfg = {"guidance_scale": scale, "negative_prompt": NEGATIVE} if scale != 1 else {}
+    for bias in ([[top, False]], {str(top): False}, [[text, False]], [["junk"], [top, False], [1, True]]):
+        got = post(server, "/completion", {"prompt": STORY, "n_predict": TOKENS, "temperature": 0,
+                                           "logit_bias": bias, **cfg})
+        assert got["content"] == expected, bias
+
+
+def test_llamacpp_route_logit_bias_is_added_as_given(server, ref):
+    """A bias of +30 on the greedy top's runner-up makes it the first token (llama.cpp adds the
+    number as it is: no clamp, no -100 rule), and the same bias in the OpenAI shape on
+    /v1/completions gives the same text."""
+    logits = ref.last_logits(ref.tokenize(STORY))
+    second = int(logits.argsort()[-2])
+    got = post(server, "/completion", {"prompt": STORY, "n_predict": TOKENS, "temperature": 0,
+                                       "logit_bias": [[second, 30]]})
+    assert got["content"].startswith(ref.detokenize([second]))
+    assert got["content"] == complete(server, logit_bias={str(second): 30})

@@ -2,6 +2,7 @@
 
     new_logits, new_pairs = backend.run(new=[PairIds(story, opposing or None), ...])
     step_logits, _ = backend.run(steps=[(pair, token), ...])   # one token per live pair
+    backend.rewind(pair, n)                                    # take its last n tokens back
     backend.release(pair)                                      # its sequences are free again
 
 A `Pair` is one generation's rows in the backend: row 0 the story, row 1 the opposing prompt
@@ -114,6 +115,13 @@ class Backend(Protocol):
             ) -> tuple[list["torch.Tensor"], list[Pair]]:
         """Append one token to every row of each pair in `steps` and start the pairs of `new`;
         (each step pair's new logits, the new pairs). See the failure contract above."""
+
+    def rewind(self, pair: Pair, n: int) -> "torch.Tensor":
+        """Take the last `n` tokens (0 <= n < every row's length) back from every row of the pair,
+        as if they had never been decoded; the logits at the new last position (rows, vocab;
+        with n = 0 the last position's logits once more),
+        also as `pair.logits`. Phrase bans (generation.py) rewind a pair this way. It may decode,
+        so call it once every pair of a step has read its logits."""
 
     def release(self, pair: Pair) -> None:
         """Free the pair's sequences (idempotent)."""

@@ -744,20 +744,6 @@ class LlamaCppBackend(Shortcuts):
         self.prefilled_tokens += taken
         return taken
 
-    def rewind(self, pair: LlamaCppPair, n: int) -> None:
-        """Take back the last `n` tokens of every row of a ready pair: their cells leave the cache
-        and the slots' records, so the next step writes at the earlier positions."""
-        if not pair.live or pair.pending:
-            raise ValueError("`rewind` needs a live pair whose prompt is decoded")
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= min(pair.next_pos):
-            raise ValueError(f"`n` has to be an integer in [0, {min(pair.next_pos)}], but is {n!r}")
-        for slot in pair.slots:
-            want = len(slot.tokens) - n
-            self._trim(slot, want)
-            if len(slot.tokens) != want:  # the model's memory cannot drop a part (recurrent)
-                raise LlamaCppError("this model's memory cannot take tokens back")
-        pair.logits = None
-
     # ---- decoding --------------------------------------------------------------------------
 
     def _step(self, steps) -> list[torch.Tensor]:
@@ -809,6 +795,34 @@ class LlamaCppBackend(Shortcuts):
         # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
         base = L.llama_get_logits(self.ctx)
         return torch.from_numpy(np.ctypeslib.as_array(base, shape=(outputs, self.n_vocab)))
+
+    def rewind(self, pair: LlamaCppPair, n: int) -> torch.Tensor:
+        """Take the last `n` tokens back from every row of the pair; the logits at the new last
+        position (rows, vocab), also as `pair.logits`.
+
+        The rewound positions and the last kept one leave both sequences (`llama_memory_seq_rm`)
+        and the slots' records (so the prompt cache never offers a rewound token), and the last
+        kept token is decoded again in a decode of its own: llama.cpp keeps no logits of earlier
+        positions, and one token decoded at its position onto the same cells gives what the step
+        that first decoded it gave (a copy of every step's logits, kept in case, would cost a
+        vocabulary-sized copy per step for a rare event). Call it after every pair of the step
+        has read its logits (the decode reuses llama.cpp's output buffer)."""
+        if not pair.live:
+            raise ValueError("`rewind` got a released pair")
+        if pair.pending:
+            raise ValueError("`rewind` got a pair whose prompt is not all decoded yet")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < min(pair.next_pos):
+            raise ValueError(f"`n` has to be an integer in [0, {min(pair.next_pos) - 1}], but is {n!r}")
+        kept = [len(s.tokens) - n for s in pair.slots]
+        last = [s.tokens[k - 1] for s, k in zip(pair.slots, kept)]
+        for slot, k in zip(pair.slots, kept):
+            self._trim(slot, k - 1)
+            if len(slot.tokens) != k - 1:  # the model's memory cannot drop a part (recurrent)
+                raise LlamaCppError("this model's memory cannot take tokens back")
+        pair.logits = self._decode([(s.seq, (t,), k - 1, True) for s, t, k in zip(pair.slots, last, kept)])
+        for slot, t in zip(pair.slots, last):
+            slot.tokens.append(t)
+        return pair.logits
 
     def release(self, pair: LlamaCppPair) -> None:
         """Free the pair's slots (idempotent). Their tokens stay in the KV cache for the prompt

@@ -60,6 +60,16 @@ class KVRows:
         self.logits = self._forward(tokens.view(-1, 1).to(self.mask.device), positions)
         return self.logits
 
+    def cut(self, n: int) -> None:
+        """Forget the last `n` columns (tokens) of every row: cache, mask and positions. Every
+        step appended one column to all rows, so the last columns are the newest tokens."""
+        if not getattr(self.cache, "is_croppable", True):
+            raise ValueError("this model's KV cache cannot be cut back (sliding-window or "
+                             "recurrent layers): phrase bans need one that can")
+        self.cache.crop(-n)  # negative: remove n (every transformers version reads it so)
+        self.mask = self.mask[:, :-n]
+        self.next_pos = self.next_pos - n
+
     def reorder(self, index: torch.Tensor) -> None:
         """Follow rows that beam search reordered or duplicated: row i now continues row index[i]."""
         index = index.to(self.mask.device)
@@ -90,10 +100,11 @@ def _cuda_device() -> torch.device:
 class TransformersPair(Pair):
     """One (story, opposing) pair: its left-padded rows (`KVRows`) and the float32 logits."""
 
-    def __init__(self, rows: KVRows, n: int):
-        super().__init__(n)
+    def __init__(self, rows: KVRows, ids: list[list[int]]):
+        super().__init__(len(ids))
         self.kv: KVRows | None = rows
         self.logits = rows.logits.to(dtype=torch.float32)
+        self.tokens = [list(row) for row in ids]  # each row's tokens, for a rewind
 
 
 class TransformersBackend(WholePrefill, Shortcuts):
@@ -142,6 +153,8 @@ class TransformersBackend(WholePrefill, Shortcuts):
         for pair, token in steps:
             tokens = torch.full((pair.rows,), int(token), dtype=torch.long, device=self.device)
             pair.logits = pair.kv.step(tokens).to(dtype=torch.float32)
+            for row in pair.tokens:
+                row.append(int(token))
             self.forwards += 1
             out_steps.append(pair.logits)
         out_new = []
@@ -149,8 +162,25 @@ class TransformersBackend(WholePrefill, Shortcuts):
             rows = PairIds(*ids).rows()
             kv = KVRows(self.model, rows, self._pad, self._split, self._accepts)
             self.forwards += 1
-            out_new.append(TransformersPair(kv, len(rows)))
+            out_new.append(TransformersPair(kv, rows))
         return out_steps, out_new
+
+    def rewind(self, pair: TransformersPair, n: int) -> torch.Tensor:
+        """Take the last `n` tokens back from every row of the pair; the logits at the new last
+        position, also as `pair.logits`. The cache is cut by `n + 1` tokens and the last kept
+        token runs again (the model's forward keeps only the last position's logits)."""
+        if not pair.live:
+            raise ValueError("`rewind` got a released pair")
+        shortest = min(len(row) for row in pair.tokens)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < shortest:
+            raise ValueError(f"`n` has to be an integer in [0, {shortest - 1}], but is {n!r}")
+        for row in pair.tokens:
+            del row[len(row) - n:]
+        pair.kv.cut(n + 1)
+        last = torch.tensor([row[-1] for row in pair.tokens], dtype=torch.long, device=self.device)
+        pair.logits = pair.kv.step(last).to(dtype=torch.float32)
+        self.forwards += 1
+        return pair.logits
 
     def release(self, pair: TransformersPair) -> None:
         pair.kv = pair.logits = None

@@ -153,7 +153,7 @@ class Builder:
         self.report = Report(source, fmt)
         self.samplers: list[dict] = []
         self.cfg = {"scale": 1.0, "opposing_prompt": ""}
-        self.extra: dict[str, Any] = {}  # max_new_tokens, stop, do_sample, grammar
+        self.extra: dict[str, Any] = {}  # max_new_tokens, stop, do_sample, grammar, banned_strings
 
     # -- reading
     def k(self, key: str) -> str:
@@ -226,7 +226,7 @@ class Builder:
             "cfg": dict(self.cfg),
             "samplers": self.samplers,
         }
-        for key in ("max_new_tokens", "stop", "do_sample", "grammar"):
+        for key in ("max_new_tokens", "stop", "do_sample", "grammar", "banned_strings"):
             if key in self.extra:
                 preset[key] = self.extra[key]
         return preset

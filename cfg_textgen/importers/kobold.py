@@ -119,7 +119,8 @@ def import_preset(data: dict, source: str, name: str | None, stem: str | None, p
     b.mapped("sampler_order", "sampler order")
     # KoboldCpp adds its biases before every sampler; custom_token_bans skips what is not an id
     add_token_steering(b, bias_key="logit_bias", ban_keys=("banned_tokens", "custom_token_bans"),
-                       vocab_size=vocab_size, skip_bad=True)
+                       vocab_size=vocab_size, skip_bad=True, phrase_key="banned_strings",
+                       phrase_key_if_no="banned_tokens")
     _other(b)
     preset_name = b.string("preset") or b.string("name")
     for key in ("preset", "name"):
@@ -347,8 +348,8 @@ REQUEST_KEYS = {"temperature", "top_k", "top_a", "top_p", "min_p", "typical", "t
                 "sampler_order", "mirostat", "mirostat_tau", "mirostat_eta", "dry_multiplier", "dry_base",
                 "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold",
                 "xtc_probability", "max_length", "stop_sequence", "smoothing_factor", "smoothing_curve", "nsigma",
-                "adaptive_target", "adaptive_decay", "logit_bias", "banned_tokens", "custom_token_bans", "grammar",
-                "grammar_retain_state"}
+                "adaptive_target", "adaptive_decay", "logit_bias", "banned_tokens", "banned_strings", "custom_token_bans",
+                "grammar", "grammar_retain_state"}
 CFG_KEYS = ("guidance_scale", "negative_prompt")  # our extension (SillyTavern sends them to KoboldCpp)
 
 

@@ -15,11 +15,16 @@ Semantics (llama.cpp tools/server, common/sampling.cpp):
 - `adaptive_target` / `adaptive_decay`: Adaptive-P, where `samplers` lists `adaptive_p` (on for a
   target above 0, the web UI's rule; llama.cpp's is "not negative", so a target of exactly 0 differs).
 - `guidance_scale` / `negative_prompt`: CFG (SillyTavern sends them to every Text Completion type).
+- `logit_bias`: `[[token id, bias or false], ...]` or `{"token id": bias or false}`, added as
+  given (false bans the token); texts in it are tokenized by the server before this.
+- `grammar`: a GBNF grammar (the preset's grammar). Its `json_schema` needs the backend's converter:
+  the server turns it into a `grammar` before it comes here (server/llamacpp.py).
 """
 
 from __future__ import annotations
 
-from ._common import Builder
+from ._common import Builder, grammar_key
+from .steering import add_llamacpp_bias
 from .textgen_webui import DEFAULTS as WEBUI_DEFAULTS
 from .textgen_webui import ooba_chain
 
@@ -52,10 +57,10 @@ REQUEST_KEYS = set(NAMES) | {"samplers", "dynatemp_range", "dynatemp_exponent"}
 ORDER_KEY = "samplers"
 
 
-def import_request(body: dict, source: str = "request"):
+def import_request(body: dict, source: str = "request", vocab_size: int | None = None):
     """The sampler fields of a llama.cpp server `/completion` request as our preset dict and its
     report. Bad values raise PresetError naming the key."""
-    fields = dict(DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS}
+    fields = dict(DEFAULTS) | {k: v for k, v in body.items() if k in REQUEST_KEYS | {"grammar", "logit_bias"}}
     b = Builder(source, "llama.cpp server request", fields)
     order = _order(b)
     slots = [slot for name in order for slot in SLOTS[name]]
@@ -70,6 +75,8 @@ def import_request(body: dict, source: str = "request"):
     keys |= {k: k for k in ("dynamic_temperature", "dynatemp_low", "dynatemp_high", "dynatemp_exponent")}
     b.data[ORDER_KEY] = slots
     ooba_chain(b, keys, {**WEBUI_DEFAULTS, "repetition_penalty_range": 64}, ORDER_KEY)
+    grammar_key(b, "grammar")
+    add_llamacpp_bias(b, vocab_size=vocab_size)
     return b.finish(None, "request", "A llama.cpp server request."), b.report
 
 

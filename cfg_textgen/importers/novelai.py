@@ -403,6 +403,9 @@ def export(preset: dict, report) -> dict:
         report.note("Token ids are carried unchanged: NovelAI reads them with its own tokenizer.")
     if preset.get("grammar"):
         report.dropped("grammar", "NovelAI has no grammars", preset["grammar"])
+    if preset.get("banned_strings"):
+        report.dropped("banned_strings", "NovelAI bans token sequences of its own tokenizer (bad_words_ids), "
+                       "not text", preset["banned_strings"])
     rest = [sid for sid in ORDER_IDS if sid not in enabled]
     params["order"] = [{"id": sid, "enabled": True} for sid in enabled] + [
         {"id": sid, "enabled": False} for sid in rest]

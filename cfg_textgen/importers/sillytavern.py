@@ -208,7 +208,14 @@ def export(preset: dict, report) -> dict:
         priority.append(_PRIORITY_NAME[name])
         report.mapped(key, f"{_PRIORITY_NAME[name]} (sampler_priority position {len(priority)})", name)
     bias, ban = export_entries(samplers, report, "SillyTavern")
-    out["banned_tokens"] = "\n".join(f"[{t}]" for t in ban)
+    phrases = [p for p in preset.get("banned_strings", []) if "\n" not in p]  # one line each
+    out["banned_tokens"] = "\n".join([f"[{t}]" for t in ban] + [f'"{p}"' for p in phrases])
+    if phrases:
+        report.mapped("banned_strings", 'banned_tokens (quoted lines)', phrases)
+    if len(phrases) < len(preset.get("banned_strings", [])):
+        report.note("banned_strings: phrases with a line break are not carried (SillyTavern reads one per line)")
+    if preset.get("ban_case_sensitive"):
+        report.dropped("ban_case_sensitive", "SillyTavern's backends compare banned strings ignoring case", True)
     out["logit_bias"] = [{"id": f"cfg-textgen-{i}", "text": f"[{t}]", "value": v}
                          for i, (t, v) in enumerate(bias.items())]
     out["grammar_string"] = preset.get("grammar", "")

@@ -11,8 +11,12 @@ What each app means (read from their sources):
 - text-generation-webui `custom_token_bans`: comma-separated token ids, suppressed (-inf). KoboldCpp
   reads the same field and skips entries that are not digits; we refuse them (400 / error).
 - TabbyAPI `banned_tokens`: token ids, a list of integers or one comma-separated string. KoboldCpp's
-  `banned_tokens` are strings, phrases it bans by backtracking: integers among them are token ids
-  here; phrases are reported as not carried over.
+  `banned_tokens` are strings, phrases it bans by backtracking (Kobold Lite sends its "Phrase /
+  Token Ban" entries so; integers among them are token ids here): they become the preset's
+  `banned_strings`.
+- `banned_strings` (TabbyAPI, SillyTavern for every text-completion type): phrases, a list of
+  strings (TabbyAPI also takes one string). KoboldCpp reads it only when `banned_tokens` is not
+  sent (koboldcpp.py `generate`: `genparams.get('banned_tokens', banned_strings)`).
 """
 
 from __future__ import annotations
@@ -81,10 +85,28 @@ def read_ids(b: Builder, key: str, vocab_size: int | None, skip_bad: bool = Fals
     return ids, phrases
 
 
+def read_phrases(b: Builder, key: str) -> list[str]:
+    """Phrases from a list of strings or one string (empty ones skipped)."""
+    raw = b.data[key]
+    if raw is None or isinstance(raw, str):
+        return [raw] if raw else []
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise b.error(key, f'must be a list of strings (the phrases to ban), like ["a shiver ran down"], got {raw!r}')
+    return [item for item in raw if item]
+
+
+def add_phrases(b: Builder, key: str, phrases: list[str]) -> None:
+    """Add phrases to the preset's `banned_strings` (each once, in order)."""
+    b.extra["banned_strings"] = list(dict.fromkeys(b.extra.get("banned_strings", []) + phrases))
+
+
 def add_token_steering(b: Builder, *, bias_key: str | None = None, ban_keys=(), openai: bool = False,
-                       vocab_size: int | None = None, skip_bad: bool = False) -> None:
+                       vocab_size: int | None = None, skip_bad: bool = False, phrase_key: str | None = None,
+                       phrase_key_if_no: str | None = None) -> None:
     """Read the bias and ban keys present in `b.data`, report them, and put one `logit_bias` entry
-    at the front of `b.samplers` when there is anything to do."""
+    at the front of `b.samplers` when there is anything to do. Phrases (strings in a ban key's list,
+    or the list of `phrase_key`) go to the preset's `banned_strings`; `phrase_key` is ignored when
+    `phrase_key_if_no` is sent (KoboldCpp's rule for `banned_strings` beside `banned_tokens`)."""
     bias, ban = {}, []
     if bias_key is not None and b.has(bias_key):
         bias, ban = read_bias(b, bias_key, openai=openai, vocab_size=vocab_size)
@@ -99,12 +121,78 @@ def add_token_steering(b: Builder, *, bias_key: str | None = None, ban_keys=(), 
         ids, phrases = read_ids(b, key, vocab_size, skip_bad)
         ban += ids
         if phrases:
-            b.dropped(key, f"phrase bans ({len(phrases)} strings) are not supported"
-                           + ("; its token ids are banned (logit_bias.ban)" if ids else ""))
+            add_phrases(b, key, phrases)
+            b.mapped(key, "banned_strings (phrases, undone by backtracking)"
+                          + ("; its token ids: logit_bias.ban" if ids else ""))
         elif ids:
             b.mapped(key, "logit_bias.ban")
         else:
             b.neutral(key, "empty")
+    if phrase_key is not None and b.has(phrase_key):
+        if phrase_key_if_no is not None and b.has(phrase_key_if_no):
+            b.dropped(phrase_key, f"`{phrase_key_if_no}` is sent, and KoboldCpp then reads only that")
+        elif phrases := read_phrases(b, phrase_key):
+            add_phrases(b, phrase_key, phrases)
+            b.mapped(phrase_key, "banned_strings")
+        else:
+            b.neutral(phrase_key, "empty")
+    _insert(b, bias, ban)
+
+
+def llamacpp_bias_entries(raw) -> list[tuple[int | str, float]] | None:
+    """llama.cpp server's `logit_bias` as (token id or text, bias) pairs, bias -inf for `false`; None
+    when it is neither of llama.cpp's shapes. llama.cpp (tools/server, params_from_json) takes a list
+    of `[token id or text, number or false]` or an object `{"token id or text": number or false}`
+    and skips, without a word, any entry of another shape (true, null, a list of three, ...)."""
+    if isinstance(raw, dict):
+        pairs = [(int(k) if k.strip().isascii() and k.strip().isdigit() else k, v) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        pairs = [tuple(el) for el in raw if isinstance(el, list) and len(el) == 2]
+    else:
+        return None
+    out = []
+    for key, value in pairs:
+        if value is False:
+            value = -math.inf
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        if (isinstance(key, int) and not isinstance(key, bool)) or isinstance(key, str):
+            out.append((key, float(value)))
+    return out
+
+
+def add_llamacpp_bias(b: Builder, key: str = "logit_bias", vocab_size: int | None = None) -> None:
+    """llama.cpp's `logit_bias` (token ids; the server turns texts into ids before this, see
+    server/llamacpp.py): each bias is added as given (no clamp, no -100 rule), `false` bans the
+    token, and the biases of a token named twice add up, as llama.cpp's logit-bias sampler adds
+    every entry. Entries llama.cpp skips (other shapes, ids outside the vocabulary) are skipped."""
+    if not b.has(key):
+        return
+    entries = llamacpp_bias_entries(b.data[key])
+    if entries is None:
+        raise b.error(key, f'must be a list of [token id, bias] pairs or an object {{"token id": bias}}, '
+                           f"got {b.data[key]!r}")
+    bias: dict[int, float] = {}
+    ban: list[int] = []
+    texts = 0
+    for token, value in entries:
+        if isinstance(token, str):
+            texts += 1
+            continue
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            continue
+        if value == -math.inf:
+            ban.append(token)
+        else:
+            bias[token] = bias.get(token, 0.0) + value
+    if bias or ban:
+        b.mapped(key, "logit_bias.bias" + (" and logit_bias.ban (false)" if ban else "") + " (added as given, "
+                      "as llama.cpp)")
+    elif not texts:
+        b.neutral(key, "empty")
+    if texts:
+        b.dropped(key, f"{texts} entries name a text, not a token id: a server request turns them into "
+                       "token ids; a file cannot")
     _insert(b, bias, ban)
 
 
@@ -196,15 +284,20 @@ def sillytavern_steering(b: Builder) -> None:
     ban: list[int] = []
     if b.has("banned_tokens"):
         text = b.string("banned_tokens") or ""
-        lost = 0
-        for line in (line.strip() for line in text.splitlines()):
+        lost, phrases = 0, []
+        for line in text.split("\n"):  # SillyTavern splits on "\n" and keeps the rest of each line
             ids = _text_ids(line)
             if ids is not None:
                 ban += ids
-            elif line:
+            elif len(line) >= 2 and line.startswith('"') and line.endswith('"'):
+                phrases.append(line[1:-1])  # a quoted line is a phrase (its banned_strings)
+            elif line.strip():
                 lost += 1
-        _report_entries(b, "banned_tokens", len(ban), [f"{lost} text lines (SillyTavern tokenizes them; phrase "
-                                                       "bans are not supported)"] if lost else [], "logit_bias.ban")
+        if phrases:
+            add_phrases(b, "banned_tokens", [p for p in phrases if p])
+        _report_entries(b, "banned_tokens", len(ban) + len(phrases),
+                        [f"{lost} text lines (SillyTavern tokenizes them with the model's tokenizer)"] if lost else [],
+                        "logit_bias.ban ([id] lines) and banned_strings (quoted lines)")
     if b.has("logit_bias"):
         raw = b.list_("logit_bias") or []
         lost = 0

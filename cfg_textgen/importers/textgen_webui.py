@@ -421,9 +421,10 @@ def _breakers(b: Builder, key: str) -> list[str]:
 # ---- the web UI's HTTP API (server/webui.py): a request body is a preset in another envelope ----
 
 PRESET_KEYS = set(DEFAULTS) | {"sampler_priority", "negative_prompt", "dry_sequence_breakers"}
-# OpenAI's logit_bias, the web UI's custom_token_bans, TabbyAPI's banned_tokens (token ids), the web
-# UI's grammar_string and llama.cpp's grammar (what SillyTavern's llama.cpp type calls it)
-STEERING_KEYS = {"logit_bias", "custom_token_bans", "banned_tokens", "grammar_string", "grammar"}
+# OpenAI's logit_bias, the web UI's custom_token_bans, TabbyAPI's banned_tokens (token ids) and
+# banned_strings (phrases), the web UI's grammar_string and llama.cpp's grammar (what SillyTavern's
+# llama.cpp type calls it)
+STEERING_KEYS = {"logit_bias", "custom_token_bans", "banned_tokens", "banned_strings", "grammar_string", "grammar"}
 
 
 def import_request(body: dict, source: str = "request", vocab_size: int | None = None):
@@ -440,7 +441,7 @@ def import_request(body: dict, source: str = "request", vocab_size: int | None =
     b = Builder(source, "text-generation-webui API request", fields)
     ooba_chain(b, {k: k for k in PRESET_KEYS}, DEFAULTS, lenient=True)
     add_token_steering(b, bias_key="logit_bias", ban_keys=("custom_token_bans", "banned_tokens"), openai=True,
-                       vocab_size=vocab_size)
+                       vocab_size=vocab_size, phrase_key="banned_strings")
     grammar_key(b, "grammar")
     grammar_key(b, "grammar_string")  # the web UI's name wins when both are sent
     return b.finish(None, "request", "A text-generation-webui API request."), b.report

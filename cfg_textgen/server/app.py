@@ -32,31 +32,20 @@ from . import chat, jsonbody, kobold, logprobs, webui
 from .bodies import read
 from .errors import KOBOLD, WEBUI, APIError, api_of_path, error_body, from_engine_error
 from .origin import LocalOnly
+from .reading import BODY_TIMEOUT, read_body
 from .requestlog import SKIPPED_HEADER, RequestLog
 from .scheduling import SHUTDOWN, shutting_down
-
-MAX_BODY = 10 * 1024 * 1024  # bytes; a story plus its negative prompt is a few hundred KB at most
-
 
 # ---- request bodies ---------------------------------------------------------------------------
 
 
 async def read_json(request: Request, empty: dict | None = None) -> dict:
-    """The body (any transfer encoding: Content-Length or chunked) as a JSON object, parsed in a
-    worker thread; `empty`, when given, stands for a body of no bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY}", None,
-                       "body_too_large")
-    raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > MAX_BODY:
-            raise APIError(413, f"the request body is larger than the {MAX_BODY}-byte limit", None,
-                           "body_too_large")
+    """The body (reading.py: size and time limits) as a JSON object, parsed in a worker thread;
+    `empty`, when given, stands for a body of no bytes."""
+    raw = await read_body(request, request.app.state.body_timeout)
     if empty is not None and not raw.strip():
         return empty
-    return await off_loop(jsonbody.parse, bytes(raw))
+    return await off_loop(jsonbody.parse, raw)
 
 
 async def off_loop(func, *args, **kw):
@@ -211,17 +200,14 @@ def submit_choices(service, c, prompt, preset, opposing_ids=None, logprobs=None)
 
 
 async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, opening=(), text_of=None,
-                 offset: int = 0):
+                 offset: int = 0, shape=None):
     """The OpenAI-shaped answer for the jobs: `whole()` once all are done, or server-sent events:
     `opening` chunks, `chunk(i, text, reason, token_logprobs)` per piece and per choice's end (the
     last one with `usage()`), then [DONE]. With `text_of` (a token's text), each chunk carries the
-    log-probs of the tokens its text came from, their text offsets counted from `offset`. A client
-    that leaves cancels the jobs."""
-    if not stream:
-        if not await wait_or_cancel(request, jobs):
-            return JSONResponse({})  # the client is gone; nobody reads this
-        _ended(jobs)
-        return JSONResponse(whole())
+    log-probs of the tokens its text came from: `shape(entries, offset)`, by default completions'
+    object (logprobs.openai), whose text offsets count from `offset`. A client that leaves cancels
+    the jobs."""
+    shape = shape or (lambda entries, at: logprobs.openai(entries, text_of, at))
 
     async def events():
         # per choice: tokens whose log-probs were sent, and where the next token's text starts
@@ -231,39 +217,57 @@ async def answer(request: Request, jobs, stream: bool, whole, chunk, usage, open
             if text_of is None:
                 return None
             entries = logprobs.shown(jobs[i], upto)[sent[i]:]
-            out = logprobs.openai(entries, text_of, offsets[i])
+            out = shape(entries, offsets[i])
             sent[i] += len(entries)
-            offsets[i] += sum(map(len, out["tokens"]))
+            offsets[i] += sum(len(text_of(e.token)) for e in entries)
             return out
 
+        for event in opening:
+            yield _sse(event)
+        ended = 0
+        async for i, piece, upto in pieces_of(jobs):
+            if piece is not None:
+                yield _sse(chunk(i, piece, None, token_logprobs(i, upto)))
+                continue
+            ended += 1
+            job = jobs[i]
+            if job.stop_reason == "error":
+                yield _sse(error_body(WEBUI, _error_of(job)))
+                continue
+            last = chunk(i, "", job.finish_reason, token_logprobs(i, None))
+            if ended == len(jobs):
+                last["usage"] = usage()
+            yield _sse(last)
+        yield "data: [DONE]\n\n"
+
+    return await respond(request, jobs, stream, whole, events, WEBUI)
+
+
+async def respond(request: Request, jobs, stream: bool, whole, events, api: str):
+    """Every generate route's answer, in its API's shape: `whole()` as JSON once all jobs are done,
+    or the server-sent `events()` (strings) once they have started. A refusal to start (shutdown)
+    is a plain error response, a failed non-streamed job a 500, and a client that leaves cancels
+    the jobs (streaming or not)."""
+    if not stream:
+        if not await wait_or_cancel(request, jobs):
+            return JSONResponse({})  # the client is gone; nobody reads this
+        _ended(jobs)
+        return JSONResponse(whole())
+
+    async def body():
         try:
             refused = await started(jobs)
             if refused is not None:
                 yield refused
                 return
             yield ""  # the status line: the jobs run
-            for event in opening:
-                yield _sse(event)
-            ended = 0
-            async for i, piece, upto in pieces_of(jobs):
-                if piece is not None:
-                    yield _sse(chunk(i, piece, None, token_logprobs(i, upto)))
-                    continue
-                ended += 1
-                job = jobs[i]
-                if job.stop_reason == "error":
-                    yield _sse(error_body(WEBUI, _error_of(job)))
-                    continue
-                last = chunk(i, "", job.finish_reason, token_logprobs(i, None))
-                if ended == len(jobs):
-                    last["usage"] = usage()
-                yield _sse(last)
-            yield "data: [DONE]\n\n"
+            async for event in events():
+                yield event
         finally:
             for job in jobs:
                 job.cancel()  # a no-op for a finished job; frees the slot of a dropped client
 
-    return EventStream(events(), WEBUI)
+    return EventStream(body(), api)
 
 
 def _start_completion(request: Request, body: dict):
@@ -299,7 +303,7 @@ def _start_chat(request: Request, body: dict):
     service = request.app.state.service
     c, preset, prompt, opposing = chat.parse_chat(body, service)
     request.state.skipped_samplers = c.skipped_samplers
-    jobs = submit_choices(service, c, prompt, preset, opposing)
+    jobs = submit_choices(service, c, prompt, preset, opposing, logprobs=c.alternatives)
     return c, jobs, _used(request, jobs)
 
 
@@ -307,13 +311,17 @@ async def chat_completions(request: Request):
     service = request.app.state.service
     c, jobs, prompt_tokens = await off_loop(_start_chat, request, await read_json(request))
     cid, model = chat.new_id(), service.model_name
+    shape = None
+    if c.alternatives is not None:
+        shape = lambda entries, at=0: logprobs.chat(entries, service.token_text, service.token_bytes)  # noqa: E731
     return await answer(request, jobs, c.stream,
-                        whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens),
-                        chunk=lambda i, text, reason, lp: chat.chat_chunk(cid, model, i, {"content": text} if text else {},
-                                                                      reason),
+                        whole=lambda: chat.chat_response(cid, model, jobs, prompt_tokens, shape),
+                        chunk=lambda i, text, reason, lp: chat.chat_chunk(cid, model, i, {"content": text} if text
+                                                                          else {}, reason, lp),
                         usage=lambda: webui.usage(jobs, prompt_tokens),
                         opening=[chat.chat_chunk(cid, model, i, {"role": "assistant", "content": ""})
-                                 for i in range(len(jobs))])
+                                 for i in range(len(jobs))],
+                        text_of=service.token_text if shape else None, shape=shape)
 
 
 def _used(request: Request, jobs) -> int:
@@ -390,33 +398,24 @@ def _kobold_job(request: Request, body: dict):
 
 async def kobold_generate(request: Request):
     job, prompt_tokens = await off_loop(_kobold_job, request, await read_json(request))
-    if not await wait_or_cancel(request, [job]):
-        return JSONResponse({})
-    _ended([job])
-    return JSONResponse(kobold.generate_response(job, prompt_tokens, request.app.state.service))
+    return await respond(request, [job], False,
+                         lambda: kobold.generate_response(job, prompt_tokens, request.app.state.service), None,
+                         KOBOLD)
 
 
 async def kobold_stream(request: Request):
     job, _ = await off_loop(_kobold_job, request, await read_json(request))
 
     async def events():
-        try:
-            refused = await started([job])
-            if refused is not None:
-                yield refused
-                return
-            yield ""  # the status line: the job runs
-            async for _, piece, _ in pieces_of([job]):
-                if piece is not None:
-                    yield _kobold_event({"token": piece, "finish_reason": None})
-                elif job.stop_reason == "error":
-                    yield _kobold_event(error_body(KOBOLD, _error_of(job)))
-                else:
-                    yield _kobold_event({"token": "", "finish_reason": job.finish_reason})
-        finally:
-            job.cancel()
+        async for _, piece, _ in pieces_of([job]):
+            if piece is not None:
+                yield _kobold_event({"token": piece, "finish_reason": None})
+            elif job.stop_reason == "error":
+                yield _kobold_event(error_body(KOBOLD, _error_of(job)))
+            else:
+                yield _kobold_event({"token": "", "finish_reason": job.finish_reason})
 
-    return EventStream(events(), KOBOLD)
+    return await respond(request, [job], True, None, events, KOBOLD)
 
 
 def _kobold_event(data: dict) -> str:
@@ -532,8 +531,9 @@ class APIKey:
 
 
 def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
-               request_log=None, loopback: bool = False) -> Starlette:
+               request_log=None, loopback: bool = False, body_timeout: float = BODY_TIMEOUT) -> Starlette:
     """The app; `request_log` (a callable taking a line, e.g. printing to stderr) logs every request;
+    `body_timeout`: seconds a request's body may take (reading.py);
     `loopback`: the server is bound to a loopback address (without an API key it then answers only
     loopback Host names: see origin.py)."""
     routes = [
@@ -575,4 +575,5 @@ def create_app(service, api_key: str | None = None, cors_origins: tuple[str, ...
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _crash})
     app.state.service = service
     app.state.api_key = api_key
+    app.state.body_timeout = body_timeout
     return app

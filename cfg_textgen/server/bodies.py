@@ -9,7 +9,7 @@ Sampler fields are not here: the importers read them (translate.py), as in those
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
                       StrictStr, ValidationError, ValidationInfo, WrapValidator)
@@ -76,6 +76,21 @@ class Envelope(BaseModel):
     @property
     def skipped_samplers(self) -> list[str]:
         return self._skipped
+
+
+class GenerateBody(Envelope):
+    """What the OpenAI-style and llama.cpp-style generate envelopes share: a seed, stop strings,
+    streaming, and several names for the length, of which the first one sent wins."""
+
+    LENGTH_FIELDS: ClassVar[tuple[str, ...]] = ()
+    seed: Seed = None
+    stop: Stops = []
+    stream: Flag = False
+
+    @property
+    def length_field(self) -> str:
+        """The field that set the length (for errors about it): the first of LENGTH_FIELDS sent."""
+        return next((f for f in self.LENGTH_FIELDS if getattr(self, f) is not None), self.LENGTH_FIELDS[-1])
 
 
 Body = TypeVar("Body", bound=BaseModel)

@@ -2,7 +2,8 @@
 
 The messages are rendered with the model's own chat template (chat.py) and decoded like a
 completion: every sampler field of /v1/completions applies (translate.py, the web UI's names),
-with `n`, `seed`, `stop`, `stream`. CFG: `guidance_scale` with `negative_prompt` (an opposing
+with `n`, `seed`, `stop`, `stream`, and `logprobs` / `top_logprobs` in OpenAI chat's shape
+(server/logprobs.py). CFG: `guidance_scale` with `negative_prompt` (an opposing
 prompt as plain text, as on /v1/completions) or `negative_messages` (our extension: an opposing
 conversation in the same shape as `messages`, rendered with the same template, so that the two
 branches differ only where the conversations do). Content may be a string or OpenAI's list of
@@ -13,14 +14,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
 
 from ..chat import ChatTemplateError
-from .bodies import Count, read
+from . import logprobs
+from .bodies import Count, Flag, Int, read
 from .errors import APIError, bad
 from .translate import WEBUI_FLAVOUR, build_preset, check_request_grammar
-from .webui import DEFAULT_MAX_TOKENS, NULLABLE, ChoicesBody, usage
+from .webui import DEFAULT_MAX_TOKENS, MAX_LOGPROBS, NULLABLE, ChoicesBody, usage
 
 CHAT_NULLABLE = NULLABLE | {"max_completion_tokens", "stream_options", "negative_messages", "response_format",
                             "tools", "tool_choice", "parallel_tool_calls", "top_logprobs"}
@@ -30,13 +33,17 @@ class ChatBody(ChoicesBody):
     """POST /v1/chat/completions' envelope; `messages` and `negative_messages` are checked by
     `messages_of`."""
 
+    LENGTH_FIELDS = ("max_completion_tokens", *ChoicesBody.LENGTH_FIELDS)  # OpenAI's newer name wins
     messages: Any = None
     negative_messages: Any = None
-    max_completion_tokens: Count = None  # OpenAI's newer name; wins when both are sent
+    max_completion_tokens: Count = None
+    logprobs: Flag = False  # OpenAI chat's: each token's log-prob, with `top_logprobs` alternatives
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] = None
 
     @property
-    def length_field(self) -> str:
-        return "max_completion_tokens" if self.max_completion_tokens is not None else super().length_field
+    def alternatives(self) -> int | None:
+        """How many alternatives to record per token; None: no log-probs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def messages_of(field: str, value) -> list[dict]:
@@ -71,6 +78,8 @@ def parse_chat(body: dict, service) -> tuple[ChatBody, object, list[int], list[i
     c = read(ChatBody, body)
     if "messages" not in body:
         raise APIError(400, "`messages` is required", "messages")
+    if c.top_logprobs is not None and not c.logprobs:  # OpenAI's rule
+        raise APIError(400, "`top_logprobs` needs `logprobs`: true", "top_logprobs")
     messages = messages_of("messages", c.messages)
     max_new = c.max_completion_tokens or c.max_tokens or c.max_new_tokens or DEFAULT_MAX_TOKENS
     if max_new >= service.n_ctx:
@@ -100,15 +109,20 @@ def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def chat_response(cid: str, model: str, jobs, prompt_tokens: int) -> dict:
+def chat_response(cid: str, model: str, jobs, prompt_tokens: int, token_logprobs=None) -> dict:
+    """`token_logprobs(entries)` (logprobs.chat's shape) when the request asked for log-probs."""
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": i, "message": {"role": "assistant", "content": job.text},
-                         "finish_reason": job.finish_reason, "logprobs": None} for i, job in enumerate(jobs)],
+                         "finish_reason": job.finish_reason,
+                         "logprobs": token_logprobs(logprobs.shown(job)) if token_logprobs else None}
+                        for i, job in enumerate(jobs)],
             "usage": usage(jobs, prompt_tokens)}
 
 
-def chat_chunk(cid: str, model: str, index: int, delta: dict, reason: str | None = None) -> dict:
+def chat_chunk(cid: str, model: str, index: int, delta: dict, reason: str | None = None,
+               token_logprobs: dict | None = None) -> dict:
+    """One streamed piece; `token_logprobs` (logprobs.chat) covers the tokens that made it."""
     return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": token_logprobs}]}

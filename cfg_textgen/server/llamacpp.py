@@ -4,7 +4,9 @@ and TabbyAPI's model and token routes (SillyTavern's "TabbyAPI" type): envelopes
 `POST /completion` answers {"content", "tokens", "stop": true, "stop_type", "stopping_word",
 "tokens_predicted", "tokens_evaluated", "timings", "generation_settings", ...}; streaming sends
 SSE `data: {"content", "tokens", "stop": false, ...}` per piece and a last `"stop": true` object
-with the totals (no [DONE]). `n_probs` adds `completion_probabilities` (logprobs.py). Sampler fields
+with the totals (no [DONE]). `grammar` (GBNF) or `json_schema` constrain the text (llama.cpp
+backend only; elsewhere a 400 naming the field). `logit_bias` is llama.cpp's (pairs or an object,
+token ids or texts, `false` bans). `n_probs` adds `completion_probabilities` (logprobs.py). Sampler fields
 go to translate.py (importers/llamacpp_server.py). TabbyAPI generates through /v1/completions.
 """
 
@@ -15,34 +17,30 @@ from typing import Annotated
 
 from pydantic import Field, create_model
 
+from ..grammar import GrammarError, grammar_of_json_schema
+from ..importers.steering import llamacpp_bias_entries
 from . import logprobs
-from .bodies import Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList
+from .bodies import Flag, GenerateBody, Int, Prompt, Text, TokenList
 from .errors import APIError
-from .translate import LLAMACPP_FLAVOUR, build_preset
+from .translate import LLAMACPP_FLAVOUR, build_preset, check_request_grammar
 
 MAX_PROBS = 100
 
 
-class CompletionBody(Envelope):
+class CompletionBody(GenerateBody):
     """POST /completion's envelope (llama.cpp's defaults). Unknown keys are ignored: SillyTavern
     sends several backends' names at once. `cache_prompt: false` reads the whole prompt again,
     none of it from the prompt cache (llama.cpp's meaning)."""
 
+    LENGTH_FIELDS = ("n_predict", "max_tokens")  # max_tokens: llama.cpp's alias when n_predict is absent
     prompt: Prompt
     n_predict: Int = None  # -1: until the context is full (or EOS, a stop string)
-    max_tokens: Int = None  # llama.cpp's alias when n_predict is absent
-    seed: Seed = None
-    stop: Stops = []
-    stream: Flag = False
+    max_tokens: Int = None
     n_probs: Annotated[Int, Field(ge=0, le=MAX_PROBS)] = 0
     post_sampling_probs: Flag = False
     ignore_eos: Flag = False
     cache_prompt: Flag = True
     return_tokens: Flag = False
-
-    @property
-    def length_field(self) -> str:
-        return "n_predict" if self.n_predict is not None else "max_tokens"
 
 
 def parse_completion(body: dict, service) -> tuple[CompletionBody, object, int]:
@@ -60,8 +58,38 @@ def parse_completion(body: dict, service) -> tuple[CompletionBody, object, int]:
                             f"(this model's context window), or -1", c.length_field)
     else:
         max_new = asked
-    preset, c._skipped = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults)
+    body, grammar_field = _with_schema_grammar(body, service)
+    body = _with_bias_ids(body, service)
+    preset, c._skipped = build_preset(body, LLAMACPP_FLAVOUR, max_new, c.stop, defaults=service.defaults,
+                                      vocab_size=service.vocab_size)
+    check_request_grammar(service, preset, body, (grammar_field,))
     return c, preset, max_new
+
+
+def _with_schema_grammar(body: dict, service) -> tuple[dict, str]:
+    """(body, the field its grammar came from): as llama.cpp server, a `json_schema` becomes the
+    grammar (its JSON texts) unless the request sends a `grammar`, which wins; empty or null ones
+    are not sent."""
+    if not body.get("grammar") and body.get("json_schema") is not None:
+        try:
+            return {**body, "grammar": grammar_of_json_schema(service.backend, body["json_schema"])}, "json_schema"
+        except GrammarError as err:
+            raise APIError(400, f"`json_schema`: {err}", "json_schema") from None
+    return body, "grammar"
+
+
+def _with_bias_ids(body: dict, service) -> dict:
+    """`logit_bias` with its texts as token ids: as llama.cpp server, a text's bias goes to every
+    token of the text (tokenized without BOS), so `[["Hello, World!", -0.5]]` lowers each of them."""
+    entries = llamacpp_bias_entries(body.get("logit_bias"))
+    if not entries or not any(isinstance(key, str) for key, _ in entries):
+        return body
+    pairs = []
+    for key, bias in entries:
+        value = False if bias == float("-inf") else bias
+        ids = service.tokenize(key, special=False) if isinstance(key, str) else [key]
+        pairs += [[token, value] for token in ids]
+    return {**body, "logit_bias": pairs}
 
 
 def read_body(model, body, service):
@@ -103,7 +131,8 @@ def generation_settings(c: CompletionBody, preset, max_new: int, service) -> dic
     return {"n_ctx": service.n_ctx, "n_predict": max_new, "seed": c.seed if c.seed is not None else -1,
             "stream": c.stream, "n_probs": c.n_probs, "ignore_eos": c.ignore_eos, "stop": list(preset.stop),
             "guidance_scale": preset.cfg.scale, "negative_prompt": preset.cfg.opposing_prompt,
-            "samplers": [s.name for s in preset.samplers], "post_sampling_probs": c.post_sampling_probs}
+            "samplers": [s.name for s in preset.samplers], "post_sampling_probs": c.post_sampling_probs,
+            "grammar": preset.grammar}
 
 
 def final(job, c: CompletionBody, preset, max_new: int, prompt_n: int, service, streamed: bool) -> dict:

@@ -8,49 +8,47 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import llamacpp
-from .app import EventStream, _error_of, _sse, _used, pieces_of, read_json, submit, wait_or_cancel
+from .app import _error_of, _sse, _used, off_loop, pieces_of, read_json, respond, submit
 from .bodies import read
 from .errors import WEBUI, error_body
 
 
-async def completion(request: Request):
+def _start_completion(request: Request, body: dict):
+    """Parse, tokenize and queue a llama.cpp-style completion (in a worker thread)."""
     service = request.app.state.service
-    body = await read_json(request)
     c, preset, max_new = llamacpp.parse_completion(body, service)
     request.state.skipped_samplers = c.skipped_samplers
     job = submit(service, c.length_field, c.prompt, preset, c.seed, ban_eos=c.ignore_eos, api=WEBUI,
                  logprobs=c.n_probs if c.n_probs else None, cache_prompt=c.cache_prompt)
-    prompt_n = _used(request, [job])
-    if not c.stream:
-        if not await wait_or_cancel(request, [job]):
-            return JSONResponse({})
-        if job.stop_reason == "error":
-            raise _error_of(job)
-        return JSONResponse(llamacpp.final(job, c, preset, max_new, prompt_n, service, streamed=False))
+    return c, preset, max_new, job, _used(request, [job])
+
+
+async def completion(request: Request):
+    service = request.app.state.service
+    c, preset, max_new, job, prompt_n = await off_loop(_start_completion, request, await read_json(request))
 
     async def events():
         sent = 0  # tokens already sent
-        try:
-            async for _, piece, upto in pieces_of([job]):
-                if piece is None:
-                    if job.stop_reason == "error":
-                        yield _sse(error_body(WEBUI, _error_of(job)))
-                    else:
-                        yield _sse(llamacpp.final(job, c, preset, max_new, prompt_n, service, streamed=True))
-                    break
-                probs = llamacpp.probabilities(job, c, service, upto, sent) if c.n_probs else None
-                yield _sse(llamacpp.partial(job, c, piece, job.token_ids[sent:upto], upto, prompt_n, probs))
-                sent = upto
-        finally:
-            job.cancel()
+        async for _, piece, upto in pieces_of([job]):
+            if piece is None:
+                if job.stop_reason == "error":
+                    yield _sse(error_body(WEBUI, _error_of(job)))
+                else:
+                    yield _sse(llamacpp.final(job, c, preset, max_new, prompt_n, service, streamed=True))
+                break
+            probs = llamacpp.probabilities(job, c, service, upto, sent) if c.n_probs else None
+            yield _sse(llamacpp.partial(job, c, piece, job.token_ids[sent:upto], upto, prompt_n, probs))
+            sent = upto
 
-    return EventStream(events())
+    return await respond(request, [job], c.stream,
+                         lambda: llamacpp.final(job, c, preset, max_new, prompt_n, service, streamed=False),
+                         events, WEBUI)
 
 
 async def tokenize(request: Request):
     service = request.app.state.service
     t = read(llamacpp.TokenizeBody, await read_json(request))
-    ids = service.tokenize(t.content, special=t.add_special)
+    ids = await off_loop(service.tokenize, t.content, special=t.add_special)
     if t.with_pieces:
         return JSONResponse({"tokens": [{"id": i, "piece": service.token_text(i)} for i in ids]})
     return JSONResponse({"tokens": ids})
@@ -59,7 +57,7 @@ async def tokenize(request: Request):
 async def detokenize(request: Request):
     service = request.app.state.service
     tokens = read(llamacpp.DetokenizeBody, await read_json(request), vocab_size=service.vocab_size).tokens
-    return JSONResponse({"content": service.detokenize(tokens)})
+    return JSONResponse({"content": await off_loop(service.detokenize, tokens)})
 
 
 async def props(request: Request):
@@ -81,14 +79,14 @@ async def tabby_model(request: Request):
 async def tabby_encode(request: Request):
     service = request.app.state.service
     t = read(llamacpp.TabbyEncodeBody, await read_json(request))
-    ids = service.tokenize(t.text, special=t.add_bos_token)
+    ids = await off_loop(service.tokenize, t.text, special=t.add_bos_token)
     return JSONResponse({"tokens": ids, "length": len(ids)})
 
 
 async def tabby_decode(request: Request):
     service = request.app.state.service
     tokens = read(llamacpp.TabbyDecodeBody, await read_json(request), vocab_size=service.vocab_size).tokens
-    return JSONResponse({"text": service.detokenize(tokens)})
+    return JSONResponse({"text": await off_loop(service.detokenize, tokens)})
 
 
 ROUTES = [

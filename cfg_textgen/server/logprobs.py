@@ -7,6 +7,8 @@ as the apps show only tokens that have text.
 
 - OpenAI completions / text-generation-webui: {"tokens", "token_logprobs", "top_logprobs" (one
   {token: logprob} object per token), "text_offset", "story_logprobs"}.
+- OpenAI chat completions: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
+  "logprob", "bytes"}]}], "refusal": null}, items with "token_id" and "story_logprob" too.
 - KoboldCpp: the same lists plus "token_ids" and OpenAI chat's "content" list ({"token",
   "token_id", "logprob", "bytes", "top_logprobs": [{"token", "token_id", "logprob", "bytes"}]}), as
   koboldcpp.py's parse_last_logprobs builds both in one object ("bytes": the text's UTF-8).
@@ -49,17 +51,23 @@ def openai(entries: Sequence[TokenLogprob], text_of, offset: int = 0) -> dict:
     return out
 
 
+def chat(entries: Sequence[TokenLogprob], text_of, bytes_of) -> dict:
+    """OpenAI chat's `logprobs` object: {"content": [{"token", "logprob", "bytes", "top_logprobs":
+    [{"token", "logprob", "bytes"}]}], "refusal": null}, each item also with our "token_id" and
+    "story_logprob" (`bytes_of`: a token's own bytes, which U+FFFD in its text may hide)."""
+    def item(token: int, lp: float) -> dict:
+        return {"token": text_of(token), "token_id": token, "logprob": lp, "bytes": list(bytes_of(token))}
+
+    return {"content": [{**item(e.token, e.logprob), "story_logprob": e.story_logprob,
+                         "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries], "refusal": None}
+
+
 def kobold(entries: Sequence[TokenLogprob], text_of) -> dict:
-    """KoboldCpp's `logprobs` object (generate result and /api/extra/last_logprobs)."""
+    """KoboldCpp's `logprobs` object (generate result and /api/extra/last_logprobs): the completions
+    lists, the token ids and chat's `content` list, whose bytes are the UTF-8 of each token's text."""
     out = openai(entries, text_of)
     out["token_ids"] = [e.token for e in entries]
-
-    def item(token: int, lp: float) -> dict:
-        text = text_of(token)
-        return {"token": text, "token_id": token, "logprob": lp, "bytes": list(text.encode())}
-
-    out["content"] = [{**item(e.token, e.logprob), "story_logprob": e.story_logprob,
-                       "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
+    out["content"] = chat(entries, text_of, lambda token: text_of(token).encode())["content"]
     return out
 
 

@@ -33,7 +33,7 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
           runtime=None, api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
           log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False,
           defaults=None, max_queue: int = 16, grace: float = GRACE, header_timeout: float | None = None,
-          max_connections: int | None = None) -> int:
+          max_connections: int | None = None, body_timeout: float | None = None) -> int:
     """Serve until SIGTERM; every request gets a line on `log` unless `quiet`; `defaults`: the
     ServerDefaults every request gets unless it says otherwise."""
     import uvicorn
@@ -41,6 +41,7 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
     from .app import create_app
     from .connections import HEADER_TIMEOUT, ConnectionGuard, default_max_connections, raise_open_file_limit
     from .defaults import ServerDefaults
+    from .reading import BODY_TIMEOUT
     from .scheduling import Service
 
     api_key = check_api_key(api_key or os.environ.get(API_KEY_ENV) or None)
@@ -65,7 +66,7 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
     if not defaults.empty:
         log(defaults.describe())
     app = create_app(service, api_key=api_key, cors_origins=cors_origins, request_log=None if quiet else log,
-                     loopback=host in LOOPBACK)
+                     loopback=host in LOOPBACK, body_timeout=BODY_TIMEOUT if body_timeout is None else body_timeout)
     # uvicorn's own deadline comes after ours: by then every generation has been cancelled and
     # its stream has ended, so uvicorn never has to cut a response
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

@@ -43,7 +43,7 @@ def build_preset(body: dict, flavour: str, max_new_tokens: int, stop: list[str],
             view = {k: v for k, v in body.items() if k not in ("max_length", "stop_sequence")}
             data, report = kobold.import_request(view, vocab_size=vocab_size)
         elif flavour == LLAMACPP_FLAVOUR:
-            data, report = llamacpp_server.import_request(body)
+            data, report = llamacpp_server.import_request(body, vocab_size=vocab_size)
         else:
             data, report = textgen_webui.import_request(body, vocab_size=vocab_size)
     except PresetError as err:

@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import Field, create_model
 
 from . import logprobs
-from .bodies import Count, Envelope, Flag, Int, Prompt, Seed, Stops, Text, TokenList, read
+from .bodies import Count, Flag, GenerateBody, Int, Prompt, Stops, Text, TokenList, read
 from .errors import APIError
 from .translate import KOBOLD_FLAVOUR, build_preset, check_request_grammar, flavour_of_completion
 
@@ -26,26 +26,19 @@ MAX_N = 8  # choices per request: each is a whole generation
 MAX_LOGPROBS = 100  # alternatives per token (SillyTavern asks for 10)
 
 
-class ChoicesBody(Envelope):
+class ChoicesBody(GenerateBody):
     """What /v1/completions and /v1/chat/completions share: lengths, `n`, seeds, stops, flags. A
     field typed without None may be absent but not null (as in the web UI's typing.py); NULLABLE's
-    nulls are dropped before. Unknown keys are ignored."""
+    nulls are dropped before. Unknown keys are ignored. `max_tokens` wins when both lengths are sent."""
 
+    LENGTH_FIELDS = ("max_tokens", "max_new_tokens")
     max_tokens: Count = None
     max_new_tokens: Count = None
     n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
-    seed: Seed = None
-    stop: Stops = []
     stopping_strings: Stops = []
-    stream: Flag = False
     ban_eos_token: Flag = False
     truncate: Flag = True
     preset: Text = None
-
-    @property
-    def length_field(self) -> str:
-        """The field that sets the length: `max_tokens` wins when both are sent."""
-        return "max_tokens" if self.max_tokens is not None else "max_new_tokens"
 
 
 class CompletionBody(ChoicesBody):
