@@ -13,6 +13,8 @@ scales, LAMBADA's examples). One call of `DecodeLoop.step(joining)` is one decod
        reused) and is live from then on, "prefilling" until its prompt is read;
     4. prefilling lanes read at most `backend.prefill_chunk` prompt tokens in all (`backend.feed`,
        oldest lane first); a lane whose prompt is read advances at once and steps from then on.
+       While other lanes stream, the chunk is paced (`PrefillPacer`): about twice a step's time
+       of prompt reading, so their gap between two tokens stays near three steps.
 
 So a long prompt is read in chunks between the running lanes' steps: they keep streaming, and a
 cancel during the prompt acts at the next step, within one chunk. (A backend without chunks,
@@ -36,6 +38,7 @@ its logits) and hands the state the logits there (phrase bans, generation.py).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Protocol, Sequence
 
 from .backends.base import PairIds
@@ -84,6 +87,46 @@ class Lane:
         """Called once, after the lane's pair was released."""
 
 
+class PrefillPacer:
+    """How many prompt tokens one step may read: the backend's whole chunk (`--batch-size`) when
+    nothing else runs, and while other lanes stream, what takes about `share` times their step
+    (measured: moving averages of the step's seconds and of a prompt token's seconds in the
+    chunks read so far), in multiples of `granule` tokens, at least one granule.
+
+    Why: a chunk is read between two steps of the running lanes, so their gap between tokens is a
+    step plus a chunk. A fixed 512-token chunk of a 7B model on a CPU takes many seconds, a
+    freeze in every running stream; a chunk paced to two steps keeps the gap near three steps,
+    and the joining prompt still reads in batches (tens of tokens on a CPU, more on a GPU, where
+    a token of a batch costs far less than a step). llama.cpp's server instead puts up to
+    `n_batch` prompt tokens into the running lanes' own decode."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self, chunk: int | None, granule: int = 32, share: float = 2.0):
+        self.chunk, self.granule, self.share = chunk, granule, share
+        self.step_s: float | None = None
+        self.token_s: float | None = None
+
+    def budget(self, streaming: bool) -> int | None:
+        if self.chunk is None or not streaming:
+            return self.chunk
+        floor = min(self.granule, self.chunk)
+        if self.step_s is None or self.token_s is None:  # nothing measured yet: a small first chunk
+            return min(self.chunk, 2 * floor)
+        fits = int(self.share * self.step_s / self.token_s) // self.granule * self.granule
+        return max(floor, min(self.chunk, fits))
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def stepped(self, seconds: float) -> None:
+        self.step_s = self._average(self.step_s, seconds)
+
+    def read(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.token_s = self._average(self.token_s, seconds / tokens)
+
+
 class DecodeLoop:
     """Live lanes on one backend, decoded one step at a time (see the module docstring)."""
 
@@ -94,6 +137,7 @@ class DecodeLoop:
         self.text_lock = text_lock if text_lock is not None else contextlib.nullcontext()
         self.live: list[Lane] = []
         self.steps = 0  # decode steps made
+        self.pacer = PrefillPacer(getattr(backend, "prefill_chunk", None))
 
     def step(self, joining: Sequence[Lane] = ()) -> list[Lane]:
         """One decode step of every live lane, then the joining lanes' prefill; the lanes that
@@ -109,14 +153,16 @@ class DecodeLoop:
                 self._end(lane, "cancelled", None, ended)
             else:
                 self._join(lane, ended)
-        self._prefill(ended)
+        self._prefill(ended, streaming=bool(ready))
         if self.live or joining:
             self.steps += 1
         return ended
 
     def _step_live(self, lanes: list[Lane], ended: list[Lane]) -> None:
         try:
+            started = time.perf_counter()
             self.backend.run(steps=[(lane.pair, lane.state.last_token) for lane in lanes])
+            self.pacer.stepped(time.perf_counter() - started)
         except Exception as err:  # the step failed: it ends the lanes in it, never the loop
             for lane in lanes:
                 self._end(lane, "error", err, ended)
@@ -136,15 +182,18 @@ class DecodeLoop:
         if not lane.prefilling:  # nothing left to read (a backend that reads it all in `open`)
             self._advance([lane], ended)
 
-    def _prefill(self, ended: list[Lane]) -> None:
-        """Read up to the backend's chunk of prompt tokens, oldest prefilling lane first; a lane
-        whose prompt is read advances before the next decode overwrites its logits."""
-        budget = getattr(self.backend, "prefill_chunk", None)
+    def _prefill(self, ended: list[Lane], streaming: bool) -> None:
+        """Read up to the pacer's budget of prompt tokens (`streaming`: other lanes stepped in
+        this step), oldest prefilling lane first; a lane whose prompt is read advances before the
+        next decode overwrites its logits."""
+        budget = self.pacer.budget(streaming)
         for lane in [lane for lane in self.live if lane.prefilling]:
             if budget is not None and budget <= 0:
                 break
             try:
+                started = time.perf_counter()
                 used = self.backend.feed(lane.pair, budget)
+                self.pacer.read(used, time.perf_counter() - started)
             except Exception as err:  # the pair is still live: `_end` releases it
                 self._end(lane, "error", err, ended)
                 continue
