@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import ROOT, STORY, Section, load_average, log, median, now, table  # noqa: E402
+from _common import ROOT, STORY, Section, load_average, log, markdown_table, median, now, table  # noqa: E402
 
 SCALE = 1.5
 TURN2_EXTRA = 40
@@ -259,8 +259,11 @@ def join_section(sec: Section, model: Path, threads: int, join_tokens: int, toke
             "x", "<= 3", longest / step <= 3, fmt="{:.1f}", note=f"longest {longest:.2f} s")
 
 
+SECTIONS = ("decode", "turns", "streams", "join")
+
+
 def run(shape: str = "1b", model: str | None = None, quick: bool = False, threads: int | None = None,
-        reps: int | None = None) -> Section:
+        reps: int | None = None, rounds: int | None = None, only=SECTIONS) -> Section:
     import bench_models
 
     from cfg_textgen.backends.llama_cpp import physical_cores
@@ -270,17 +273,22 @@ def run(shape: str = "1b", model: str | None = None, quick: bool = False, thread
     threads = threads or physical_cores()
     story = 200 if quick else 1500
     join = 300 if quick else 3000
-    rounds = 1 if quick else 3
+    rounds = rounds or (1 if quick else 3)
     sec.data.update(model=str(path), threads=threads, quick=quick, load_average_start=load_average())
     log(f"writers: {path.name}, {threads} threads")
-    log("writers: decode (bare llama.cpp loops vs ours)")
-    decode_section(sec, path, threads, quick, reps)
-    log("writers: turn 1 / turn 2 first token (llama-cpp-python's server vs ours)")
-    turns_section(sec, path, threads, story, rounds, n_ctx=4096)
-    log("writers: 4 CFG streams vs 1")
-    streams_section(sec, path, threads, (8, 16) if quick else (32, 128), rounds)
-    log("writers: a long prompt joins 3 running streams")
-    join_section(sec, path, threads, join, 40 if quick else 400)
+    if "decode" in only:
+        log("writers: decode (bare llama.cpp loops vs ours)")
+        decode_section(sec, path, threads, quick, reps)
+    if "turns" in only:
+        log("writers: turn 1 / turn 2 first token (llama-cpp-python's server vs ours)")
+        turns_section(sec, path, threads, story, rounds, n_ctx=4096)
+    if "streams" in only:
+        log("writers: 4 CFG streams vs 1")
+        streams_section(sec, path, threads, (8, 16) if quick else (32, 128), rounds)
+    if "join" in only:
+        log("writers: a long prompt joins 3 running streams")
+        join_section(sec, path, threads, join, 40 if quick else 400)
+    sec.data["load_average_end"] = load_average()
     return sec
 
 
@@ -290,8 +298,15 @@ if __name__ == "__main__":
     ap.add_argument("--model", help="your own GGUF instead of a random-weight shape")
     ap.add_argument("--quick", action="store_true", help="tiny settings: checks that everything runs")
     ap.add_argument("--threads", type=int, help="llama.cpp threads for every variant (default: physical cores)")
-    ap.add_argument("--reps", type=int)
+    ap.add_argument("--reps", type=int, help="repetitions of the decode comparison")
+    ap.add_argument("--rounds", type=int, help="rounds of the turns and streams sections (default 3)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     a = ap.parse_args()
-    s = run(a.shape, a.model, a.quick, a.threads, a.reps)
+    s = run(a.shape, a.model, a.quick, a.threads, a.reps, a.rounds, tuple(a.only.split(",")))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": [r.cells() for r in s.rows], "data": s.data}, indent=1,
+                                           default=str))
     print(table(s.rows))
+    print(markdown_table(s.rows))
     print("\n".join(s.checks))

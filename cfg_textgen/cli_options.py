@@ -6,7 +6,8 @@ serve): which model, on which backend, and how it runs (runtime.RuntimeSettings)
     def generate(..., model: ModelChoice): load_backend(model.spec, model.backend, runtime=model.runtime)
 
 The flags are llama.cpp's own names (llama-server: --threads, --threads-batch, --ctx-size,
---n-gpu-layers, --flash-attn, --cache-type-k, --cache-type-v). They are checked in one place,
+--n-gpu-layers, --flash-attn, --cache-type-k, --cache-type-v, --cache-prompt,
+--batch-size, --ubatch-size). They are checked in one place,
 `RuntimeSettings`; a bad value or combination is a usage error naming the flag.
 """
 
@@ -71,6 +72,21 @@ _OPTIONS = [
     ("cache_type_v", click.option(
         "--cache-type-v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
         help="llama.cpp: KV cache type of the values; quantized ones need flash attention.")),
+    ("cache_prompt", click.option(
+        "--cache-prompt/--no-cache-prompt", default=True, show_default=True,
+        help="llama.cpp: start from the cached tokens an earlier request shares with this one and "
+             "read only the rest (a request's cache_prompt: false turns it off for that request).")),
+    ("context_shift", click.option(
+        "--context-shift/--no-context-shift", default=True, show_default=True,
+        help="llama.cpp: a story that lost its oldest tokens to the window keeps the rest of its "
+             "cache, moved down, instead of reading it again (not with --deterministic).")),
+    ("batch_size", click.option(
+        "--batch-size", type=click.IntRange(min=1), default=512, show_default=True, metavar="N",
+        help="llama.cpp: prompt tokens read at once between the running streams' steps.")),
+    ("ubatch_size", click.option(
+        "--ubatch-size", type=click.IntRange(min=1), metavar="N",
+        help="llama.cpp: micro-batch of its kernels (default 512; 32 with --deterministic, where "
+             "prompt reads must round like token-by-token decoding).")),
     ("deterministic", click.option(
         "--deterministic", is_flag=True,
         help="A request's text does not depend on what else runs (slower lone streams; README).")),

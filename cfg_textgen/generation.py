@@ -97,7 +97,8 @@ class Generation:
                  generator: torch.Generator | None = None, seed: int | None = None,
                  on_cut: Callable[[int, int], None] | None = None, ban_eos: bool = False,
                  truncate: bool = True, logprobs: int | None = None, grammar: str = "",
-                 banned_strings: Sequence[str] = (), ban_case_sensitive: bool = False):
+                 banned_strings: Sequence[str] = (), ban_case_sensitive: bool = False,
+                 cache_prompt: bool = True):
         self.backend = backend = as_backend(model, tokenizer)
         if backend.tokenizer is None:
             raise ValueError("a transformers model needs its `tokenizer` (or pass a backend)")
@@ -118,6 +119,7 @@ class Generation:
         self.generator = generator  # None: the global torch RNG, as `generate` uses
         self.eos = set(backend.eos_ids)
         self.ban_eos = bool(ban_eos)
+        self.cache_prompt = bool(cache_prompt)  # False: the backend reads the whole prompt again
         bos = backend.bos_id
 
         ids = backend.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]

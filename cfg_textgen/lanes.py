@@ -4,20 +4,31 @@ Every way of generating runs it: the CLI's `Stream` (one lane), the server's `Sc
 join and leave between steps) and the analysis commands (`analysis.run_side_by_side`: a sweep's
 scales, LAMBADA's examples). One call of `DecodeLoop.step(joining)` is one decode step:
 
-    1. lanes cancelled since the last step leave (their pairs are released);
-    2. every live lane's last token goes into ONE `backend.run(steps=...)`; each lane's state
+    1. lanes cancelled since the last step leave (their pairs are released), also lanes still
+       reading their prompt;
+    2. every ready lane's last token goes into ONE `backend.run(steps=...)`; each lane's state
        reads its pair's logits (`advance`: CFG, samplers, pick), and only then does any finished
        lane release its pair (llama.cpp may reuse its output buffer once its memory changes);
-    3. each joining lane's prompt is prefilled (`backend.run(new=...)`) and advanced at once.
+    3. each joining lane opens its pair (`backend.open`: slots taken, the prompt cache's tokens
+       reused) and is live from then on, "prefilling" until its prompt is read;
+    4. prefilling lanes read at most `backend.prefill_chunk` prompt tokens in all (`backend.feed`,
+       oldest lane first); a lane whose prompt is read advances at once and steps from then on.
+       While other lanes stream, the chunk is paced (`PrefillPacer`): about twice a step's time
+       of prompt reading, so their gap between two tokens stays near three steps.
+
+So a long prompt is read in chunks between the running lanes' steps: they keep streaming, and a
+cancel during the prompt acts at the next step, within one chunk. (A backend without chunks,
+transformers, reads the whole prompt in `open`.)
 
 Failures stay with the lanes they belong to, and no pair is ever leaked: a failed step ends the
-lanes in that step (all live ones) with the error; a failed prefill ends only the lane that
-joined; a failing `advance` (a sampler's bug) ends only its own lane. Every pair the loop got is
+lanes in that step (all ready ones) with the error; a failed open or feed ends only the lane it
+was for; a failing `advance` (a sampler's bug) ends only its own lane. Every pair the loop got is
 released when its lane ends, and `close()` releases whatever is still live.
 
 A lane's state is any object with the generation protocol: `pair_ids()` (story ids, opposing ids
 or None), `advance(logits) -> text piece or None`, `done`, `last_token` (engine.Generation is
-one), and optionally `end_early() -> text piece`: a cancelled lane's last piece (the text it held
+one), optionally `cache_prompt` (False: the backend reads the whole prompt, none of it from its
+prompt cache), and optionally `end_early() -> text piece`: a cancelled lane's last piece (the text it held
 back), given out before it ends. A `Lane` subclass decides what a piece and the end mean to its
 caller (`put`, `end`). A state may also have `rewind`: when it is a number n after `advance`, the
 loop takes the pair's last n tokens back (`backend.rewind`, after every lane of the step has read
@@ -27,6 +38,7 @@ its logits) and hands the state the logits there (phrase bans, generation.py).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Protocol, Sequence
 
 from .backends.base import PairIds
@@ -57,6 +69,12 @@ class Lane:
         self.ended = False
         self.reason: str | None = None
         self.error: BaseException | None = None
+        self.cached_tokens = 0  # prompt tokens the backend's prompt cache held for this lane
+
+    @property
+    def prefilling(self) -> bool:
+        """Live, with part of its prompt still to read."""
+        return self.pair is not None and self.pair.pending > 0
 
     @property
     def cancelled(self) -> bool:
@@ -69,6 +87,46 @@ class Lane:
         """Called once, after the lane's pair was released."""
 
 
+class PrefillPacer:
+    """How many prompt tokens one step may read: the backend's whole chunk (`--batch-size`) when
+    nothing else runs, and while other lanes stream, what takes about `share` times their step
+    (measured: moving averages of the step's seconds and of a prompt token's seconds in the
+    chunks read so far), in multiples of `granule` tokens, at least one granule.
+
+    Why: a chunk is read between two steps of the running lanes, so their gap between tokens is a
+    step plus a chunk. A fixed 512-token chunk of a 7B model on a CPU takes many seconds, a
+    freeze in every running stream; a chunk paced to two steps keeps the gap near three steps,
+    and the joining prompt still reads in batches (tens of tokens on a CPU, more on a GPU, where
+    a token of a batch costs far less than a step). llama.cpp's server instead puts up to
+    `n_batch` prompt tokens into the running lanes' own decode."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self, chunk: int | None, granule: int = 32, share: float = 2.0):
+        self.chunk, self.granule, self.share = chunk, granule, share
+        self.step_s: float | None = None
+        self.token_s: float | None = None
+
+    def budget(self, streaming: bool) -> int | None:
+        if self.chunk is None or not streaming:
+            return self.chunk
+        floor = min(self.granule, self.chunk)
+        if self.step_s is None or self.token_s is None:  # nothing measured yet: a small first chunk
+            return min(self.chunk, 2 * floor)
+        fits = int(self.share * self.step_s / self.token_s) // self.granule * self.granule
+        return max(floor, min(self.chunk, fits))
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def stepped(self, seconds: float) -> None:
+        self.step_s = self._average(self.step_s, seconds)
+
+    def read(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.token_s = self._average(self.token_s, seconds / tokens)
+
+
 class DecodeLoop:
     """Live lanes on one backend, decoded one step at a time (see the module docstring)."""
 
@@ -79,6 +137,7 @@ class DecodeLoop:
         self.text_lock = text_lock if text_lock is not None else contextlib.nullcontext()
         self.live: list[Lane] = []
         self.steps = 0  # decode steps made
+        self.pacer = PrefillPacer(getattr(backend, "prefill_chunk", None))
 
     def step(self, joining: Sequence[Lane] = ()) -> list[Lane]:
         """One decode step of every live lane, then the joining lanes' prefill; the lanes that
@@ -86,21 +145,24 @@ class DecodeLoop:
         ended: list[Lane] = []
         for lane in [lane for lane in self.live if lane.cancelled]:
             self._end(lane, "cancelled", None, ended)
-        if self.live:
-            self._step_live(ended)
+        ready = [lane for lane in self.live if not lane.prefilling]
+        if ready:
+            self._step_live(ready, ended)
         for lane in joining:
             if lane.cancelled:
                 self._end(lane, "cancelled", None, ended)
             else:
                 self._join(lane, ended)
+        self._prefill(ended, streaming=bool(ready))
         if self.live or joining:
             self.steps += 1
         return ended
 
-    def _step_live(self, ended: list[Lane]) -> None:
-        lanes = list(self.live)
+    def _step_live(self, lanes: list[Lane], ended: list[Lane]) -> None:
         try:
+            started = time.perf_counter()
             self.backend.run(steps=[(lane.pair, lane.state.last_token) for lane in lanes])
+            self.pacer.stepped(time.perf_counter() - started)
         except Exception as err:  # the step failed: it ends the lanes in it, never the loop
             for lane in lanes:
                 self._end(lane, "error", err, ended)
@@ -108,14 +170,37 @@ class DecodeLoop:
         self._advance(lanes, ended)
 
     def _join(self, lane: Lane, ended: list[Lane]) -> None:
+        cache = getattr(lane.state, "cache_prompt", True)
         try:
-            _, [lane.pair] = self.backend.run(new=[PairIds(*lane.state.pair_ids())])
-        except Exception as err:  # the backend released what it allocated (base.py's contract)
+            lane.pair = self.backend.open(PairIds(*lane.state.pair_ids()), cache=cache)
+        except Exception as err:  # the backend holds nothing for it (base.py's contract)
             lane.pair = None
             self._end(lane, "error", err, ended)
             return
+        lane.cached_tokens = lane.pair.cached
         self.live.append(lane)
-        self._advance([lane], ended)
+        if not lane.prefilling:  # nothing left to read (a backend that reads it all in `open`)
+            self._advance([lane], ended)
+
+    def _prefill(self, ended: list[Lane], streaming: bool) -> None:
+        """Read up to the pacer's budget of prompt tokens (`streaming`: other lanes stepped in
+        this step), oldest prefilling lane first; a lane whose prompt is read advances before the
+        next decode overwrites its logits."""
+        budget = self.pacer.budget(streaming)
+        for lane in [lane for lane in self.live if lane.prefilling]:
+            if budget is not None and budget <= 0:
+                break
+            try:
+                started = time.perf_counter()
+                used = self.backend.feed(lane.pair, budget)
+                self.pacer.read(used, time.perf_counter() - started)
+            except Exception as err:  # the pair is still live: `_end` releases it
+                self._end(lane, "error", err, ended)
+                continue
+            if budget is not None:
+                budget -= used
+            if not lane.prefilling:
+                self._advance([lane], ended)
 
     def _advance(self, lanes: list[Lane], ended: list[Lane]) -> None:
         """Each lane reads its logits; finished lanes release only after all have read theirs."""

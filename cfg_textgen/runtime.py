@@ -67,6 +67,20 @@ class RuntimeSettings:
             cache needs flash attention, which llama.cpp refuses to turn off for it.
         deterministic: a request's text does not depend on what else runs (batch invariance);
             costs lone-sequence speed (see the module docstring).
+        cache_prompt: llama.cpp: a new request starts from the cached tokens of an earlier one
+            that share its beginning and decodes only the rest (llama.cpp's `--cache-prompt`,
+            on by default; a request's `cache_prompt: false` turns it off for that request).
+        context_shift: llama.cpp: when a story outgrew the window and lost its oldest tokens, the
+            cache drops them too and moves the rest down instead of reading it all again
+            (KoboldCpp's ContextShift; llama.cpp's `--context-shift`). Off in the deterministic
+            mode: the kept tokens' cells were computed with the dropped ones in view.
+        batch_size: llama.cpp: prompt tokens decoded at once while other requests stream (>= 1;
+            llama.cpp's `--batch-size`): a long prompt is read in pieces of this size between
+            their steps, and a cancelled one stops within one piece.
+        ubatch_size: llama.cpp: the micro-batch of its kernels (llama.cpp's `--ubatch-size`).
+            None: 512, and 32 in the deterministic mode: micro-batches of 32 tokens round a
+            prompt read exactly like token-by-token decoding, so a prompt read in one piece,
+            in chunks or after a cached prefix gives the same logits (prompt reads ~2x slower).
     """
 
     threads: int | None = None
@@ -77,12 +91,18 @@ class RuntimeSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     deterministic: bool = False
+    cache_prompt: bool = True
+    context_shift: bool = True
+    batch_size: int = 512
+    ubatch_size: int | None = None
 
     def __post_init__(self):
         _positive("threads", self.threads)
         _positive("threads_batch", self.threads_batch)
         _positive("ctx_size", self.ctx_size, least=16)
         _positive("n_gpu_layers", self.n_gpu_layers, least=-1)
+        _positive("batch_size", self.batch_size)
+        _positive("ubatch_size", self.ubatch_size)
         if self.flash_attn not in FLASH_ATTN:
             raise RuntimeSettingsError("flash_attn", f"`flash_attn` has to be one of "
                                        f"{', '.join(FLASH_ATTN)}, but is {self.flash_attn!r}")
@@ -95,9 +115,17 @@ class RuntimeSettings:
             raise RuntimeSettingsError("cache_type_v", f"a quantized V cache ({self.cache_type_v}) "
                                        f"needs flash attention: leave flash attention on or auto, or "
                                        f"keep the V cache at f16")
-        if not isinstance(self.deterministic, bool):
-            raise RuntimeSettingsError("deterministic", f"`deterministic` has to be true or false, "
-                                       f"but is {self.deterministic!r}")
+        for name in ("deterministic", "cache_prompt", "context_shift"):
+            if not isinstance(getattr(self, name), bool):
+                raise RuntimeSettingsError(name, f"`{name}` has to be true or false, "
+                                           f"but is {getattr(self, name)!r}")
+
+    @property
+    def micro_batch(self) -> int:
+        """llama.cpp's `n_ubatch`: `ubatch_size`, else 32 in the deterministic mode, else 512."""
+        if self.ubatch_size is not None:
+            return self.ubatch_size
+        return 32 if self.deterministic else 512
 
     @property
     def v_quantized(self) -> bool:
@@ -113,7 +141,8 @@ class RuntimeSettings:
     def llama_only(self) -> list[str]:
         """The fields set away from their defaults that only the llama.cpp backend uses."""
         default = RuntimeSettings()
-        return [name for name in ("threads_batch", "flash_attn", "cache_type_k", "cache_type_v")
+        return [name for name in ("threads_batch", "flash_attn", "cache_type_k", "cache_type_v",
+                                  "batch_size", "ubatch_size")
                 if getattr(self, name) != getattr(default, name)]
 
 

@@ -39,6 +39,7 @@ class Request:
     logprobs: int | None = None  # record each token's log-prob and this many alternatives
     opposing_ids: tuple[int, ...] | None = None  # the opposing prompt as token ids (a chat rendered
     # by its template), instead of the preset's opposing text
+    cache_prompt: bool = True  # False: read the whole prompt, none of it from the prompt cache
 
 
 _END = object()
@@ -138,8 +139,9 @@ class Scheduler:
     """Runs submitted requests on one background decode thread.
 
     On the llama.cpp backend every active job's sequences go into ONE `llama_decode` per step, and
-    a job joins (its prompt prefilled between two steps) and leaves (its sequences removed) between
-    steps. Up to `max_parallel` jobs run at once; the rest wait in FIFO order (also while the
+    a job joins (its prompt read from where the prompt cache's tokens end, in `--batch-size`
+    pieces between steps) and leaves (its sequences freed, their tokens kept for the cache)
+    between steps. A cancel during the prompt acts at the next piece. Up to `max_parallel` jobs run at once; the rest wait in FIFO order (also while the
     backend has no free sequences for them). On the transformers backend each active pair is its
     own forward (still one step for all). A job's tokens never depend on what else runs: greedy
     gives the text it gives alone, a seeded job samples from its own `torch.Generator`.
@@ -189,7 +191,7 @@ class Scheduler:
                 settings.update(opposing_prompt=list(request.opposing_ids), opposing_mode="text")
             gen = Generation(backend, None, request.prompt, ban_eos=request.ban_eos,
                              truncate=request.truncate, on_cut=lambda kept, total: None,
-                             logprobs=request.logprobs, **settings)
+                             logprobs=request.logprobs, cache_prompt=request.cache_prompt, **settings)
         gen._start = submitted
         job = Job(request, gen, submitted)
         job._wake = self._notify

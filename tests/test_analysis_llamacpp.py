@@ -72,7 +72,7 @@ def lcpp():
     """The llama.cpp backend with default micro-batches (one thread: see THREADS)."""
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS)
+    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS, n_ubatch=512)
     yield backend
     backend.close()
 

@@ -106,7 +106,7 @@ class _RecordDecodes:
 
     def __enter__(self):
         def record(entries):
-            self.calls.append([(seq, len(ids)) for seq, ids, _ in entries])
+            self.calls.append([(seq, len(ids)) for seq, ids, *_ in entries])
             return self.orig(entries)
         self.backend._decode = record
         return self
@@ -118,7 +118,8 @@ class _RecordDecodes:
 @pytest.mark.parametrize("scale,rows", [(1.0, 1), (1.5, 2), (0.0, 2)])
 def test_llama_scale_1_decodes_the_story_sequence_only(backend, scale, rows):
     with _RecordDecodes(backend) as rec:
-        s = generate_stream(backend, None, STORY, scale=scale, max_new_tokens=10, do_sample=False)
+        s = generate_stream(backend, None, STORY, scale=scale, max_new_tokens=10, do_sample=False,
+                            cache_prompt=False)  # the whole prompt is read, not a cached prefix's rest
         list(s)
     n = len(s.token_ids)
     # one prefill (story [+ opposing BOS] in ONE llama_decode), then one decode per new token
@@ -273,7 +274,7 @@ def test_scheduler_cancel_ends_within_one_step_and_frees_the_sequences(backend):
         list(it)  # the iterator ends (it may hold pieces given before the cancel)
         other.cancel()
         assert other.wait(30) and other.stop_reason == "cancelled"
-    assert backend.used_cells == 0 and len(backend._free_seqs) == 2 * backend._pairs
+    assert backend.used_cells == 0 and backend.free_slots == 2 * backend._pairs
 
 
 def test_scheduler_long_run_of_submit_and_cancel_never_exhausts_the_context():
@@ -298,7 +299,7 @@ def test_scheduler_long_run_of_submit_and_cancel_never_exhausts_the_context():
                 assert job.stop_reason in ("cancelled", "max_tokens", "eos")
             last = sched.submit(Request(story, _greedy(1.5, tokens=32)))
             assert last.wait(60) and last.stop_reason == "max_tokens", last.error
-        assert small.used_cells == 0 and len(small._free_seqs) == 4
+        assert small.used_cells == 0 and small.free_slots == 4
     finally:
         small.close()
 
@@ -333,7 +334,7 @@ def test_llama_run_that_fails_on_the_second_new_pair_leaves_every_slot_free():
         _FailingDecode(b, 2)
         with pytest.raises(LlamaCppError, match="injected"):
             b.run(new=[(story, [1]), (story, [1])])
-        assert b.used_cells == 0 and len(b._free_seqs) == 4
+        assert b.used_cells == 0 and b.free_slots == 4
         pairs = b.prefill([(story, [1]), (story, [1])])  # both fit again
         for p in pairs:
             b.release(p)
@@ -362,7 +363,7 @@ def test_scheduler_failing_decode_while_jobs_join_leaves_every_slot_free_and_the
             healthy = sched.submit(Request(STORY, _greedy(1.5, tokens=4)))
             assert healthy.wait(60), "a healthy job stayed queued: sequences leaked"
             assert healthy.stop_reason in ("max_tokens", "eos"), healthy.error
-        assert b.used_cells == 0 and len(b._free_seqs) == 4
+        assert b.used_cells == 0 and b.free_slots == 4
     finally:
         b.close()
 

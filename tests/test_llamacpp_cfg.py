@@ -63,6 +63,13 @@ class Tap:
             self.logits.append(t.numpy().copy())
         return outs, pairs
 
+    def feed(self, pair, budget):
+        """The decode loop's prompt read: the pair's logits once its prompt is all read."""
+        n = self._b.feed(pair, budget)
+        if not pair.pending:
+            self.logits.append(pair.logits.numpy().copy())
+        return n
+
     def prefill(self, pairs):
         return self.run(new=pairs)[1]
 
@@ -94,7 +101,7 @@ def default():
     from cfg_textgen.backends.llama_cpp import LlamaCppBackend
 
     ref = LlamaRef(n_threads=THREADS)
-    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS)
+    backend = LlamaCppBackend(default_gguf(), DETERMINISTIC, n_threads=THREADS, n_ubatch=512)
     yield backend, ref
     backend.close()
     ref.close()

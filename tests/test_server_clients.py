@@ -89,8 +89,8 @@ def test_server_unknown_sampler_entries_are_skipped_and_named_in_a_header_and_th
     assert k.headers["x-skipped-samplers"] == "9"
     assert "x-skipped-samplers" not in post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}).headers
     server.wait_log(f"POST /v1/completions 200 prompt={usage['prompt_tokens']} new={usage['completion_tokens']} "
-                    r"\d+\.\d\ds skipped=banana_sampler")
-    server.wait_log(r"POST /api/v1/generate 200 prompt=\d+ new=\d+ \d+\.\d\ds skipped=9")
+                    r"cached=0 \d+\.\d\ds skipped=banana_sampler")  # transformers: no prompt cache
+    server.wait_log(r"POST /api/v1/generate 200 prompt=\d+ new=\d+ cached=0 \d+\.\d\ds skipped=9")
     server.wait_log(r"GET /v1/models 200 \d+\.\d\ds\n")
 
 
@@ -111,4 +111,4 @@ def test_server_request_log_counts_a_streams_new_tokens(server):
                                                                       "ban_eos_token": True}, timeout=120) as r:
         assert r.status_code == 200
         r.read()
-    server.wait_log(r"POST /v1/completions 200 prompt=\d+ new=4 \d+\.\d\ds")
+    server.wait_log(r"POST /v1/completions 200 prompt=\d+ new=4 cached=\d+ \d+\.\d\ds")

@@ -16,9 +16,19 @@ afterwards (whatever it allocated is released), and the pairs of `steps` are sti
 caller to release. So a failed decode never leaks a sequence slot.
 
 Callers never see sequence ids, cells or caches: which slot a new pair takes and what its rows
-hold is the backend's business, so a backend may later keep a released slot's tokens and start a
-new pair from the longest matching prefix, or prefill a long prompt in chunks, behind this same
-protocol.
+hold is the backend's business. The decode loop starts a pair in two parts, so that a long prompt
+is read between the other pairs' steps:
+
+    pair = backend.open(PairIds(story, opposing), cache=True)  # slots taken; nothing decoded yet
+    while pair.pending:                                        # prompt tokens still to decode
+        backend.feed(pair, budget)                             # at most `budget` of them
+    pair.logits                                                # set by the feed that finished
+
+`open` failing holds nothing; `feed` failing leaves the pair live for the caller to release.
+`pair.cached` is how many prompt tokens the backend already held (its prompt cache: llama.cpp
+keeps a released pair's tokens and starts a new pair from the longest matching prefix, decoding
+only the rest). A backend without a cache or chunks (`WholePrefill`: transformers) prefills the
+whole prompt in `open`, so `pending` is 0 at once and `cached` is 0.
 """
 
 from __future__ import annotations
@@ -50,6 +60,12 @@ class Pair:
         self.rows = rows  # 2 with CFG (story, opposing), 1 without
         self.logits: "torch.Tensor | None" = None  # (rows, vocab) after the last decode
         self.live = True
+        self.cached = 0  # prompt tokens the backend held already (its prompt cache)
+
+    @property
+    def pending(self) -> int:
+        """Prompt tokens not yet decoded (`Backend.feed`); 0 once `logits` are the prompt's."""
+        return 0
 
     @property
     def cfg(self) -> bool:
@@ -110,6 +126,13 @@ class Backend(Protocol):
     def release(self, pair: Pair) -> None:
         """Free the pair's sequences (idempotent)."""
 
+    def open(self, ids: PairIds, cache: bool = True) -> Pair:
+        """Start a pair: take its sequences, reuse what the cache holds (`cache=False`: nothing);
+        `pair.pending` tokens are left to `feed`. Raises with nothing held."""
+
+    def feed(self, pair: Pair, budget: int | None) -> int:
+        """Decode up to `budget` (None: all) of the pair's pending prompt tokens; how many."""
+
 
 class Shortcuts:
     """`prefill` and `step`: `run` with only new pairs or only steps (for tests and references
@@ -120,6 +143,17 @@ class Shortcuts:
 
     def step(self, tokens) -> list:
         return self.run(steps=tokens)[0]
+
+
+class WholePrefill:
+    """`open` and `feed` for a backend without a prompt cache or chunked prefill: `open` prefills
+    the whole prompt (`run(new=...)`), so there is never anything left to feed."""
+
+    def open(self, ids, cache: bool = True):
+        return self.run(new=[ids])[1][0]
+
+    def feed(self, pair, budget) -> int:
+        return 0
 
 
 def is_backend(obj) -> bool:

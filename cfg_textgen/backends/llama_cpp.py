@@ -7,7 +7,37 @@ every live sequence (up to STEP_CHUNK tokens: 16 pairs with CFG; more take furth
 with an output at each sequence's last token. The logits are read as numpy views of llama.cpp's
 output buffer and handed to torch without a copy (`torch.from_numpy`); a pair's story and
 opposing rows are adjacent in that buffer, so `pair.logits` is one (rows, vocab) view. Releasing
-a pair removes its sequences from the KV cache (`llama_memory_seq_rm`) and frees the ids.
+a pair frees its slots but leaves their tokens in the KV cache (the prompt cache, below).
+
+Prompt cache: every slot (one sequence id, one KV stream) records the tokens its cells hold,
+position by position. A new pair's story takes the free slot whose tokens share the longest
+prefix with it if that is more than half the story (llama.cpp server's rule), else the least
+recently used free slot (never-used ones first), so that concurrent writers keep each other's
+caches while older slots are free; its opposing prompt then does the same among the slots left
+(SillyTavern's negative prompt is the story with a line inserted: it finds the slot of the last
+negative prompt; a blank one is BOS alone, read again). The slot's cells from the first differing
+position on are removed (`llama_memory_seq_rm(seq, p, -1)`) and only the rest is read, the last
+prompt token always (its logits are the pair's first). Positions need no care: each sequence has
+its own stream, so a kept prefix sits at positions 0..p-1 and the rest follows at p. `open(ids,
+cache=False)` (a request's `cache_prompt: false`) or `RuntimeSettings(cache_prompt=False)` reads
+every prompt token; `prefilled_tokens` counts the prompt tokens read, `pair.cached` those kept.
+Exactness: in the deterministic mode (micro-batches of 32) a warm read gives the cold read's
+logits exactly; with the default micro-batches a cached prefix was read (or, for generated
+tokens, decoded one by one) with other kernels than a cold read would use, and logits differ by
+the kernels' rounding (measured up to ~0.6 on the default model; tests/test_prompt_cache.py).
+
+Context shift (`find_hole`): a story cut at the front for the window (BOS and a memory block kept,
+the oldest story tokens lost) shares only BOS + memory with its cached sequence; when the rest of
+the new prompt continues the cached tokens after a hole, the hole's cells are removed and the
+ones after it moved down (`llama_memory_seq_rm` + `llama_memory_seq_add`; llama.cpp re-rotates
+their RoPE keys), and only what follows is read. Not in the deterministic mode (the moved cells
+were computed with the dropped tokens in view) nor where `llama_memory_can_shift` says no.
+
+Chunked prefill: `open` takes the slots and `feed(pair, budget)` reads at most `budget` prompt
+tokens per llama_decode (the decode loop gives it `prefill_chunk`, `--batch-size`, per step), each
+row's last token held back for the decode that finishes the pair and outputs both rows' logits
+together. The decode loop calls it between the running pairs' steps, never in the same decode.
+`rewind(pair, n)` takes the last n tokens back from both rows (cells and records alike).
 
 Exactness: a step's logits are the same whatever else is in the batch (see `run`). A prompt
 longer than a few dozen tokens is prefilled by llama.cpp's large-batch kernels, which round
@@ -20,7 +50,7 @@ query's keys per thread and the job's logits depend on whether others ran); by d
 every thread, faster, and a lone job's logits drift from the deterministic ones by a bounded amount
 (README, benchmarks/bench_drift.py).
 
-    backend = LlamaCppBackend("model.gguf", RuntimeSettings(threads=8), pairs=1, n_ubatch=512)
+    backend = LlamaCppBackend("model.gguf", RuntimeSettings(threads=8), pairs=1)
     [pair] = backend.prefill([(story_ids, opposing_ids or None)])
     pair.logits                                   # (2 or 1, vocab) float32, zero-copy view
     [logits] = backend.step([(pair, token)])      # one token into both of the pair's sequences
@@ -133,19 +163,85 @@ class LlamaCppError(CFGTextgenError):
     """llama.cpp refused a batch (context full, bad input)."""
 
 
-class LlamaCppPair(Pair):
-    """One live (story, opposing) pair: its sequence ids and next positions. `logits` is a
-    (rows, vocab) view into llama.cpp's output buffer, valid until the next decode."""
+class Slot:
+    """One KV stream of the context (a llama.cpp sequence id) and the tokens it holds, in order,
+    at positions 0..len-1. The tokens stay after the pair that wrote them is released: the prompt
+    cache (`LlamaCppBackend.open`) starts a new pair from the longest matching prefix."""
 
-    def __init__(self, seqs: list[int], rows: list[list[int]]):
-        super().__init__(len(seqs))
-        self.seqs = seqs  # [story] or [story, opposing]
-        self.next_pos = [len(ids) for ids in rows]
-        self.tokens = [list(ids) for ids in rows]  # what each sequence holds, position by position
+    __slots__ = ("seq", "tokens", "used_at", "busy")
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.tokens: list[int] = []  # what the stream's cells hold, position by position
+        self.used_at = -1  # when it was last released (-1: never used; taken first)
+        self.busy = False  # held by a live pair
+
+
+class LlamaCppPair(Pair):
+    """One live (story, opposing) pair: its slots (row 0 the story, row 1 the opposing prompt)
+    and their prompts. While `pending` > 0 part of the prompts is still to be decoded (`feed`);
+    `logits` is then a (rows, vocab) view into llama.cpp's output buffer, valid until the next
+    decode. `cached`: prompt tokens found in the cache when the pair opened (not decoded again)."""
+
+    def __init__(self, slots: list[Slot], prompts: list[list[int]]):
+        super().__init__(len(slots))
+        self.slots = slots
+        self.prompts = prompts
+        self.cached = sum(len(s.tokens) for s in slots)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [s.seq for s in self.slots]
+
+    @property
+    def next_pos(self) -> list[int]:
+        return [len(s.tokens) for s in self.slots]
+
+    @property
+    def pending(self) -> int:
+        """Prompt tokens not yet decoded (0: the pair is ready to step)."""
+        return sum(max(0, len(p) - len(s.tokens)) for s, p in zip(self.slots, self.prompts))
 
     @property
     def cells(self) -> int:
         return sum(self.next_pos)
+
+
+SHIFT_ANCHOR = 8  # tokens of the prompt after its prefix that a shifted run must start with
+
+
+def find_hole(cached: Sequence[int], prompt: Sequence[int], start: int) -> tuple[int, int]:
+    """(hole, run): the prompt's tokens from `start` on continue `cached` after skipping `hole`
+    tokens from `start`, for `run` tokens; (0, 0) when no run is worth a shift.
+
+    What a story cut at the front looks like next turn (context.fit_context / fit_with_memory keep
+    BOS and a Kobold memory block, then the most recent tokens): the cache holds BOS + memory +
+    story[a:], the new prompt is BOS + memory + story[b:] + more, b > a; the hole is story[a:b].
+    A run counts when it starts at the prompt's first differing token, begins with SHIFT_ANCHOR
+    matching tokens and covers more than half of the prompt's rest (KoboldCpp's ContextShift,
+    PurgeMissingTokens, likewise needs the new text after the common prefix to start with a long
+    run of the old)."""
+    rest = len(prompt) - 1 - start  # what would be read otherwise (the last token is read anyway)
+    if rest < 2 * SHIFT_ANCHOR or len(cached) <= start + SHIFT_ANCHOR:
+        return 0, 0
+    anchor = list(prompt[start:start + SHIFT_ANCHOR])
+    tail = np.asarray(cached[start + 1:], dtype=np.int64)
+    best = (0, 0)
+    for q in (np.flatnonzero(tail == anchor[0]) + start + 1).tolist():
+        if list(cached[q:q + SHIFT_ANCHOR]) == anchor:
+            run = common_prefix(cached[q:], prompt[start:])
+            if run > best[1]:
+                best = (q - start, run)
+    return best if 2 * min(best[1], rest) > rest else (0, 0)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens `a` and `b` share from the start."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class ByteDecoder:
@@ -200,19 +296,20 @@ class LlamaCppBackend(Shortcuts):
     device = torch.device("cpu")
 
     def __init__(self, path: str | Path, runtime: RuntimeSettings | None = None, *, pairs: int = 1,
-                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = 512,
+                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None,
                  verbose: bool = False):
         """`runtime`: threads, window, GPU layers, attention, KV cache types, determinism
         (runtime.RuntimeSettings); `n_ctx` and `n_threads` are shorthands for its `ctx_size` and
-        `threads`."""
+        `threads`, `n_ubatch` for its `ubatch_size`."""
         L = self.lib = require_llama_cpp()
         path = Path(path).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such GGUF file")
         runtime = runtime or RuntimeSettings()
-        if n_ctx is not None or n_threads is not None:
+        if n_ctx is not None or n_threads is not None or n_ubatch is not None:
             runtime = runtime.replace(ctx_size=n_ctx if n_ctx is not None else runtime.ctx_size,
-                                      threads=n_threads if n_threads is not None else runtime.threads)
+                                      threads=n_threads if n_threads is not None else runtime.threads,
+                                      ubatch_size=n_ubatch if n_ubatch is not None else runtime.ubatch_size)
         self.runtime = runtime
         if runtime.n_gpu_layers != 0 and not L.llama_supports_gpu_offload():
             raise RuntimeSettingsError("n_gpu_layers", "this llama-cpp-python was built without GPU "
@@ -236,7 +333,7 @@ class LlamaCppBackend(Shortcuts):
         self.window = self.n_ctx  # KV cells per sequence (reserve(window=...) may make it smaller)
         self.n_threads = runtime.threads or physical_cores()
         self.n_threads_batch = runtime.threads_batch or self.n_threads
-        self.n_ubatch = n_ubatch
+        self.n_ubatch = runtime.micro_batch
         bos = L.llama_vocab_bos(self.vocab)
         self.bos_id = int(bos) if bos >= 0 else None
         # llama.cpp's end-of-generation set (EOS, EOT, <|im_end|>, ...): what its own server and
@@ -245,6 +342,10 @@ class LlamaCppBackend(Shortcuts):
         self.special_ids = {t for t in range(self.n_vocab) if L.llama_vocab_is_control(self.vocab, t)}
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self.forwards = 0
+        self.prefilled_tokens = 0  # prompt tokens decoded (what the prompt cache did not hold)
+        self.cache_prompt = runtime.cache_prompt
+        self.prefill_chunk = runtime.batch_size  # prompt tokens per decode between the others' steps
+        self.shifted_tokens = 0  # cells moved out of the way by context shifts (a counter for tests)
         self.ctx = None
         self._batch = None
         self._pairs = 0
@@ -298,6 +399,11 @@ class LlamaCppBackend(Shortcuts):
             raise LlamaCppError(f"llama.cpp gave each sequence {self.seq_cells} cells, not the "
                                 f"window of {self.window}")
         self.memory = L.llama_get_memory(self.ctx)
+        # context shift moves cached cells to other positions: never in the deterministic mode (the
+        # moved cells were computed with the dropped tokens in view, so the text would depend on
+        # what the cache held), and only where the model's memory can shift (RoPE; not recurrent)
+        self.context_shift = (self.runtime.context_shift and not self.runtime.deterministic
+                              and bool(L.llama_memory_can_shift(self.memory)))
         self._batch = L.llama_batch_init(batch, 0, 1)
         b = self._batch
         self._tok = np.ctypeslib.as_array(b.token, shape=(batch,))
@@ -307,9 +413,9 @@ class LlamaCppBackend(Shortcuts):
                                           shape=(batch,))
         self._nseq[:] = 1
         self._seq_ptrs = [b.seq_id[i] for i in range(batch)]
-        self._free_seqs = list(range(streams))
+        self._slots = [Slot(seq) for seq in range(streams)]  # each stream empty
+        self._clock = 0  # counts releases: a slot's `used_at` orders them (least recently used)
         self._pairs = pairs
-        self.used_cells = 0  # over all streams (a leak check for tests)
 
     def _free_context(self) -> None:
         L = self.lib
@@ -373,7 +479,7 @@ class LlamaCppBackend(Shortcuts):
             raise ValueError(f"`window` has to be an integer in [16, {self.n_ctx}], but is {window!r}")
         if pairs <= self._pairs and window == self.window:
             return
-        if len(self._free_seqs) != 2 * self._pairs:
+        if self.free_slots != len(self._slots):
             raise LlamaCppError("cannot remake the llama.cpp context while sequences are live")
         self.window = window
         self._make_context(pairs)
@@ -381,7 +487,22 @@ class LlamaCppBackend(Shortcuts):
     def fits(self, rows: int = 2) -> bool:
         """Whether pairs with `rows` sequences in all (2 per CFG pair, 1 at scale 1) can start
         now: each sequence has its own stream of a full window, so only free slots count."""
-        return len(self._free_seqs) >= rows
+        return self.free_slots >= rows
+
+    @property
+    def free_slots(self) -> int:
+        """Sequence slots no live pair holds (their cached tokens may serve a new pair)."""
+        return sum(not s.busy for s in self._slots)
+
+    @property
+    def used_cells(self) -> int:
+        """KV cells held by live pairs (0 once every pair is released: a leak check)."""
+        return sum(len(s.tokens) for s in self._slots if s.busy)
+
+    @property
+    def cached_cells(self) -> int:
+        """KV cells kept by free slots for the prompt cache."""
+        return sum(len(s.tokens) for s in self._slots if not s.busy)
 
     def close(self) -> None:
         self._free_context()
@@ -441,7 +562,8 @@ class LlamaCppBackend(Shortcuts):
     def run(self, steps=(), new=()):
         """The next token of every pair in `steps` [(pair, token)] and the prompts of the pairs in
         `new` [(story, opposing or None)]; outputs at each sequence's last token. Returns (logits
-        per step pair, new pairs).
+        per step pair, new pairs). A new pair starts from the prompt cache (`open`) and the rest
+        of its prompts is decoded at once (the decode loop instead `feed`s it in chunks).
 
         Why not everything in one llama_decode: llama.cpp's CPU kernels round differently once a
         micro-batch holds more than a few dozen tokens (measured on the default model: identical
@@ -454,30 +576,26 @@ class LlamaCppBackend(Shortcuts):
         for pair, _ in steps:
             if not pair.live:
                 raise ValueError("`step` got a released pair")
-        checked = []
-        for ids in new:
-            rows = PairIds(*ids).rows()
-            if any(not ids for ids in rows):
-                raise ValueError("`prefill` got an empty token list")
-            bad = [t for ids in rows for t in ids if not 0 <= int(t) < self.n_vocab]
-            if bad:
-                raise ValueError(f"token ids have to be in [0, {self.n_vocab}), but one is {bad[0]}")
-            checked.append(rows)
-        if len(self._free_seqs) < sum(len(rows) for rows in checked):
+            if pair.pending:
+                raise ValueError("`step` got a pair whose prompt is not all decoded yet")
+        checked = [self._rows(ids) for ids in new]
+        if self.free_slots < sum(len(rows) for rows in checked):
             raise LlamaCppError(f"no free llama.cpp sequence for {len(new)} more pairs "
                                 f"(the context holds {self._pairs}); call reserve() first")
-        # each sequence has its own stream of `seq_cells`: a prompt or a step past it cannot go in
-        longest = max((len(ids) for rows in checked for ids in rows), default=0)
-        if longest > self.seq_cells:
-            raise LlamaCppError(f"a prompt of {longest} tokens does not fit a sequence's "
-                                f"{self.seq_cells} cells of the llama.cpp context")
         full = [p for p, _ in steps if max(p.next_pos) >= self.seq_cells]
         if full:
             raise LlamaCppError(f"a sequence's {self.seq_cells} cells of the llama.cpp context are "
                                 f"full ({max(full[0].next_pos)} tokens in use)")
         fresh: list[LlamaCppPair] = []
         try:
-            out_steps = self._prefill_then_step(checked, steps, fresh)
+            for k, rows in enumerate(checked):
+                pair = self._open_rows(rows, cache=True)
+                fresh.append(pair)
+                self.feed(pair, None)
+                # later decodes overwrite llama.cpp's output buffer: keep a copy unless this is the last
+                if steps or k < len(checked) - 1:
+                    pair.logits = pair.logits.clone()
+            out_steps = self._step(steps)
         except BaseException:
             # the failure contract (base.py): no new pair outlives a failed run, also the ones whose
             # own decode had succeeded before a later one failed
@@ -486,20 +604,150 @@ class LlamaCppBackend(Shortcuts):
             raise
         return out_steps, fresh
 
-    def _prefill_then_step(self, checked, steps, fresh: list) -> list[torch.Tensor]:
-        last = not steps
-        for k, rows in enumerate(checked):
-            seqs = [self._free_seqs.pop(0) for _ in rows]
-            pair = LlamaCppPair(seqs, rows)
-            try:
-                view = self._decode([(seq, ids, 0) for seq, ids in zip(seqs, rows)])
-            except BaseException:
-                self._free_seqs[:0] = seqs  # llama.cpp restored its memory
-                pair.live = False
-                raise
-            fresh.append(pair)
-            # later decodes overwrite llama.cpp's output buffer: keep a copy unless this is the last
-            pair.logits = view if last and k == len(checked) - 1 else view.clone()
+    def _rows(self, ids) -> list[list[int]]:
+        """A new pair's rows, checked: non-empty, known token ids, within a sequence's cells."""
+        rows = PairIds(*ids[:2]).rows()
+        if any(not row for row in rows):
+            raise ValueError("`prefill` got an empty token list")
+        bad = [t for row in rows for t in row if not 0 <= int(t) < self.n_vocab]
+        if bad:
+            raise ValueError(f"token ids have to be in [0, {self.n_vocab}), but one is {bad[0]}")
+        # each sequence has its own stream of `seq_cells`: a longer prompt cannot go in
+        longest = max(len(row) for row in rows)
+        if longest > self.seq_cells:
+            raise LlamaCppError(f"a prompt of {longest} tokens does not fit a sequence's "
+                                f"{self.seq_cells} cells of the llama.cpp context")
+        return [[int(t) for t in row] for row in rows]
+
+    # ---- the prompt cache and chunked prefill ---------------------------------------------
+
+    def open(self, ids, cache: bool = True) -> LlamaCppPair:
+        """Start a pair from `ids` (story, opposing or None) without decoding anything yet: each
+        row takes a free slot (`_choose_slot`), keeps the slot's cached tokens up to the first
+        one that differs from its prompt, and has the rest to decode (`pair.pending`, `feed`).
+        The last prompt token is always decoded again (its logits are the pair's first).
+        `cache=False` (or the backend's `cache_prompt` off) decodes every prompt token.
+        Failure: raises with no slot held."""
+        rows = self._rows(ids)
+        if self.free_slots < len(rows):
+            raise LlamaCppError(f"no free llama.cpp sequence for a pair of {len(rows)} rows "
+                                f"(the context holds {self._pairs}); call reserve() first")
+        return self._open_rows(rows, cache)
+
+    def _open_rows(self, rows: list[list[int]], cache: bool) -> LlamaCppPair:
+        cache = cache and self.cache_prompt
+        slots: list[Slot] = []
+        try:
+            for prompt in rows:  # the story first: it has the most to gain
+                slot = self._choose_slot(prompt, cache)
+                slot.busy = True
+                slots.append(slot)
+                if cache:
+                    self._reuse(slot, prompt)
+                else:
+                    self._trim(slot, 0)
+        except BaseException:
+            for slot in slots:
+                slot.busy = False
+            raise
+        return LlamaCppPair(slots, rows)
+
+    def _choose_slot(self, prompt: list[int], cache: bool) -> Slot:
+        """The free slot for a prompt: the one whose cached tokens share the longest prefix with
+        it, if that prefix is more than half the prompt; else the least recently used (never used
+        first), so that one user's new story does not evict another's cache while older slots
+        are free. (llama.cpp's server chooses its slot the same way: `slot_prompt_similarity`
+        0.5 of the prompt, else the least recently used.)"""
+        free = [s for s in self._slots if not s.busy]
+        if cache:
+            usable = [(self._reusable(s.tokens, prompt)[0], -s.used_at, i) for i, s in enumerate(free)]
+            match, _, i = max(usable)
+            if match > 0 and 2 * match > len(prompt):
+                return free[i]
+        return min(free, key=lambda s: s.used_at)
+
+    def _reusable(self, cached: list[int], prompt: list[int]) -> tuple[int, int, int]:
+        """(cached tokens a prompt can use, their common prefix, the hole after it): the prefix,
+        and with context shift a run of the cached tokens after a hole that continues the
+        prompt (`find_hole`). Never the prompt's last token: it is always read."""
+        prefix = common_prefix(cached, prompt)
+        hole = run = 0
+        if self.context_shift and prefix < len(prompt) - 1:
+            hole, run = find_hole(cached, prompt, prefix)
+        return min(prefix + run, len(prompt) - 1), prefix, hole
+
+    def _reuse(self, slot: Slot, prompt: list[int]) -> None:
+        """Keep what the slot's cells share with `prompt`: its common prefix, with context shift
+        also the run after a hole (the hole's cells removed, the run's moved down to close it),
+        and remove the rest."""
+        usable, prefix, hole = self._reusable(slot.tokens, prompt)
+        if hole and not self._shift(slot, prefix, hole):
+            usable = min(prefix, len(prompt) - 1)
+        self._trim(slot, usable)
+
+    def _shift(self, slot: Slot, start: int, hole: int) -> bool:
+        """Remove the slot's cells at positions [start, start + hole) and move the ones after them
+        `hole` positions down (llama.cpp re-rotates their keys' RoPE at the next decode);
+        False, with nothing changed, where the model's memory cannot shift."""
+        L = self.lib
+        if not L.llama_memory_seq_rm(self.memory, slot.seq, start, start + hole):
+            return False
+        L.llama_memory_seq_add(self.memory, slot.seq, start + hole, -1, -hole)
+        del slot.tokens[start:start + hole]
+        self.shifted_tokens += hole
+        return True
+
+    def _trim(self, slot: Slot, keep: int) -> None:
+        """Remove the slot's cells from position `keep` on (all of them where llama.cpp cannot
+        remove a part, e.g. a recurrent model's state)."""
+        if keep >= len(slot.tokens):
+            return
+        if keep == 0 or not self.lib.llama_memory_seq_rm(self.memory, slot.seq, keep, -1):
+            self.lib.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+            keep = 0
+        del slot.tokens[keep:]
+
+    def feed(self, pair: LlamaCppPair, budget: int | None) -> int:
+        """Decode up to `budget` more prompt tokens of `pair` (None: all of them) in one
+        llama_decode; how many were decoded. Each row's last prompt token waits for the decode
+        that finishes the pair, which outputs the rows' logits together (`pair.logits`); the
+        decodes before it output nothing. Failure: raises; the pair stays live (the caller
+        releases it) and its slots record only the decodes that succeeded."""
+        if not pair.live:
+            raise ValueError("`feed` got a released pair")
+        rest = [p[len(s.tokens):] for s, p in zip(pair.slots, pair.prompts)]
+        total = sum(len(r) for r in rest)
+        if total == 0:
+            return 0
+        if budget is None or total <= budget:
+            entries = [(s.seq, r, len(s.tokens), True) for s, r in zip(pair.slots, rest) if r]
+            view = self._decode(entries)
+            for (s, r) in zip(pair.slots, rest):
+                s.tokens.extend(r)
+            # rows whose prompt was all cached but the last token are in `entries` too (it is
+            # always decoded again), so every row has its output, in row order
+            pair.logits = view
+            self.prefilled_tokens += total
+            return total
+        budget = max(1, budget)
+        entries, taken = [], 0
+        for s, r in zip(pair.slots, rest):
+            body = r[:-1][:budget - taken]
+            if body:
+                entries.append((s.seq, body, len(s.tokens), False))
+                taken += len(body)
+        if not entries:  # only last tokens left, more rows than budget: finish anyway
+            return self.feed(pair, None)
+        self._decode(entries)
+        for seq, body, _, _ in entries:
+            next(s for s in pair.slots if s.seq == seq).tokens.extend(body)
+        self.prefilled_tokens += taken
+        return taken
+
+    # ---- decoding --------------------------------------------------------------------------
+
+    def _step(self, steps) -> list[torch.Tensor]:
+        """One token into every row of each step pair, in decodes of at most STEP_CHUNK tokens."""
         out_steps = []
         chunk: list = []
         for i, (pair, token) in enumerate(steps):
@@ -507,13 +755,12 @@ class LlamaCppBackend(Shortcuts):
             tokens = sum(p.rows for p, _ in chunk)
             end = i == len(steps) - 1
             if end or tokens + steps[i + 1][0].rows > STEP_CHUNK:
-                view = self._decode([(seq, (tok,), p.next_pos[r]) for p, tok in chunk
-                                     for r, seq in enumerate(p.seqs)])
+                view = self._decode([(s.seq, (tok,), len(s.tokens), True) for p, tok in chunk
+                                     for s in p.slots])
                 j = 0
                 for p, tok in chunk:
-                    p.next_pos = [n + 1 for n in p.next_pos]
-                    for row in p.tokens:
-                        row.append(tok)
+                    for s in p.slots:
+                        s.tokens.append(tok)
                     p.logits = view[j:j + p.rows] if end else view[j:j + p.rows].clone()
                     j += p.rows
                     out_steps.append(p.logits)
@@ -521,17 +768,20 @@ class LlamaCppBackend(Shortcuts):
         return out_steps
 
     def _decode(self, entries) -> torch.Tensor:
-        """One llama_decode of [(sequence id, token ids, first position)], an output at the last
-        token of each entry; the outputs as a (entries, vocab) zero-copy view in entry order."""
+        """One llama_decode of [(sequence id, token ids, first position, output?)], an output at
+        the last token of each entry that asks for one; those outputs as an (outputs, vocab)
+        zero-copy view in entry order."""
         L = self.lib
         tok, pos, out, ptrs = self._tok, self._pos, self._out, self._seq_ptrs
-        n = 0
-        for seq, ids, start in entries:
+        n = outputs = 0
+        for seq, ids, start, output in entries:
             k = len(ids)
             tok[n:n + k] = ids
             pos[n:n + k] = np.arange(start, start + k, dtype=np.int32)
             out[n:n + k] = 0
-            out[n + k - 1] = 1
+            if output:
+                out[n + k - 1] = 1
+                outputs += 1
             for i in range(n, n + k):
                 ptrs[i][0] = seq
             n += k
@@ -540,46 +790,50 @@ class LlamaCppBackend(Shortcuts):
         if ret != 0:
             raise LlamaCppError(f"llama_decode failed with code {ret} (1: the context is full)")
         self.forwards += 1
-        self.used_cells += n
+        if not outputs:
+            return None
         # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
         base = L.llama_get_logits(self.ctx)
-        return torch.from_numpy(np.ctypeslib.as_array(base, shape=(len(entries), self.n_vocab)))
+        return torch.from_numpy(np.ctypeslib.as_array(base, shape=(outputs, self.n_vocab)))
 
     def rewind(self, pair: LlamaCppPair, n: int) -> torch.Tensor:
         """Take the last `n` tokens back from every row of the pair; the logits at the new last
         position (rows, vocab), also as `pair.logits`.
 
-        The rewound positions and the last kept one leave both sequences (`llama_memory_seq_rm`),
-        and the last kept token is decoded again in a decode of its own: llama.cpp keeps no
-        logits of earlier positions, and one token decoded at its position onto the same cells
-        gives what the step that first decoded it gave (a copy of every step's logits, kept in
-        case, would cost a vocabulary-sized copy per step for a rare event). Call it after every
-        pair of the step has read its logits (the decode reuses llama.cpp's output buffer)."""
+        The rewound positions and the last kept one leave both sequences (`llama_memory_seq_rm`)
+        and the slots' records (so the prompt cache never offers a rewound token), and the last
+        kept token is decoded again in a decode of its own: llama.cpp keeps no logits of earlier
+        positions, and one token decoded at its position onto the same cells gives what the step
+        that first decoded it gave (a copy of every step's logits, kept in case, would cost a
+        vocabulary-sized copy per step for a rare event). Call it after every pair of the step
+        has read its logits (the decode reuses llama.cpp's output buffer)."""
         if not pair.live:
             raise ValueError("`rewind` got a released pair")
+        if pair.pending:
+            raise ValueError("`rewind` got a pair whose prompt is not all decoded yet")
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < min(pair.next_pos):
             raise ValueError(f"`n` has to be an integer in [0, {min(pair.next_pos) - 1}], but is {n!r}")
-        kept = [pos - n for pos in pair.next_pos]
-        for seq, k in zip(pair.seqs, kept):
-            self.lib.llama_memory_seq_rm(self.memory, seq, k - 1, -1)
-        self.used_cells -= (n + 1) * pair.rows
-        for row, k in zip(pair.tokens, kept):
-            del row[k:]
-        pair.next_pos = kept
-        pair.logits = self._decode([(seq, (row[-1],), k - 1)
-                                    for seq, row, k in zip(pair.seqs, pair.tokens, kept)])
+        kept = [len(s.tokens) - n for s in pair.slots]
+        last = [s.tokens[k - 1] for s, k in zip(pair.slots, kept)]
+        for slot, k in zip(pair.slots, kept):
+            self._trim(slot, k - 1)
+            if len(slot.tokens) != k - 1:  # the model's memory cannot drop a part (recurrent)
+                raise LlamaCppError("this model's memory cannot take tokens back")
+        pair.logits = self._decode([(s.seq, (t,), k - 1, True) for s, t, k in zip(pair.slots, last, kept)])
+        for slot, t in zip(pair.slots, last):
+            slot.tokens.append(t)
         return pair.logits
 
     def release(self, pair: LlamaCppPair) -> None:
-        """Remove the pair's sequences from the KV cache and free their ids (idempotent)."""
+        """Free the pair's slots (idempotent). Their tokens stay in the KV cache for the prompt
+        cache: the next pair that starts with them decodes only what follows."""
         if not pair.live:
             return
-        if not self.ctx:  # closed (e.g. at exit, before a generator's cleanup): nothing to free
-            pair.live = False
-            return
-        for seq in pair.seqs:
-            self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
-            self._free_seqs.append(seq)
-        self.used_cells -= pair.cells
         pair.live = False
         pair.logits = None
+        if not self.ctx:  # closed (e.g. at exit, before a generator's cleanup): nothing to free
+            return
+        self._clock += 1
+        for slot in pair.slots:
+            slot.busy = False
+            slot.used_at = self._clock

@@ -8,7 +8,9 @@ Per pair and step:
     step:    the same token appended to every row; each row continues at its own position
 
 Pairs are independent (own cache, mask, positions): `run` makes one forward per pair, so
-several live pairs cost several forwards (the llama.cpp backend does them in one batch). The
+several live pairs cost several forwards (the llama.cpp backend does them in one batch).
+No prompt cache and no chunked prefill here (`WholePrefill`): a pair's whole prompt is read when
+it joins, and its cache is dropped when it is released. The
 output layer runs as `W @ h.T` where the architecture allows it (`split_head`). No transformers
 import: everything here works on the model object it is given.
 """
@@ -21,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..context import bos_id, context_length, eos_ids
-from .base import Pair, PairIds, Shortcuts
+from .base import Pair, PairIds, Shortcuts, WholePrefill
 from .text import REPLACEMENT, IncrementalDecoder, StreamDecoder, text_decoder  # noqa: F401  (API)
 
 
@@ -105,7 +107,7 @@ class TransformersPair(Pair):
         self.tokens = [list(row) for row in ids]  # each row's tokens, for a rewind
 
 
-class TransformersBackend(Shortcuts):
+class TransformersBackend(WholePrefill, Shortcuts):
     name = "transformers"
 
     def __init__(self, model, tokenizer, runtime=None):

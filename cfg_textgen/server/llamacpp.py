@@ -29,8 +29,8 @@ MAX_PROBS = 100
 
 class CompletionBody(GenerateBody):
     """POST /completion's envelope (llama.cpp's defaults). Unknown keys are ignored: SillyTavern
-    sends several backends' names at once. `cache_prompt` is accepted; every request here is
-    prefilled in full."""
+    sends several backends' names at once. `cache_prompt: false` reads the whole prompt again,
+    none of it from the prompt cache (llama.cpp's meaning)."""
 
     LENGTH_FIELDS = ("n_predict", "max_tokens")  # max_tokens: llama.cpp's alias when n_predict is absent
     prompt: Prompt
@@ -144,7 +144,7 @@ def final(job, c: CompletionBody, preset, max_new: int, prompt_n: int, service, 
            "prompt": c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt),
            "has_new_line": "\n" in job.text, "truncated": job.stats.kept_tokens < job.stats.prompt_tokens,
            "stop_type": STOP_TYPE.get(job.stop_reason, "none"),
-           "stopping_word": stopping_word(job, preset.stop, service), "tokens_cached": 0,
+           "stopping_word": stopping_word(job, preset.stop, service), "tokens_cached": job.cached_tokens,
            "timings": timings(job, prompt_n)}
     if c.n_probs and not streamed:
         out["completion_probabilities"] = probabilities(job, c, service)

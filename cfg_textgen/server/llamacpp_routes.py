@@ -19,7 +19,7 @@ def _start_completion(request: Request, body: dict):
     c, preset, max_new = llamacpp.parse_completion(body, service)
     request.state.skipped_samplers = c.skipped_samplers
     job = submit(service, c.length_field, c.prompt, preset, c.seed, ban_eos=c.ignore_eos, api=WEBUI,
-                 logprobs=c.n_probs if c.n_probs else None)
+                 logprobs=c.n_probs if c.n_probs else None, cache_prompt=c.cache_prompt)
     return c, preset, max_new, job, _used(request, [job])
 
 

@@ -103,7 +103,7 @@ class Service:
 
     # -- jobs
     def submit(self, prompt, preset, seed: int | None, *, ban_eos=False, truncate=True, api="webui",
-               genkey=None, logprobs: int | None = None, opposing_ids=None):
+               genkey=None, logprobs: int | None = None, opposing_ids=None, cache_prompt: bool = True):
         if seed is None:
             seed = random_seed()
         with self._lock:
@@ -117,7 +117,7 @@ class Service:
         try:
             job = self.scheduler.submit(Request(prompt=prompt, preset=preset, seed=seed, ban_eos=ban_eos,
                                                 truncate=truncate, logprobs=logprobs,
-                                                opposing_ids=opposing_ids))
+                                                opposing_ids=opposing_ids, cache_prompt=cache_prompt))
         except CFGTextgenError:
             if self._stopping:  # the scheduler closed while this one was tokenized
                 raise shutting_down() from None
