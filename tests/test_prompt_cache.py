@@ -117,6 +117,27 @@ def test_prompt_cache_opposing_prompt_reuses_its_own_cached_sequence(warm, cold)
     assert torch.equal(logits, cold_logits)
 
 
+def test_prompt_cache_story_does_not_take_the_negative_prompts_slot_through_a_context_shift():
+    """A negative prompt with its line inserted EARLY (SillyTavern at a small depth, or a short
+    story): with context shift on, the last turn's negative slot also holds the new story after a
+    hole, as many tokens as the story's own slot. The rows are placed together, so each still
+    finds its own and turn 2 reads only the new tokens of both."""
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
+    from cfg_textgen.runtime import RuntimeSettings
+
+    b = LlamaCppBackend(default_gguf(), RuntimeSettings(), n_ctx=256, pairs=2)
+    try:
+        assert b.context_shift
+        story = b.tokenize(STORY)
+        line = b.tokenize(" [Style: dull]", add_special=False)
+        opposing = story[:6] + line + story[6:]
+        _read(b, story, opposing)
+        more = b.tokenize(" Far away", add_special=False)
+        assert _read(b, story + more, opposing + more)[1] == 2 * len(more)
+    finally:
+        b.close()
+
+
 def test_prompt_cache_new_story_takes_the_least_recently_used_slot_not_another_users():
     """Three users' stories on 4 single-row slots: a new story takes a never-used slot, then the
     least recently used one, and every user's next turn still finds its own cache."""

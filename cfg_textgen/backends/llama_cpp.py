@@ -80,6 +80,8 @@ text through an incremental UTF-8 decoder, so no transformers tokenizer is ever 
 
 from __future__ import annotations
 
+import itertools
+
 import atexit
 import codecs
 import ctypes
@@ -623,7 +625,7 @@ class LlamaCppBackend(Shortcuts):
 
     def open(self, ids, cache: bool = True) -> LlamaCppPair:
         """Start a pair from `ids` (story, opposing or None) without decoding anything yet: each
-        row takes a free slot (`_choose_slot`), keeps the slot's cached tokens up to the first
+        row takes a free slot (`_choose_slots`), keeps the slot's cached tokens up to the first
         one that differs from its prompt, and has the rest to decode (`pair.pending`, `feed`).
         The last prompt token is always decoded again (its logits are the pair's first).
         `cache=False` (or the backend's `cache_prompt` off) decodes every prompt token.
@@ -636,10 +638,10 @@ class LlamaCppBackend(Shortcuts):
 
     def _open_rows(self, rows: list[list[int]], cache: bool) -> LlamaCppPair:
         cache = cache and self.cache_prompt
+        chosen = self._choose_slots(rows, cache)
         slots: list[Slot] = []
         try:
-            for prompt in rows:  # the story first: it has the most to gain
-                slot = self._choose_slot(prompt, cache)
+            for prompt, slot in zip(rows, chosen):
                 slot.busy = True
                 slots.append(slot)
                 if cache:
@@ -652,19 +654,34 @@ class LlamaCppBackend(Shortcuts):
             raise
         return LlamaCppPair(slots, rows)
 
-    def _choose_slot(self, prompt: list[int], cache: bool) -> Slot:
-        """The free slot for a prompt: the one whose cached tokens share the longest prefix with
-        it, if that prefix is more than half the prompt; else the least recently used (never used
-        first), so that one user's new story does not evict another's cache while older slots
-        are free. (llama.cpp's server chooses its slot the same way: `slot_prompt_similarity`
-        0.5 of the prompt, else the least recently used.)"""
+    def _choose_slots(self, rows: list[list[int]], cache: bool) -> list[Slot]:
+        """A free slot for each row. A slot serves a row when the tokens it holds can be used for
+        more than half the row (llama.cpp server's `slot_prompt_similarity` 0.5); the rows take
+        the slots that serve them best TOGETHER (most cached tokens in all, then most of them in
+        plain prefixes rather than after a context shift): the story and SillyTavern's negative
+        prompt are alike, and a story that took the last negative prompt's slot would leave the
+        new negative prompt nothing. A row no slot serves takes the least recently used free
+        slot (never used first), so that one user's new story does not evict another's cache
+        while older slots are free."""
         free = [s for s in self._slots if not s.busy]
+        taken: list[Slot | None] = [None] * len(rows)
         if cache:
-            usable = [(self._reusable(s.tokens, prompt)[0], -s.used_at, i) for i, s in enumerate(free)]
-            match, _, i = max(usable)
-            if match > 0 and 2 * match > len(prompt):
-                return free[i]
-        return min(free, key=lambda s: s.used_at)
+            use = {}
+            for r, prompt in enumerate(rows):
+                for i, slot in enumerate(free):
+                    usable, prefix, _ = self._reusable(slot.tokens, prompt)
+                    if usable > 0 and 2 * usable > len(prompt):
+                        use[r, i] = (usable, prefix)
+            best, best_key = None, (0, 0)
+            for picks in itertools.permutations(range(len(free)), len(rows)):
+                gains = [use.get((r, i), (0, 0)) for r, i in enumerate(picks)]
+                key = (sum(g[0] for g in gains), sum(g[1] for g in gains))
+                if key > best_key:
+                    best, best_key = picks, key
+            if best is not None:
+                taken = [free[i] if (r, i) in use else None for r, i in enumerate(best)]
+        rest = sorted((s for s in free if s not in taken), key=lambda s: s.used_at)
+        return [slot if slot is not None else rest.pop(0) for slot in taken]
 
     def _reusable(self, cached: list[int], prompt: list[int]) -> tuple[int, int, int]:
         """(cached tokens a prompt can use, their common prefix, the hole after it): the prefix,
