@@ -111,7 +111,9 @@ try {
         await page.locator('dialog.popup[open] .popup-button-ok').click();
         await page.waitForFunction(() => document.querySelectorAll('#chat .mes').length === 1, null, { timeout: 30000 });
         step('new chat started');
-        await sleep(500);
+        // the confirm popup fades out and the chat reloads before the options menu answers again
+        await page.waitForSelector('dialog.popup[open]', { state: 'detached', timeout: 10000 }).catch(() => {});
+        await sleep(2000);
     }
 
     // the chat's CFG panel (options menu left of the chat box -> CFG Scale)
