@@ -69,7 +69,8 @@ class Lane:
         self.ended = False
         self.reason: str | None = None
         self.error: BaseException | None = None
-        self.cached_tokens = 0  # prompt tokens the backend's prompt cache held for this lane
+        self.cached_tokens = 0  # the story's prompt tokens the backend's prompt cache held
+        self.cached_rows: list[int] = []  # the same for each row (story, opposing prompt)
 
     @property
     def prefilling(self) -> bool:
@@ -178,6 +179,7 @@ class DecodeLoop:
             self._end(lane, "error", err, ended)
             return
         lane.cached_tokens = lane.pair.cached
+        lane.cached_rows = list(lane.pair.cached_rows)
         self.live.append(lane)
         if not lane.prefilling:  # nothing left to read (a backend that reads it all in `open`)
             self._advance([lane], ended)

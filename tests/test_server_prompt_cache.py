@@ -2,7 +2,7 @@
 mode): a writer's second turn (the story + what was generated + a new paragraph) reads only the new
 tokens and gives, token for token under greedy, what the same request gives read cold
 (`cache_prompt: false`, llama.cpp's field); a word changed in the middle is read again from there;
-the request log and llama.cpp's `tokens_cached` show what the cache held."""
+the request log and llama.cpp's `timings.cache_n` show what the cache held."""
 
 from __future__ import annotations
 
@@ -43,10 +43,17 @@ def test_server_prompt_cache_turn_two_equals_a_cold_read_token_for_token(server,
     turn2 = STORY + first["content"] + "\n\nThe next morning, a sail appeared."
     warm = complete(server, turn2, **cfg)
     cold = complete(server, turn2, cache_prompt=False, **cfg)
-    assert cold["tokens_cached"] == 0
-    # the story's cache covers the first turn's prompt at least (and the negative prompt's, with CFG)
-    assert warm["tokens_cached"] >= first["tokens_evaluated"] * (2 if cfg else 1) - 4
+    # llama.cpp's fields: timings.cache_n the prompt tokens reused, prompt_n those read
+    assert cold["timings"]["cache_n"] == 0 and cold["timings"]["prompt_n"] == cold["tokens_evaluated"]
+    # the story's cache covers the first turn's prompt at least
+    assert warm["timings"]["cache_n"] >= first["tokens_evaluated"] - 4
+    assert warm["timings"]["prompt_n"] == warm["tokens_evaluated"] - warm["timings"]["cache_n"]
+    assert warm["tokens_cached"] == warm["tokens_evaluated"] + warm["tokens_predicted"]
     assert warm["content"] == cold["content"] and warm["content"]
+    if cfg:  # the log names each row's cached tokens: the story's + the negative prompt's
+        found = server.wait_log(r"POST /completion 200 prompt=%d new=\d+ cached=(\d+)\+(\d+) "
+                                % warm["tokens_evaluated"])
+        assert int(found.group(1)) == warm["timings"]["cache_n"] and int(found.group(2)) > 0
 
 
 def test_server_prompt_cache_rereads_a_changed_word_from_there(server):
@@ -54,7 +61,7 @@ def test_server_prompt_cache_rereads_a_changed_word_from_there(server):
     changed = STORY[:len(STORY) * 3 // 4] + " storm" + STORY[len(STORY) * 3 // 4:]
     warm = complete(server, changed)
     cold = complete(server, changed, cache_prompt=False)
-    assert 0 < warm["tokens_cached"] < warm["tokens_evaluated"] * 4 // 5
+    assert 0 < warm["timings"]["cache_n"] < warm["tokens_evaluated"] * 4 // 5
     assert warm["content"] == cold["content"]
 
 
@@ -64,5 +71,5 @@ def test_server_request_log_says_how_many_prompt_tokens_were_cached(server):
     again = complete(server, "A quiet harbour town. " * 8)
     complete(server, "A quiet harbour town. " * 8, cache_prompt=False)
     cached = logged_cached(server, before + 3)[before:]
-    assert cached[1] == again["tokens_cached"] == again["tokens_evaluated"] - 1
+    assert cached[1] == again["timings"]["cache_n"] == again["tokens_evaluated"] - 1
     assert cached[2] == 0

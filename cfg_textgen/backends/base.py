@@ -60,7 +60,8 @@ class Pair:
         self.rows = rows  # 2 with CFG (story, opposing), 1 without
         self.logits: "torch.Tensor | None" = None  # (rows, vocab) after the last decode
         self.live = True
-        self.cached = 0  # prompt tokens the backend held already (its prompt cache)
+        self.cached = 0  # the story's prompt tokens the backend held already (its prompt cache)
+        self.cached_rows: list[int] = []  # the same for each row (story, opposing)
 
     @property
     def pending(self) -> int:

@@ -183,13 +183,15 @@ class LlamaCppPair(Pair):
     """One live (story, opposing) pair: its slots (row 0 the story, row 1 the opposing prompt)
     and their prompts. While `pending` > 0 part of the prompts is still to be decoded (`feed`);
     `logits` is then a (rows, vocab) view into llama.cpp's output buffer, valid until the next
-    decode. `cached`: prompt tokens found in the cache when the pair opened (not decoded again)."""
+    decode. `cached_rows`: each row's prompt tokens found in the cache when the pair opened (not
+    decoded again); `cached` the story's."""
 
     def __init__(self, slots: list[Slot], prompts: list[list[int]]):
         super().__init__(len(slots))
         self.slots = slots
         self.prompts = prompts
-        self.cached = sum(len(s.tokens) for s in slots)
+        self.cached_rows = [len(s.tokens) for s in slots]
+        self.cached = self.cached_rows[0]
 
     @property
     def seqs(self) -> list[int]:

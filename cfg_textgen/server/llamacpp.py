@@ -114,9 +114,11 @@ def timings(job, prompt_n: int) -> dict:
     prompt_s = stats.first_token_seconds or 0.0
     predicted_n = len(job.token_ids)
     predicted_s = max(stats.seconds - prompt_s, 0.0)
-    return {"prompt_n": prompt_n, "prompt_ms": prompt_s * 1000,
-            "prompt_per_token_ms": prompt_s * 1000 / max(prompt_n, 1),
-            "prompt_per_second": prompt_n / prompt_s if prompt_s else 0.0,
+    cache_n = job.cached_tokens  # llama.cpp: prompt_n counts the prompt tokens read, cache_n the reused
+    read_n = max(prompt_n - cache_n, 0)
+    return {"cache_n": cache_n, "prompt_n": read_n, "prompt_ms": prompt_s * 1000,
+            "prompt_per_token_ms": prompt_s * 1000 / max(read_n, 1),
+            "prompt_per_second": read_n / prompt_s if prompt_s else 0.0,
             "predicted_n": predicted_n, "predicted_ms": predicted_s * 1000,
             "predicted_per_token_ms": predicted_s * 1000 / max(predicted_n, 1),
             "predicted_per_second": predicted_n / predicted_s if predicted_s else 0.0}
@@ -144,7 +146,7 @@ def final(job, c: CompletionBody, preset, max_new: int, prompt_n: int, service, 
            "prompt": c.prompt if isinstance(c.prompt, str) else service.detokenize(c.prompt),
            "has_new_line": "\n" in job.text, "truncated": job.stats.kept_tokens < job.stats.prompt_tokens,
            "stop_type": STOP_TYPE.get(job.stop_reason, "none"),
-           "stopping_word": stopping_word(job, preset.stop, service), "tokens_cached": job.cached_tokens,
+           "stopping_word": stopping_word(job, preset.stop, service), "tokens_cached": prompt_n + len(job.token_ids),
            "timings": timings(job, prompt_n)}
     if c.n_probs and not streamed:
         out["completion_probabilities"] = probabilities(job, c, service)

@@ -2,13 +2,14 @@
 `X-Skipped-Samplers` header that names the sampler-order entries a request's app knows and we do
 not (they are skipped, as text-generation-webui and KoboldCpp skip them):
 
-    POST /v1/completions 200 prompt=812 new=48 cached=1540 3.21s skipped=banana_sampler
+    POST /v1/completions 200 prompt=812 new=48 cached=770+770 3.21s skipped=banana_sampler
     GET /v1/models 200 0.00s
 
 The handlers leave what they know in the request's state (Starlette's `request.state`, the
 scope's "state" dict): `skipped_samplers` before the response starts, `jobs` (their token counts
 are read when the response has ended, so a stream's count is its final one; `cached` is the prompt
-tokens, story and opposing prompt together, that the prompt cache held and were not read again)
+tokens that the prompt cache held and were not read again: the story's, then with CFG "+" the
+opposing prompt's)
 and `prompt_tokens` (the tokens the model saw, after every cut).
 """
 
@@ -48,13 +49,20 @@ class RequestLog:
                                   time.perf_counter() - started))
 
 
+def cached(jobs) -> str:
+    """The prompt tokens the cache held, the story's, then with CFG "+" the opposing prompt's
+    (`prompt=` counts the story: "prompt=784 cached=767+767" is a turn that read 17 of each)."""
+    rows = max((len(j.cached_rows) for j in jobs), default=1) or 1
+    return "+".join(str(sum(j.cached_rows[r] for j in jobs if len(j.cached_rows) > r)) for r in range(rows))
+
+
 def log_line(method: str, path: str, status: int, state: dict, seconds: float) -> str:
     """`METHOD PATH STATUS [prompt=N new=N cached=N] 1.23s [skipped=a,b]` (status 0: no response was sent)."""
     parts = [method, path, str(status)]
     jobs = state.get("jobs")
     if jobs:
         parts += [f"prompt={state.get('prompt_tokens', 0)}", f"new={sum(len(j.token_ids) for j in jobs)}",
-                  f"cached={sum(j.cached_tokens for j in jobs)}"]
+                  f"cached={cached(jobs)}"]
     parts.append(f"{seconds:.2f}s")
     if state.get("skipped_samplers"):
         parts.append("skipped=" + ",".join(state["skipped_samplers"]))
