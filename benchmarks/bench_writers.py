@@ -282,9 +282,11 @@ def run(shape: str = "1b", model: str | None = None, quick: bool = False, thread
     if "turns" in only:
         log("writers: turn 1 / turn 2 first token (llama-cpp-python's server vs ours)")
         turns_section(sec, path, threads, story, rounds, n_ctx=4096)
+        log(table(sec.rows))
     if "streams" in only:
         log("writers: 4 CFG streams vs 1")
         streams_section(sec, path, threads, (8, 16) if quick else (32, 128), rounds)
+        log(table(sec.rows))  # so far: a run cut short still shows what it measured
     if "join" in only:
         log("writers: a long prompt joins 3 running streams")
         join_section(sec, path, threads, join, 40 if quick else 400)
