@@ -29,8 +29,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +80,10 @@ print(json.dumps(out))
 
 
 def first_byte(cmd: list[str], cwd: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
-        os.read(p.stdout.fileno(), 1)
-        took = time.perf_counter() - t0
-        p.stdout.read()
-        if p.wait(600) != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd[2:5])} in {cwd} failed:\n{err.read().decode()[-2000:]}")
-    return took
+    """bench_startup's spawn-to-first-byte, in the checkout `cwd` and importing it."""
+    from bench_startup import first_byte as measure
+
+    return measure(cmd, {**os.environ, "PYTHONPATH": str(cwd)}, cwd=cwd)["first"]
 
 
 def import_time(cwd: Path) -> tuple[float, bool]:
@@ -102,8 +93,8 @@ def import_time(cwd: Path) -> tuple[float, bool]:
                        capture_output=True, text=True, env=env, cwd=cwd, check=True)
     total = 0
     for line in r.stderr.splitlines():  # "import time: self | cumulative | name": top-level rows
-        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", line)
-        if m and not m.group(2).startswith(" "):
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| \S", line)  # nested names start with spaces
+        if m:
             total += int(m.group(1))
     return total / 1e6, " transformers" in r.stderr
 

@@ -42,11 +42,12 @@ LIB = [sys.executable, "-c", (
     "sys.stdout.write(t.decode([tok])); sys.stdout.flush()\n")]
 
 
-def first_byte(cmd, env, timeout=600.0) -> dict:
-    """Seconds from spawning `cmd` to its first byte on stdout, and to its exit."""
+def first_byte(cmd, env, timeout=600.0, cwd=None) -> dict:
+    """Seconds from spawning `cmd` (in `cwd`, default the repository) to its first byte on stdout,
+    and to its exit."""
     with tempfile.TemporaryFile() as err:
         t0 = now()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd or ROOT)
         first = os.read(p.stdout.fileno(), 1)
         t_first = now() - t0 if first else None
         p.stdout.read()
