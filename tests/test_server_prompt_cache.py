@@ -2,13 +2,15 @@
 mode): a writer's second turn (the story + what was generated + a new paragraph) reads only the new
 tokens and gives, token for token under greedy, what the same request gives read cold
 (`cache_prompt: false`, llama.cpp's field); a word changed in the middle is read again from there;
-the request log and llama.cpp's `timings.cache_n` show what the cache held."""
+the request log and llama.cpp's `timings.cache_n` show what the cache held. `cache_prompt: false`
+works on the OpenAI-compatible routes too, as on llama.cpp server's, streamed or not."""
 
 from __future__ import annotations
 
 import re
 
 import httpx
+import openai
 import pytest
 
 from server_process import serving
@@ -31,10 +33,16 @@ def complete(srv, prompt: str, **fields) -> dict:
     return response.json()
 
 
+def logged(srv, count: int, path: str = "/completion") -> list[tuple[int, int]]:
+    """(prompt=N, the story's cached=N) of the first `count` log lines of `path`."""
+    line = r"POST %s 200 prompt=(\d+) new=\d+ cached=(\d+)" % re.escape(path)
+    srv.wait_log(r"(?s)(%s.*){%d}" % (line, count))
+    return [(int(prompt), int(cached)) for prompt, cached in re.findall(line, srv.stderr())]
+
+
 def logged_cached(srv, count: int) -> list[int]:
     """The `cached=N` of the first `count` /completion log lines."""
-    srv.wait_log(r"(?s)(POST /completion 200 .*){%d}" % count)
-    return [int(n) for n in re.findall(r"POST /completion 200 prompt=\d+ new=\d+ cached=(\d+)", srv.stderr())]
+    return [cached for _, cached in logged(srv, count)]
 
 
 @pytest.mark.parametrize("cfg", [{}, {"guidance_scale": 1.5, "negative_prompt": NEGATIVE}], ids=["plain", "cfg"])
@@ -73,3 +81,38 @@ def test_server_request_log_says_how_many_prompt_tokens_were_cached(server):
     cached = logged_cached(server, before + 3)[before:]
     assert cached[1] == again["timings"]["cache_n"] == again["tokens_evaluated"] - 1
     assert cached[2] == 0
+
+
+def ask_openai(srv, route: str, prompt: str, stream: bool, **extra) -> None:
+    """One greedy request of a few tokens through the openai package (`extra`: fields it does not know)."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="not-needed")
+    common = {"model": "default", "max_tokens": 3, "temperature": 0, "stream": stream, "extra_body": extra}
+    if route == "/v1/completions":
+        answer = client.completions.create(prompt=prompt, **common)
+    else:
+        answer = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+    if stream:
+        list(answer)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_server_prompt_cache_off_per_request_on_the_openai_routes(server, route, stream):
+    prompt = f"{route} {stream}: the harbour town woke slowly under a grey sky. " * 3
+    before = len(logged(server, 0, route))
+    ask_openai(server, route, prompt, stream)
+    ask_openai(server, route, prompt, stream, cache_prompt=False)
+    ask_openai(server, route, prompt, stream)
+    first, off, default = logged(server, before + 3, route)[before:]
+    assert off == (first[0], 0)  # the same prompt, read whole
+    # on by default: all of it but the last token (its logits are the request's) came from the cache
+    assert default == (first[0], first[0] - 1)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_server_prompt_cache_flag_that_is_not_a_boolean_is_a_400_naming_it(server, route):
+    body = {"prompt": "Hello", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2,
+            "cache_prompt": "false"}
+    response = httpx.post(server.url + route, json=body, timeout=60)
+    assert response.status_code == 400
+    assert "`cache_prompt` must be true or false" in response.text

@@ -191,7 +191,7 @@ def submit_choices(service, c, prompt, preset, opposing_ids=None, logprobs=None)
             jobs.append(submit(service, c.length_field, prompt, preset,
                                None if c.seed is None else (c.seed + i) % 2**64, ban_eos=c.ban_eos_token,
                                truncate=c.truncate, api=WEBUI, logprobs=logprobs,
-                               opposing_ids=opposing_ids))
+                               opposing_ids=opposing_ids, cache_prompt=c.cache_prompt))
     except BaseException:
         for job in jobs:
             job.cancel()

@@ -29,7 +29,10 @@ MAX_LOGPROBS = 100  # alternatives per token (SillyTavern asks for 10)
 class ChoicesBody(GenerateBody):
     """What /v1/completions and /v1/chat/completions share: lengths, `n`, seeds, stops, flags. A
     field typed without None may be absent but not null (as in the web UI's typing.py); NULLABLE's
-    nulls are dropped before. Unknown keys are ignored. `max_tokens` wins when both lengths are sent."""
+    nulls are dropped before. Unknown keys are ignored. `max_tokens` wins when both lengths are sent.
+    `cache_prompt: false` reads the whole prompt again, none of it from the prompt cache: llama.cpp
+    server reads it on its OpenAI-compatible routes too (one parser for every completion route);
+    the web UI has no such field (it always asks its llama.cpp server for the cache)."""
 
     LENGTH_FIELDS = ("max_tokens", "max_new_tokens")
     max_tokens: Count = None
@@ -38,6 +41,7 @@ class ChoicesBody(GenerateBody):
     stopping_strings: Stops = []
     ban_eos_token: Flag = False
     truncate: Flag = True
+    cache_prompt: Flag = True
     preset: Text = None
 
 
