@@ -2,7 +2,8 @@
 pair decodes only what follows the longest matching prefix. Checked against a cold read of the same
 prompt by a backend with the cache off, on the default model; with micro-batches of 32 tokens
 (`n_ubatch=32`) and the deterministic mode every read rounds like token-by-token decoding, so a
-warm read must give the cold logits exactly, and a stale cached token would show."""
+warm read must give the cold logits exactly, and a stale cached token would show. `write --interactive`
+keeps one backend for its turns, so its second turn reads only the new text."""
 
 from __future__ import annotations
 
@@ -241,3 +242,59 @@ def test_context_shift_is_off_in_the_deterministic_mode(warm):
     _read(warm, front + text[:180], None)
     _, read = _read(warm, front + text[20:192], None)
     assert read >= 172 and warm.shifted_tokens == 0  # the story after BOS + memory at least
+
+
+def test_prompt_cache_write_interactive_turn_two_reads_only_the_new_text_and_equals_a_cold_run(
+        tmp_path, monkeypatch):
+    """`write --interactive`: a continuation, then a typed line and a second continuation, on the one
+    backend the command loaded. Turn 2 reads the typed text, the last generated token (sampled, never
+    fed: turn 1 ended on it) and the blank opposing prompt's BOS (a row's last token is always read:
+    its logits are the pair's), nothing of the story before; its greedy text is a cold run's."""
+    from click.testing import CliRunner
+
+    from cfg_textgen import cli
+    from cfg_textgen.models import load_backend
+    from cfg_textgen.runtime import RuntimeSettings
+
+    runs = []  # (Stream, preset, the backend's prompt tokens read before it)
+    factory = cli._stream_factory
+
+    def recording_factory(backend, generator):
+        make = factory(backend, generator)
+
+        def made(prompt, preset):
+            runs.append((make(prompt, preset), preset, backend.prefilled_tokens))
+            return runs[-1][0]
+        return made
+
+    monkeypatch.setattr(cli, "_stream_factory", recording_factory)
+    path = tmp_path / "story.txt"
+    path.write_text("The lighthouse keeper had not seen a ship in eleven years. Every night he climbed the "
+                    "stairs and", encoding="utf-8")
+    # one thread: quick on a busy machine; the cold run below uses the same settings
+    r = CliRunner().invoke(cli.main, ["write", str(path), "--interactive", "--deterministic", "--threads", "1",
+                                      "--preset", "greedy", "--tokens", "8", "--cfg-scale", "1.5"],
+                           input="The sea was calm.\n/quit\n")
+    assert r.exit_code == 0, r.output
+    (one, preset, before_one), (two, _, before_two) = runs
+    backend = one.backend
+    try:
+        assert two.backend is backend and one.stop_reason == "max_tokens"
+        # the file's text, read again, gives turn 1's tokens: turn 2 is them + the typed line
+        seen = len(one.prompt_ids) + len(one.token_ids)
+        assert two.prompt_ids[:seen] == one.prompt_ids + one.token_ids
+        typed = two.prompt_ids[seen:]
+        assert typed and backend.tokenizer.decode(typed).strip() == "The sea was calm."
+        assert before_two - before_one == len(one.prompt_ids) + 1  # turn 1: cold, story + opposing BOS
+        assert backend.prefilled_tokens - before_two == len(typed) + 1 + 1
+        cold = load_backend(None, "llama.cpp", runtime=RuntimeSettings(deterministic=True, threads=1,
+                                                                       cache_prompt=False))
+        try:
+            again = cli._stream_factory(cold, None)(two.prompt_ids, preset)
+            text = "".join(again)
+            assert cold.prefilled_tokens == len(two.prompt_ids) + 1
+            assert again.token_ids == two.token_ids and text == two.text and text
+        finally:
+            cold.close()
+    finally:
+        backend.close()
