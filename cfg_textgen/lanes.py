@@ -13,8 +13,8 @@ scales, LAMBADA's examples). One call of `DecodeLoop.step(joining)` is one decod
        reused) and is live from then on, "prefilling" until its prompt is read;
     4. prefilling lanes read at most `backend.prefill_chunk` prompt tokens in all (`backend.feed`,
        oldest lane first); a lane whose prompt is read advances at once and steps from then on.
-       While other lanes stream, the chunk is paced (`PrefillPacer`): about twice a step's time
-       of prompt reading, so their gap between two tokens stays near three steps.
+       While other lanes stream, the chunk is paced (`PrefillPacer`): about a step's time of
+       prompt reading, so their gap between two tokens stays near two steps.
 
 So a long prompt is read in chunks between the running lanes' steps: they keep streaming, and a
 cancel during the prompt acts at the next step, within one chunk. (A backend without chunks,
@@ -92,30 +92,33 @@ class PrefillPacer:
     """How many prompt tokens one step may read: the backend's whole chunk (`--batch-size`) when
     nothing else runs, and while other lanes stream, what takes about `share` times their step
     (measured: moving averages of the step's seconds and of a prompt token's seconds in the
-    chunks read so far), in multiples of `granule` tokens, at least one granule.
+    pieces read so far), at least one token, at most the chunk.
 
-    Why: a chunk is read between two steps of the running lanes, so their gap between tokens is a
-    step plus a chunk. A fixed 512-token chunk of a 7B model on a CPU takes many seconds, a
-    freeze in every running stream; a chunk paced to two steps keeps the gap near three steps,
-    and the joining prompt still reads in batches (tens of tokens on a CPU, more on a GPU, where
-    a token of a batch costs far less than a step). llama.cpp's server instead puts up to
-    `n_batch` prompt tokens into the running lanes' own decode."""
+    Why: a piece is read between two steps of the running lanes, so their gap between tokens is a
+    step plus a piece. A fixed 512-token piece of a 7B model on a CPU takes many seconds, a freeze
+    in every running stream; a piece paced to one step keeps the gap near two steps: the running
+    streams go at half speed while a prompt joins, and the joining prompt gets half the machine.
+    There is no floor of a micro-batch: on a CPU a prompt token far into a long story costs about
+    two decode steps' worth of one sequence (flash attention over thousands of cells), so even 32
+    tokens there can take ten steps of three CFG streams; on a GPU the measured rule gives hundreds.
+    (Pieces of any size read exactly what one whole read does in the deterministic mode.)
+    llama.cpp's server instead puts up to `n_batch` prompt tokens into the running lanes' own
+    decode."""
 
     SMOOTHING = 0.3
+    FIRST = 16  # before anything is measured
 
-    def __init__(self, chunk: int | None, granule: int = 32, share: float = 2.0):
-        self.chunk, self.granule, self.share = chunk, granule, share
+    def __init__(self, chunk: int | None, share: float = 1.0):
+        self.chunk, self.share = chunk, share
         self.step_s: float | None = None
         self.token_s: float | None = None
 
     def budget(self, streaming: bool) -> int | None:
         if self.chunk is None or not streaming:
             return self.chunk
-        floor = min(self.granule, self.chunk)
-        if self.step_s is None or self.token_s is None:  # nothing measured yet: a small first chunk
-            return min(self.chunk, 2 * floor)
-        fits = int(self.share * self.step_s / self.token_s) // self.granule * self.granule
-        return max(floor, min(self.chunk, fits))
+        if self.step_s is None or self.token_s is None:
+            return min(self.chunk, self.FIRST)
+        return max(1, min(self.chunk, int(self.share * self.step_s / self.token_s)))
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.SMOOTHING * (new - old)

@@ -76,6 +76,8 @@ def test_decode_loop_running_lane_keeps_producing_tokens_while_a_long_prompt_is_
     from cfg_textgen.lanes import DecodeLoop
 
     loop = DecodeLoop(backend)
+    # whole chunks, so the steps can be counted (the pacer's measured rule: test_prefill_pacer.py)
+    loop.pacer.budget = lambda streaming: CHUNK
     running = _Lane(_gen(backend, SHORT, 200))
     loop.step([running])
     joining = _Lane(_gen(backend, LONG, 6, scale=1.5))

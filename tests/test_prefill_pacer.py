@@ -1,6 +1,6 @@
 """lanes.PrefillPacer: the prompt tokens a step may read, from the measured step and token times
-(values worked out by hand from its rule: share * step / token, down to a multiple of the granule,
-between one granule and the backend's chunk)."""
+(values worked out by hand from its rule: share * step / token, between one token and the
+backend's chunk)."""
 
 from __future__ import annotations
 
@@ -14,24 +14,35 @@ def test_prefill_pacer_reads_the_whole_chunk_when_nothing_else_streams():
     assert pacer.budget(streaming=False) == 512
 
 
-def test_prefill_pacer_first_chunk_beside_streams_is_two_granules():
-    assert PrefillPacer(512).budget(streaming=True) == 64
-    assert PrefillPacer(16).budget(streaming=True) == 16  # never above the backend's chunk
+def test_prefill_pacer_first_piece_beside_streams_is_small():
+    assert PrefillPacer(512).budget(streaming=True) == 16
+    assert PrefillPacer(8).budget(streaming=True) == 8  # never above the backend's chunk
 
 
-def test_prefill_pacer_budget_is_twice_a_step_of_prompt_tokens_in_granules():
+def test_prefill_pacer_budget_is_a_step_of_prompt_tokens():
     pacer = PrefillPacer(512)
     pacer.stepped(0.1)  # a step of the running lanes: 100 ms
-    pacer.read(100, 0.1)  # a prompt token: 1 ms -> 2 * 100 / 1 = 200 tokens -> 192 (6 granules of 32)
-    assert pacer.budget(streaming=True) == 192
+    pacer.read(100, 0.1)  # a prompt token: 1 ms -> 100 / 1 = 100 tokens
+    assert pacer.budget(streaming=True) == 100
     slow = PrefillPacer(512)
-    slow.stepped(0.1)
-    slow.read(10, 0.1)  # 10 ms a token: 20 tokens fit, less than a granule -> one granule
-    assert slow.budget(streaming=True) == 32
+    slow.stepped(0.36)  # three CFG streams of a 1B model on 2 cores
+    slow.read(16, 16 * 0.11)  # 110 ms a token, 2,000 tokens into a story: 3.27 -> 3 tokens
+    assert slow.budget(streaming=True) == 3
+    slower = PrefillPacer(512)
+    slower.stepped(0.1)
+    slower.read(2, 0.5)  # a token takes longer than a step: still one token a step
+    assert slower.budget(streaming=True) == 1
     fast = PrefillPacer(512)
     fast.stepped(0.1)
-    fast.read(1000, 0.1)  # 0.1 ms a token: 2,000 tokens fit -> the chunk
+    fast.read(1000, 0.1)  # 0.1 ms a token: 1,000 tokens fit -> the chunk
     assert fast.budget(streaming=True) == 512
+
+
+def test_prefill_pacer_share_scales_the_piece():
+    pacer = PrefillPacer(512, share=2.0)
+    pacer.stepped(0.1)
+    pacer.read(100, 0.1)  # 2 * 100 ms / 1 ms
+    assert pacer.budget(streaming=True) == 200
 
 
 def test_prefill_pacer_averages_its_measurements():
