@@ -205,6 +205,9 @@ class DecodeLoop:
             if budget is not None:
                 budget -= used
             if not lane.prefilling:
+                # what the backend took from cells it held (it may take more while reading)
+                lane.cached_tokens = lane.pair.cached
+                lane.cached_rows = list(lane.pair.cached_rows)
                 self._advance([lane], ended)
 
     def _advance(self, lanes: list[Lane], ended: list[Lane]) -> None:

@@ -118,6 +118,72 @@ def test_prompt_cache_opposing_prompt_reuses_its_own_cached_sequence(warm, cold)
     assert torch.equal(logits, cold_logits)
 
 
+LONG_STORY = STORY * 3  # longer than COPY_MIN, so that taking the cells pays
+
+
+def _negative(backend, story, depth=12):
+    """SillyTavern's negative prompt: the story with one line inserted `depth` tokens from its end."""
+    at = len(story) - depth
+    return story[:at] + backend.tokenize(" [Style: cheerful, careless]", add_special=False) + story[at:]
+
+
+@pytest.mark.parametrize("budget", [None, 48], ids=["whole", "pieces"])
+def test_prompt_cache_negative_prompt_takes_the_storys_cells_instead_of_reading_them(cold, budget):
+    """Turn 1 with a negative prompt that repeats the story: the shared tokens are read once (the
+    story's), the negative row takes their cells (llama_memory_seq_cp) and reads only from its
+    inserted line on; its logits are a cold read's, bit for bit."""
+    from cfg_textgen.backends.llama_cpp import COPY_MIN
+
+    b = _backend(pairs=1)
+    try:
+        story = b.tokenize(LONG_STORY)
+        opposing = _negative(b, story)
+        shared = len(story) - 12
+        assert shared > COPY_MIN
+        pair = b.open((story, opposing))
+        while pair.pending:
+            b.feed(pair, budget)
+        logits = pair.logits.clone()
+        assert b.prefilled_tokens == len(story) + len(opposing) - shared
+        assert pair.cached_rows == [0, shared]
+        b.release(pair)
+        cold_logits, cold_read = _read(cold, story, opposing)
+        assert cold_read == len(story) + len(opposing)
+        assert torch.equal(logits, cold_logits)
+    finally:
+        b.close()
+
+
+def test_prompt_cache_second_request_takes_a_running_requests_cells(cold):
+    """The same story sent again while the first request still runs (two users, a regenerate): the
+    second pair takes the live pair's cells and reads only its own last tokens."""
+    b = _backend(pairs=2)
+    try:
+        story = b.tokenize(LONG_STORY)
+        [first] = b.prefill([(story, None)])
+        b.step([(first, int(first.logits[0].argmax()))])  # it runs on
+        more = b.tokenize(" The sea", add_special=False)
+        logits, read = _read(b, story + more, None)
+        assert read == len(more)  # the new tokens (the last of them read for its logits)
+        assert torch.equal(logits, _read(cold, story + more, None)[0])
+        b.release(first)
+    finally:
+        b.close()
+
+
+def test_prompt_cache_off_takes_no_other_requests_cells():
+    b = _backend(pairs=2)
+    try:
+        story = b.tokenize(LONG_STORY)
+        [first] = b.prefill([(story, None)])
+        opposing = _negative(b, story)
+        _, read = _read(b, story, opposing, cache=False)
+        assert read == len(story) + len(opposing) and b.copied_tokens == 0
+        b.release(first)
+    finally:
+        b.close()
+
+
 def test_prompt_cache_story_does_not_take_the_negative_prompts_slot_through_a_context_shift():
     """A negative prompt with its line inserted EARLY (SillyTavern at a small depth, or a short
     story): with context shift on, the last turn's negative slot also holds the new story after a

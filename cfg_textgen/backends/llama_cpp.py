@@ -101,6 +101,7 @@ from .base import Pair, PairIds, Shortcuts
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
 STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
+COPY_MIN = 64  # prompt tokens a copy of another slot's cells must spare reading (it copies a whole stream)
 
 
 def physical_cores() -> int:
@@ -186,10 +187,11 @@ class LlamaCppPair(Pair):
     decode. `cached_rows`: each row's prompt tokens found in the cache when the pair opened (not
     decoded again); `cached` the story's."""
 
-    def __init__(self, slots: list[Slot], prompts: list[list[int]]):
+    def __init__(self, slots: list[Slot], prompts: list[list[int]], cache: bool = True):
         super().__init__(len(slots))
         self.slots = slots
         self.prompts = prompts
+        self.cache = cache  # False: every prompt token is read, none taken from other slots
         self.cached_rows = [len(s.tokens) for s in slots]
         self.cached = self.cached_rows[0]
 
@@ -350,6 +352,8 @@ class LlamaCppBackend(Shortcuts):
         self.cache_prompt = runtime.cache_prompt
         self.prefill_chunk = runtime.batch_size  # prompt tokens per decode between the others' steps
         self.shifted_tokens = 0  # cells moved out of the way by context shifts (a counter for tests)
+        self.copied_tokens = 0  # prompt tokens taken from another slot's cells instead of read
+        self._shift_pending = False  # a shift's keys are re-rotated at the next decode
         self.ctx = None
         self._batch = None
         self._pairs = 0
@@ -654,7 +658,7 @@ class LlamaCppBackend(Shortcuts):
             for slot in slots:
                 slot.busy = False
             raise
-        return LlamaCppPair(slots, rows)
+        return LlamaCppPair(slots, rows, cache)
 
     def _choose_slots(self, rows: list[list[int]], cache: bool) -> list[Slot]:
         """A free slot for each row. A slot serves a row when the tokens it holds can be used for
@@ -714,6 +718,7 @@ class LlamaCppBackend(Shortcuts):
         L.llama_memory_seq_add(self.memory, slot.seq, start + hole, -1, -hole)
         del slot.tokens[start:start + hole]
         self.shifted_tokens += hole
+        self._shift_pending = True
         return True
 
     def _trim(self, slot: Slot, keep: int) -> None:
@@ -727,18 +732,42 @@ class LlamaCppBackend(Shortcuts):
         del slot.tokens[keep:]
 
     def feed(self, pair: LlamaCppPair, budget: int | None) -> int:
-        """Decode up to `budget` more prompt tokens of `pair` (None: all of them) in one
-        llama_decode; how many were decoded. Each row's last prompt token waits for the decode
-        that finishes the pair, which outputs the rows' logits together (`pair.logits`); the
-        decodes before it output nothing. Failure: raises; the pair stays live (the caller
-        releases it) and its slots record only the decodes that succeeded."""
+        """Decode up to `budget` more prompt tokens of `pair` (None: all of them); how many were
+        decoded. Each row's last prompt token waits for the decode that finishes the pair, which
+        outputs the rows' logits together (`pair.logits`); the decodes before it output nothing.
+        Before reading, a row takes what another slot already holds of its prompt (`_borrow`).
+        Failure: raises; the pair stays live (the caller releases it) and its slots record only
+        the decodes that succeeded."""
         if not pair.live:
             raise ValueError("`feed` got a released pair")
+        if budget is not None:
+            return self._feed_piece(pair, max(1, budget))
+        read = 0
+        while pair.pending:
+            read += self._feed_piece(pair, None)
+        return read
+
+    def _feed_piece(self, pair: LlamaCppPair, budget: int | None) -> int:
+        """One llama_decode of `feed`: the rest of the prompts when it fits `budget` (and no row
+        waits for another, `_waiting`), else up to `budget` tokens of the rows' bodies."""
+        use_cache = pair.cache and self.cache_prompt
+        waiting = self._waiting(pair) if use_cache else set()
+        borrowed = self._borrow(pair, waiting) if use_cache else []
+        try:
+            return self._read_piece(pair, budget, waiting)
+        except BaseException:
+            # the copies were never made, and a later decode would make them from whatever the
+            # donors hold then: these slots hold nothing
+            for slot in borrowed:
+                self._trim(slot, 0)
+            raise
+
+    def _read_piece(self, pair: LlamaCppPair, budget: int | None, waiting: set[int] = frozenset()) -> int:
         rest = [p[len(s.tokens):] for s, p in zip(pair.slots, pair.prompts)]
         total = sum(len(r) for r in rest)
         if total == 0:
             return 0
-        if budget is None or total <= budget:
+        if not waiting and (budget is None or total <= budget):
             entries = [(s.seq, r, len(s.tokens), True) for s, r in zip(pair.slots, rest) if r]
             view = self._decode(entries)
             for (s, r) in zip(pair.slots, rest):
@@ -748,20 +777,72 @@ class LlamaCppBackend(Shortcuts):
             pair.logits = view
             self.prefilled_tokens += total
             return total
-        budget = max(1, budget)
         entries, taken = [], 0
-        for s, r in zip(pair.slots, rest):
-            body = r[:-1][:budget - taken]
+        for row, (s, r) in enumerate(zip(pair.slots, rest)):
+            body = [] if row in waiting else r[:-1][:budget - taken if budget is not None else None]
             if body:
                 entries.append((s.seq, body, len(s.tokens), False))
                 taken += len(body)
         if not entries:  # only last tokens left, more rows than budget: finish anyway
-            return self.feed(pair, None)
+            return self._read_piece(pair, None)
         self._decode(entries)
         for seq, body, _, _ in entries:
             next(s for s in pair.slots if s.seq == seq).tokens.extend(body)
         self.prefilled_tokens += taken
         return taken
+
+    def _borrow(self, pair: LlamaCppPair, waiting: set[int]) -> list[Slot]:
+        """Each row with prompt still to read takes a longer prefix of it from another slot, when
+        one holds at least COPY_MIN tokens more of it than the row's own slot: another request's
+        (busy or free: the same story sent twice at once, a swipe while the first still runs) or
+        its own pair's other row (SillyTavern's negative prompt is the story with one line
+        inserted near its end, so it shares most of the story's tokens). llama.cpp copies the
+        donor's whole KV stream into the row's (`llama_memory_seq_cp`, done at the next decode;
+        a split cache copies only whole streams), then the cells after the shared prefix go.
+        A cell's keys and values depend only on the tokens up to it, so the copy holds what
+        reading the prefix again would: bit for bit in the deterministic mode (tested). Not
+        while a context shift's re-rotation of keys waits for the next decode, nor for a row
+        that `_waiting` holds back. Returns the slots
+        that took cells (their copy is made by the next decode)."""
+        if self._shift_pending:
+            return []
+        borrowed: list[Slot] = []
+        for row, (slot, prompt) in enumerate(zip(pair.slots, pair.prompts)):
+            if row in waiting:  # its pair's other row will have more of it
+                continue
+            have, limit = len(slot.tokens), len(prompt) - 1  # the last token is always read
+            best, donor = have + COPY_MIN - 1, None
+            for other in self._slots:  # (not a stream whose own copy waits for the decode)
+                if other is not slot and other not in borrowed and len(other.tokens) > best:
+                    shared = min(common_prefix(other.tokens, prompt), limit)
+                    if shared > best:
+                        best, donor = shared, other
+            if donor is None:
+                continue
+            self.lib.llama_memory_seq_cp(self.memory, donor.seq, slot.seq, -1, -1)
+            slot.tokens[:] = donor.tokens
+            borrowed.append(slot)
+            self._trim(slot, best)
+            got = len(slot.tokens) - have
+            if got > 0:
+                pair.cached_rows[row] += got
+                self.copied_tokens += got
+        pair.cached = pair.cached_rows[0]
+        return borrowed
+
+    def _waiting(self, pair: LlamaCppPair) -> set[int]:
+        """Rows that read nothing yet because an earlier row of the pair is still reading at
+        least COPY_MIN tokens that they share (the story, for a negative prompt that repeats
+        it): they take those cells from it once it has (`_borrow`) instead of reading them too."""
+        waiting = set()
+        for row in range(1, len(pair.slots)):
+            mine = pair.slots[row]
+            for earlier in range(row):
+                shared = min(common_prefix(pair.prompts[row], pair.prompts[earlier]),
+                             len(pair.prompts[row]) - 1, len(pair.prompts[earlier]) - 1)
+                if shared - len(mine.tokens) >= COPY_MIN and len(pair.slots[earlier].tokens) < shared:
+                    waiting.add(row)
+        return waiting
 
     # ---- decoding --------------------------------------------------------------------------
 
@@ -809,6 +890,7 @@ class LlamaCppBackend(Shortcuts):
         if ret != 0:
             raise LlamaCppError(f"llama_decode failed with code {ret} (1: the context is full)")
         self.forwards += 1
+        self._shift_pending = False
         if not outputs:
             return None
         # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
