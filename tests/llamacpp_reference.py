@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 from contextlib import contextmanager
-import os
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,9 +96,8 @@ class LlamaRef:
     def __init__(self, gguf: str | Path | None = None, n_ctx: int = 4096, n_threads: int = 2,
                  n_seq_max: int = 2, n_batch: int = 512, n_ubatch: int | None = None,
                  kv_unified: bool = True):
-        # ggml's OpenMP threads spin while idle unless told otherwise; on cores shared with other
-        # processes that costs several times the work (cfg_textgen sets the same before torch)
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        # OpenMP's waiting is the caller's environment's: the tests wait passively (conftest.py),
+        # the benchmarks as a user's machine does by default
         import llama_cpp as L
 
         self.L = L
