@@ -201,9 +201,38 @@ def turns_section(sec: Section, model: Path, threads: int, n: int, rounds: int, 
     sec.row("turn 2: ours CFG 1.5 / llama-cpp-python (no CFG)", ratio, "x", "<= 2", ratio <= 2, fmt="{:.2f}")
 
 
+def bare_step_seconds(model: Path, threads: int, sequences: int, steps: int = 12) -> float:
+    """Median seconds of a bare llama.cpp decode step of `sequences` sequences, one token each,
+    after the streams' story (llama-cpp-python's low-level API, no engine): what batching can give
+    on this machine at all."""
+    from llamacpp_reference import LlamaRef
+
+    ref = LlamaRef(model, n_threads=threads, n_seq_max=sequences)
+    try:
+        ids = ref.tokenize(STORY)
+        ref._prefill([ids])
+        for seq in range(1, sequences):
+            ref.L.llama_memory_seq_cp(ref.mem, 0, seq, -1, -1)
+        times = []
+        for k in range(steps):
+            ref._fill([(ids[k % len(ids)], len(ids) + k, seq, True) for seq in range(sequences)])
+            started = now()
+            ref._decode()
+            times.append(now() - started)
+        return median(times)
+    finally:
+        ref.close()
+
+
 def streams_section(sec: Section, model: Path, threads: int, token_counts, rounds: int) -> None:
     from bench_server import level
 
+    # the ceiling: 4 CFG streams are 8 sequences a step, 1 is 2; a compute-bound machine (few
+    # cores: a step costs in proportion to its sequences) cannot gain from batching them
+    two, eight = (bare_step_seconds(model, threads, n) for n in (2, 8))
+    sec.row("bare llama.cpp decode: a step of 8 sequences / a step of 2", eight / two, "x", fmt="{:.2f}")
+    sec.row("what batching gives here: bare 4 x (2-sequence step) / (8-sequence step)",
+            4 * two / eight, "x", fmt="{:.2f}")
     srv = ours(model, threads)
     try:
         level(srv.url, 1, 2)  # warm-up
