@@ -288,17 +288,24 @@ def join_section(sec: Section, model: Path, threads: int, join_tokens: int, toke
         joined_at.append(now())
         try:
             joiner = stream(srv.url, {"prompt": long, "max_tokens": 1, "temperature": 0, "guidance_scale": SCALE})
+            joined_at.append(now())
+            # the streams' step once the prompt is read, at the length they have grown to by then
+            counts = [len(s) for s in stamps]
+            while any(len(s) < c + 12 for s, c in zip(stamps, counts)) and all(t.is_alive() for t in runners):
+                time.sleep(0.01)
         finally:
             done.set()
         for t in runners:
             t.join()
     finally:
         srv.terminate()
+
     def gaps(keep):  # seconds per step between two events (the later one's tokens)
         return [(b - a) / k for s in stamps for (a, _), (b, k) in zip(s, s[1:]) if keep(a, b)]
 
     before = gaps(lambda a, b: a >= all_running and b < joined_at[0])
-    during = gaps(lambda a, b: b >= joined_at[0])
+    during = gaps(lambda a, b: joined_at[0] <= b and a <= joined_at[1])
+    after = gaps(lambda a, b: a > joined_at[1])
     if len(during) < 3:
         raise RuntimeError(f"the running streams ended before the {join_tokens}-token prompt was read: "
                            f"more --tokens for them")
@@ -309,6 +316,14 @@ def join_section(sec: Section, model: Path, threads: int, join_tokens: int, toke
     sec.row(f"the {join_tokens}-token CFG prompt's first token, read beside them", joiner["first"], "s", fmt="{:.1f}")
     sec.row(f"3 CFG streams: longest gap while a {join_tokens}-token prompt joins / normal", longest / step,
             "x", "<= 3", longest / step <= 3, fmt="{:.1f}", note=f"longest {longest:.2f} s")
+    # the streams grew by hundreds of tokens while the prompt was read, and a step over a longer
+    # story takes longer: their step right after, at the length the longest gap came at
+    if after:
+        late = median(after)
+        sec.row("3 CFG streams: gap between tokens once it is read", late * 1e3, "ms", fmt="{:.0f}")
+        sec.row("3 CFG streams: longest gap while it joins / the gap once it is read", longest / late, "x",
+                fmt="{:.1f}")
+        sec.data["join"]["gaps_once_read"] = after
 
 
 SECTIONS = ("decode", "turns", "streams", "join")

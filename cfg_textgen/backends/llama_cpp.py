@@ -101,7 +101,10 @@ from .base import Pair, PairIds, Shortcuts
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
 STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
-COPY_MIN = 64  # prompt tokens a copy of another slot's cells must spare reading (it copies a whole stream)
+# prompt tokens a copy of another slot's cells must spare reading: it copies the whole stream (a 7B
+# model's 4,096-cell f16 stream is 512 MiB, tens of ms), about what a few prompt tokens cost on a CPU;
+# a turn's new text moves SillyTavern's negative line by its length, so the copy pays from a short turn on
+COPY_MIN = 32
 
 
 def physical_cores() -> int:
