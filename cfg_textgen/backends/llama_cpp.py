@@ -766,6 +766,7 @@ class LlamaCppBackend(Shortcuts):
             raise
 
     def _read_piece(self, pair: LlamaCppPair, budget: int | None, waiting: set[int] = frozenset()) -> int:
+        """The decode of `_feed_piece`; rows in `waiting` read nothing in it."""
         rest = [p[len(s.tokens):] for s, p in zip(pair.slots, pair.prompts)]
         total = sum(len(r) for r in rest)
         if total == 0:
@@ -805,8 +806,8 @@ class LlamaCppBackend(Shortcuts):
         A cell's keys and values depend only on the tokens up to it, so the copy holds what
         reading the prefix again would: bit for bit in the deterministic mode (tested). Not
         while a context shift's re-rotation of keys waits for the next decode, nor for a row
-        that `_waiting` holds back. Returns the slots
-        that took cells (their copy is made by the next decode)."""
+        that `_waiting` holds back. Returns the slots that took cells (their copy is made by the
+        next decode)."""
         if self._shift_pending:
             return []
         borrowed: list[Slot] = []
