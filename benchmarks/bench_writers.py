@@ -209,17 +209,7 @@ def bare_step_seconds(model: Path, threads: int, sequences: int, steps: int = 12
 
     ref = LlamaRef(model, n_threads=threads, n_seq_max=sequences)
     try:
-        ids = ref.tokenize(STORY)
-        ref._prefill([ids])
-        for seq in range(1, sequences):
-            ref.L.llama_memory_seq_cp(ref.mem, 0, seq, -1, -1)
-        times = []
-        for k in range(steps):
-            ref._fill([(ids[k % len(ids)], len(ids) + k, seq, True) for seq in range(sequences)])
-            started = now()
-            ref._decode()
-            times.append(now() - started)
-        return median(times)
+        return median(ref.step_seconds(ref.tokenize(STORY), sequences, steps))
     finally:
         ref.close()
 

@@ -135,6 +135,7 @@ class LlamaRef:
         self.eog_ids = [t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t)]
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(n_batch, 0, n_seq_max)
+        self.batch_capacity = min(n_seq_max, n_batch)
         self._closed = False
 
     # -- tokens ------------------------------------------------------------------------------
@@ -225,6 +226,25 @@ class LlamaRef:
                 for row, s in zip(got, owners):
                     outs[s] = row
         return np.stack([outs[s] for s in range(len(seqs))])
+
+    def step_seconds(self, ids: Sequence[int], sequences: int, steps: int) -> list[float]:
+        """The wall time of `steps` bare decode steps of `sequences` sequences, one token each, after
+        `ids` (read once into sequence 0, copied to the others): what a batch of streams costs."""
+        import time
+
+        if not 1 <= sequences <= self.batch_capacity:
+            raise ValueError(f"`sequences` has to be in [1, {self.batch_capacity}], but is {sequences}")
+        self.clear()
+        self._prefill([ids])
+        for seq in range(1, sequences):
+            self.L.llama_memory_seq_cp(self.mem, 0, seq, -1, -1)
+        times = []
+        for k in range(steps):
+            self._fill([(int(ids[k % len(ids)]), len(ids) + k, seq, True) for seq in range(sequences)])
+            started = time.perf_counter()
+            self._decode()
+            times.append(time.perf_counter() - started)
+        return times
 
     def greedy(self, ids: Sequence[int], n: int, ban: Iterable[int] = (), on_step=None) -> list[int]:
         """The bare plain loop: prefill, then one token per `llama_decode`, argmax in numpy."""

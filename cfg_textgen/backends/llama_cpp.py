@@ -89,7 +89,7 @@ import os
 import sys
 import weakref
 from pathlib import Path
-from typing import Sequence
+from typing import AbstractSet, Sequence
 
 import numpy as np
 import torch
@@ -197,6 +197,11 @@ class LlamaCppPair(Pair):
         self.cache = cache  # False: every prompt token is read, none taken from other slots
         self.cached_rows = [len(s.tokens) for s in slots]
         self.cached = self.cached_rows[0]
+        # shared[row][earlier]: the tokens row's prompt shares with an earlier row's, short of
+        # either's last token (always read); the prompts never change, so counted once
+        self.shared = [[min(common_prefix(prompts[row], prompts[earlier]),
+                            len(prompts[row]) - 1, len(prompts[earlier]) - 1) for earlier in range(row)]
+                       for row in range(len(prompts))]
 
     @property
     def seqs(self) -> list[int]:
@@ -753,9 +758,8 @@ class LlamaCppBackend(Shortcuts):
     def _feed_piece(self, pair: LlamaCppPair, budget: int | None) -> int:
         """One llama_decode of `feed`: the rest of the prompts when it fits `budget` (and no row
         waits for another, `_waiting`), else up to `budget` tokens of the rows' bodies."""
-        use_cache = pair.cache and self.cache_prompt
-        waiting = self._waiting(pair) if use_cache else set()
-        borrowed = self._borrow(pair, waiting) if use_cache else []
+        waiting = self._waiting(pair) if pair.cache else set()  # (pair.cache holds cache_prompt)
+        borrowed = self._borrow(pair, waiting) if pair.cache else []
         try:
             return self._read_piece(pair, budget, waiting)
         except BaseException:
@@ -765,7 +769,7 @@ class LlamaCppBackend(Shortcuts):
                 self._trim(slot, 0)
             raise
 
-    def _read_piece(self, pair: LlamaCppPair, budget: int | None, waiting: set[int] = frozenset()) -> int:
+    def _read_piece(self, pair: LlamaCppPair, budget: int | None, waiting: AbstractSet[int] = frozenset()) -> int:
         """The decode of `_feed_piece`; rows in `waiting` read nothing in it."""
         rest = [p[len(s.tokens):] for s, p in zip(pair.slots, pair.prompts)]
         total = sum(len(r) for r in rest)
@@ -795,7 +799,7 @@ class LlamaCppBackend(Shortcuts):
         self.prefilled_tokens += taken
         return taken
 
-    def _borrow(self, pair: LlamaCppPair, waiting: set[int]) -> list[Slot]:
+    def _borrow(self, pair: LlamaCppPair, waiting: AbstractSet[int]) -> list[Slot]:
         """Each row with prompt still to read takes a longer prefix of it from another slot, when
         one holds at least COPY_MIN tokens more of it than the row's own slot: another request's
         (busy or free: the same story sent twice at once, a swipe while the first still runs) or
@@ -841,9 +845,7 @@ class LlamaCppBackend(Shortcuts):
         waiting = set()
         for row in range(1, len(pair.slots)):
             mine = pair.slots[row]
-            for earlier in range(row):
-                shared = min(common_prefix(pair.prompts[row], pair.prompts[earlier]),
-                             len(pair.prompts[row]) - 1, len(pair.prompts[earlier]) - 1)
+            for earlier, shared in enumerate(pair.shared[row]):
                 if shared - len(mine.tokens) >= COPY_MIN and len(pair.slots[earlier].tokens) < shared:
                     waiting.add(row)
         return waiting
