@@ -190,6 +190,19 @@ def _check_preset(ctx, param, value):
     return _load_preset_or_bad(value if value is not None else DEFAULT_PRESET, "'--preset'")
 
 
+def _check_parallel(ctx, param, value):
+    """--parallel: a whole number >= 1, or `auto` (None: the backend sizes it)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise click.BadParameter(f"must be a whole number >= 1 or `auto`, but is {value!r}") from None
+    if number < 1:
+        raise click.BadParameter(f"must be a whole number >= 1 or `auto`, but is {number}")
+    return number
+
+
 def _check_scale(ctx, param, value):
     import math
 
@@ -471,8 +484,9 @@ def _check_api_key(ctx, param, value):
                    "(env: CFG_TEXTGEN_API_KEY; printable ASCII).")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN (repeatable; e.g. Kobold Lite's). Default: CORS off.")
-@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Requests decoded together (batched scheduler).")
+@click.option("--parallel", metavar="N|auto", default="auto", show_default=True, callback=_check_parallel,
+              help="Requests decoded together (batched scheduler). auto: on llama.cpp as many as "
+                   "1 GiB of KV cache holds (each request keeps 2 windows), 1 to 4; 4 on transformers.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests that may wait for a free slot; more get 503 with Retry-After.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30, show_default=True, metavar="SECONDS",

@@ -173,11 +173,12 @@ def choose_backend(spec: str | Path | None = None, backend: str | None = None, l
     return "transformers"
 
 
-def load_backend(spec: str | Path | None = None, backend: str | None = None, *, pairs: int = 1,
+def load_backend(spec: str | Path | None = None, backend: str | None = None, *, pairs: int | None = 1,
                  runtime=None, use_cache: bool = True, log: Log = _stderr):
     """The engine's backend for a model spec (see `load_model`), on `choose_backend`'s backend,
     with the process-wide settings decided first (`runtime.configure_process`). `runtime` (a
-    `runtime.RuntimeSettings`) says how it runs; `pairs` sizes the llama.cpp context. On
+    `runtime.RuntimeSettings`) says how it runs; `pairs` sizes the llama.cpp context (None: as
+    many as `LlamaCppBackend.auto_pairs` says). On
     transformers, settings only llama.cpp has are an error naming them."""
     from .runtime import RuntimeSettings, RuntimeSettingsError, configure_process
 

@@ -220,3 +220,46 @@ def test_serve_prints_the_kv_memory_parallel_takes():
         assert re.search(r"KV cache: 45 MiB for --parallel 2 \(2 requests x 2 sequences", srv.stderr()), srv.stderr()
     finally:
         assert srv.terminate() == 0
+
+
+@needs_llama
+@pytest.mark.parametrize("ctx, cache_type, pairs", [
+    # by hand, 23,040 bytes a cell in f16 (30 layers x 3 KV heads x 64 x 2 bytes, K and V), 46,080 in
+    # f32; a pair keeps 2 windows; 2**30 bytes / (2 x ctx x cell):
+    (4096, "f16", 4),  # 5.7 pairs fit: capped at 4
+    (8192, "f16", 2),  # 2.8
+    (8192, "f32", 1),  # 1.4
+])
+def test_auto_parallel_takes_as_many_pairs_as_a_gib_of_kv_cache_holds(ctx, cache_type, pairs):
+    from cfg_textgen.backends.llama_cpp import LlamaCppBackend
+    from cfg_textgen.models import default_gguf_path
+    from cfg_textgen.runtime import RuntimeSettings
+
+    b = LlamaCppBackend(default_gguf_path(), RuntimeSettings(ctx_size=ctx, cache_type_k=cache_type,
+                                                             cache_type_v=cache_type), pairs=None)
+    try:
+        assert b.pairs == pairs
+        assert b.cells == 2 * pairs * ctx  # the context llama.cpp made holds them
+    finally:
+        b.close()
+
+
+@needs_llama
+def test_serve_parallel_auto_is_the_default_and_says_what_it_chose():
+    from server_process import ServerProcess
+
+    srv = ServerProcess("--ctx-size", "8192", "--backend", "llama.cpp")
+    try:
+        log = srv.stderr()
+        assert "up to 2 requests decoded together (--parallel auto)" in log, log
+        # 2 requests x 2 sequences x 8192 cells x 23,040 bytes = 720 MiB
+        assert re.search(r"KV cache: 720 MiB for --parallel 2 \(2 requests x 2 sequences", log), log
+    finally:
+        assert srv.terminate() == 0
+
+
+def test_serve_parallel_names_the_flag_when_it_is_not_a_number_or_auto():
+    for bad in ("0", "two", "-1"):
+        r = CliRunner().invoke(main, ["serve", "--parallel", bad])
+        assert r.exit_code == 2, r.output
+        assert "'--parallel'" in r.output and "auto" in r.output, r.output

@@ -100,6 +100,12 @@ from . import require_llama_cpp
 from .base import Pair, PairIds, Shortcuts
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
+# `pairs=None` (serve's `--parallel auto`): as many live pairs as this much KV cache holds, from 1 to
+# AUTO_PAIRS. Every sequence keeps a full window (below), so a writer-sized model (a 7B's 4096-token
+# window is 512 MiB in f16) gets one pair, the memory of KoboldCpp's cache plus the opposing
+# prompt's, and small models get several
+AUTO_KV_BYTES = 2**30
+AUTO_PAIRS = 4
 STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
 # prompt tokens a copy of another slot's cells must spare reading: it copies the whole stream (a 7B
 # model's 4,096-cell f16 stream is 512 MiB, tens of ms), about what a few prompt tokens cost on a CPU;
@@ -309,12 +315,13 @@ class LlamaCppBackend(Shortcuts):
     name = "llama.cpp"
     device = torch.device("cpu")
 
-    def __init__(self, path: str | Path, runtime: RuntimeSettings | None = None, *, pairs: int = 1,
+    def __init__(self, path: str | Path, runtime: RuntimeSettings | None = None, *, pairs: int | None = 1,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None,
                  verbose: bool = False):
         """`runtime`: threads, window, GPU layers, attention, KV cache types, determinism
         (runtime.RuntimeSettings); `n_ctx` and `n_threads` are shorthands for its `ctx_size` and
-        `threads`, `n_ubatch` for its `ubatch_size`."""
+        `threads`, `n_ubatch` for its `ubatch_size`. `pairs`: live pairs the context holds (None:
+        `auto_pairs`)."""
         L = self.lib = require_llama_cpp()
         path = Path(path).expanduser()
         if not path.is_file():
@@ -365,7 +372,7 @@ class LlamaCppBackend(Shortcuts):
         self.ctx = None
         self._batch = None
         self._pairs = 0
-        self._make_context(max(1, pairs))
+        self._make_context(self.auto_pairs() if pairs is None else max(1, pairs))
         self.tokenizer = LlamaTokenizer(self)
         _open_backends.add(self)
 
@@ -477,6 +484,16 @@ class LlamaCppBackend(Shortcuts):
         self.cell_bytes = kv_cell_bytes(int(self.lib.llama_model_n_layer(self.model)),
                                         int(self.lib.llama_model_n_head_kv(self.model)),
                                         head_k, head_v, self.runtime)
+
+    def auto_pairs(self) -> int:
+        """As many pairs (each 2 sequences of a full window) as AUTO_KV_BYTES of KV cache hold,
+        from 1 to AUTO_PAIRS."""
+        return max(1, min(AUTO_PAIRS, int(AUTO_KV_BYTES // self.kv_bytes(2 * self.window))))
+
+    @property
+    def pairs(self) -> int:
+        """Live pairs the context holds."""
+        return self._pairs
 
     def kv_bytes(self, cells: int | None = None) -> float:
         """Bytes of KV cache for `cells` cells (default: the context's now)."""

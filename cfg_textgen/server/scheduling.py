@@ -25,7 +25,7 @@ RETRY_AFTER = 5  # seconds a client refused for a full queue is asked to wait
 class Service:
     """One loaded model (an engine backend), its scheduler, and the jobs each API has running."""
 
-    def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int = 4,
+    def __init__(self, model_spec: str | None = None, backend: str | None = None, parallel: int | None = None,
                  log=print, runtime=None, defaults: ServerDefaults = ServerDefaults(), max_queue: int = 16):
         from ..models import DEFAULT_NAME
 
@@ -33,6 +33,8 @@ class Service:
         self.model_name = (Path(model_spec).stem if model_spec not in (None, "default", DEFAULT_NAME)
                            else "SmolLM2-135M-Instruct")
         self.backend = _load_backend(model_spec, backend, parallel, log, runtime)
+        if parallel is None:  # --parallel auto: what the llama.cpp context was sized for
+            parallel = getattr(self.backend, "pairs", AUTO_PARALLEL)
         self.scheduler = Scheduler(self.backend, max_parallel=parallel)
         self.max_queue = max_queue  # jobs waiting for a free slot; more are refused with a 503
         self._submitting = 0  # submits under way (tokenizing), counted against the queue bound
@@ -195,9 +197,12 @@ class Service:
         self.scheduler.close(finish=finish)
 
 
+AUTO_PARALLEL = 4  # --parallel auto on transformers, whose caches grow with each request
+
+
 def _load_backend(spec, backend, parallel, log, runtime=None):
     """The engine backend: `models.load_backend` (llama.cpp for GGUF when installed, else
-    transformers), sized for `parallel` live pairs."""
+    transformers), sized for `parallel` live pairs (None: llama.cpp's `auto_pairs`)."""
     from ..models import load_backend
 
     return load_backend(spec, backend, pairs=parallel, runtime=runtime, log=log)

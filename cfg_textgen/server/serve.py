@@ -30,7 +30,7 @@ def check_api_key(key: str | None) -> str | None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, backend: str | None = None,
-          runtime=None, api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int = 4,
+          runtime=None, api_key: str | None = None, cors_origins: tuple[str, ...] = (), parallel: int | None = None,
           log=lambda msg: print(msg, file=sys.stderr, flush=True), quiet: bool = False,
           defaults=None, max_queue: int = 16, grace: float = GRACE, header_timeout: float | None = None,
           max_connections: int | None = None, body_timeout: float | None = None) -> int:
@@ -58,9 +58,11 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
     defaults = defaults or ServerDefaults()
     service = Service(model, backend=backend, parallel=parallel, runtime=runtime, log=log, defaults=defaults,
                       max_queue=max_queue)
-    log(f"model {service.model_name} ready ({service.backend_name}; up to {parallel} requests decoded "
-        f"together, {max_queue} waiting; context {service.n_ctx} tokens)")
-    memory = kv_memory_line(service.backend, parallel)
+    chosen = service.scheduler.max_parallel
+    log(f"model {service.model_name} ready ({service.backend_name}; up to {chosen} requests decoded "
+        f"together{' (--parallel auto)' if parallel is None else ''}, {max_queue} waiting; "
+        f"context {service.n_ctx} tokens)")
+    memory = kv_memory_line(service.backend, chosen)
     if memory:
         log(memory)
     if not defaults.empty:
@@ -91,7 +93,8 @@ def kv_memory_line(backend, parallel: int) -> str | None:
     rt = backend.runtime
     return (f"KV cache: {kv_bytes() / 2**20:,.0f} MiB for --parallel {parallel} ({parallel} requests x "
             f"2 sequences (story, opposing prompt) x {backend.seq_cells} tokens, K {rt.cache_type_k} / "
-            f"V {rt.cache_type_v}); --ctx-size and --cache-type-k/-v q8_0 make it smaller")
+            f"V {rt.cache_type_v}); --ctx-size and --cache-type-k/-v q8_0 make it smaller, --parallel N sets "
+            f"how many requests run at once")
 
 
 def _show(host: str) -> str:
