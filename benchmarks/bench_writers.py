@@ -97,11 +97,12 @@ def _wait_up(url: str, proc, timeout: float, log_path: Path) -> None:
         time.sleep(0.5)
 
 
-def ours(model: Path, threads: int, parallel: int = 4):
+def ours(model: Path, threads: int, parallel: int | None = None):
+    """`cfg-textgen serve` on `model`; `parallel` None: the default, `--parallel auto`."""
     from server_process import ServerProcess
 
-    return ServerProcess("--model", str(model), "--threads", str(threads), "--parallel", str(parallel),
-                         timeout=600)
+    flags = ["--parallel", str(parallel)] if parallel is not None else []
+    return ServerProcess("--model", str(model), "--threads", str(threads), *flags, timeout=600)
 
 
 def stream(url: str, body: dict, on_event=None, stop: threading.Event | None = None) -> dict:
@@ -223,7 +224,7 @@ def streams_section(sec: Section, model: Path, threads: int, token_counts, round
     sec.row("bare llama.cpp decode: a step of 8 sequences / a step of 2", eight / two, "x", fmt="{:.2f}")
     sec.row("what batching gives here: bare 4 x (2-sequence step) / (8-sequence step)",
             4 * two / eight, "x", fmt="{:.2f}")
-    srv = ours(model, threads)
+    srv = ours(model, threads, parallel=4)  # 4 requests at once, whatever auto would take
     try:
         level(srv.url, 1, 2)  # warm-up
         for tokens in token_counts:
@@ -253,7 +254,7 @@ def decode_section(sec: Section, model: Path, threads: int, quick: bool, reps: i
 
 def join_section(sec: Section, model: Path, threads: int, join_tokens: int, tokens: int) -> None:
     """3 CFG streams run; a long prompt joins; the running streams' gaps between tokens."""
-    srv = ours(model, threads)
+    srv = ours(model, threads, parallel=4)  # 4 requests at once, whatever auto would take
     try:
         long = detokenize(srv.url, story_tokens(srv.url, join_tokens, 99))
         # (time, tokens) of each text event: a token that ends inside a character (byte tokens,
