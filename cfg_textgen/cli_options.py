@@ -65,7 +65,8 @@ _OPTIONS = [
              "transformers: any but 0 puts the whole model on CUDA).")),
     ("flash_attn", click.option(
         "--flash-attn", type=click.Choice(list(FLASH_ATTN)), default="auto", show_default=True,
-        help="llama.cpp: flash attention (auto: llama.cpp decides).")),
+        help="llama.cpp: flash attention (auto: off on a CPU-only run unless --deterministic "
+             "or a quantized KV cache, else llama.cpp decides).")),
     ("cache_type_k", click.option(
         "--cache-type-k", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
         help="llama.cpp: KV cache type of the keys (q8_0 halves their memory).")),

@@ -62,7 +62,8 @@ class RuntimeSettings:
             training context, at most 4096.
         n_gpu_layers: layers offloaded to the GPU; -1 all, 0 none (llama.cpp needs a GPU build;
             on transformers any value > 0 puts the whole model on CUDA).
-        flash_attn: "auto" (llama.cpp decides), "on" or "off".
+        flash_attn: "auto", "on" or "off". auto: off on a CPU-only run in the default mode, else
+            llama.cpp decides (`flash_attn_type`).
         cache_type_k, cache_type_v: the KV cache's value types (`CACHE_TYPES`); a quantized V
             cache needs flash attention, which llama.cpp refuses to turn off for it.
         deterministic: a request's text does not depend on what else runs (batch invariance);
@@ -126,6 +127,21 @@ class RuntimeSettings:
         if self.ubatch_size is not None:
             return self.ubatch_size
         return 32 if self.deterministic else 512
+
+    @property
+    def flash_attn_type(self) -> int:
+        """llama.cpp's `flash_attn_type` for `flash_attn`. "auto" is OFF on a CPU-only run in the
+        default mode: there ggml's CPU flash attention is slower than plain attention except for
+        long prompt reads (measured, README: a step of two sequences ~17% slower, a turn's 41-token
+        read ~50% slower 1,500 tokens into a story), and llama-cpp-python's own server runs
+        without it. Everywhere else "auto" is llama.cpp's: with GPU layers, with a quantized KV
+        cache (a quantized V cache requires it), and in the deterministic mode (its exactness
+        checks rest on flash attention: plain attention rounds a prompt read in one batch
+        differently from token-by-token steps)."""
+        if self.flash_attn == "auto" and self.n_gpu_layers == 0 and not self.deterministic \
+                and not self.k_quantized and not self.v_quantized:
+            return FLASH_ATTN["off"]
+        return FLASH_ATTN[self.flash_attn]
 
     @property
     def v_quantized(self) -> bool:

@@ -263,3 +263,19 @@ def test_serve_parallel_names_the_flag_when_it_is_not_a_number_or_auto():
         r = CliRunner().invoke(main, ["serve", "--parallel", bad])
         assert r.exit_code == 2, r.output
         assert "'--parallel'" in r.output and "auto" in r.output, r.output
+
+
+@pytest.mark.parametrize("settings, expected", [
+    # llama_flash_attn_type: -1 auto (llama.cpp decides), 0 off, 1 on
+    ({}, 0),  # CPU only, default mode: plain attention (faster there, README)
+    ({"deterministic": True}, -1),  # its exactness checks rest on flash attention
+    ({"n_gpu_layers": -1}, -1),
+    ({"n_gpu_layers": 10}, -1),
+    ({"cache_type_k": "q8_0"}, -1),
+    ({"cache_type_k": "q8_0", "cache_type_v": "q8_0"}, -1),  # a quantized V cache requires it
+    ({"flash_attn": "on"}, 1),
+    ({"flash_attn": "off"}, 0),
+    ({"flash_attn": "on", "deterministic": True}, 1),
+])
+def test_flash_attention_auto_is_off_only_on_a_cpu_run_in_the_default_mode(settings, expected):
+    assert RuntimeSettings(**settings).flash_attn_type == expected

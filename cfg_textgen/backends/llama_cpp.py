@@ -95,7 +95,7 @@ import numpy as np
 import torch
 
 from ..errors import CFGTextgenError, ModelNotFoundError
-from ..runtime import CACHE_TYPES, FLASH_ATTN, QUANTIZED_BLOCK, RuntimeSettings, RuntimeSettingsError, kv_cell_bytes
+from ..runtime import CACHE_TYPES, QUANTIZED_BLOCK, RuntimeSettings, RuntimeSettingsError, kv_cell_bytes
 from . import require_llama_cpp
 from .base import Pair, PairIds, Shortcuts
 
@@ -403,7 +403,7 @@ class LlamaCppBackend(Shortcuts):
         # on a many-core machine is the common case, and the drift is small (README).
         params.n_threads = 1 if self.runtime.deterministic else self.n_threads
         params.n_threads_batch = self.n_threads_batch
-        params.flash_attn_type = FLASH_ATTN[self.runtime.flash_attn]
+        params.flash_attn_type = self.runtime.flash_attn_type
         params.type_k = CACHE_TYPES[self.runtime.cache_type_k]
         params.type_v = CACHE_TYPES[self.runtime.cache_type_v]
         # one KV stream per sequence: see the module docstring (a unified cache is not exact)
