@@ -132,9 +132,9 @@ class RuntimeSettings:
     def flash_attn_type(self) -> int:
         """llama.cpp's `flash_attn_type` for `flash_attn`. "auto" is OFF on a CPU-only run in the
         default mode: there ggml's CPU flash attention is slower than plain attention except for
-        long prompt reads (measured, README: a step of two sequences ~17% slower, a turn's 41-token
-        read ~50% slower 1,500 tokens into a story), and llama-cpp-python's own server runs
-        without it. Everywhere else "auto" is llama.cpp's: with GPU layers, with a quantized KV
+        long prompt reads (measured, README: 1,500 tokens into a story on the 7B shape, a CFG pair's
+        step and a turn's 41-token read each took ~1.5x as long with it), and llama-cpp-python's
+        own server runs without it. Everywhere else "auto" is llama.cpp's: with GPU layers, with a quantized KV
         cache (a quantized V cache requires it), and in the deterministic mode (its exactness
         checks rest on flash attention: plain attention rounds a prompt read in one batch
         differently from token-by-token steps)."""
