@@ -95,7 +95,7 @@ class LlamaRef:
 
     def __init__(self, gguf: str | Path | None = None, n_ctx: int = 4096, n_threads: int = 2,
                  n_seq_max: int = 2, n_batch: int = 512, n_ubatch: int | None = None,
-                 kv_unified: bool = True):
+                 kv_unified: bool = True, flash_attn_type: int | None = None):
         # OpenMP's waiting is the caller's environment's: the tests wait passively (conftest.py),
         # the benchmarks as a user's machine does by default
         import llama_cpp as L
@@ -122,6 +122,8 @@ class LlamaRef:
         cp.kv_unified = kv_unified  # True: every sequence may use the whole window
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
+        if flash_attn_type is not None:  # None: llama.cpp's own default (auto: on for a CPU)
+            cp.flash_attn_type = flash_attn_type
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
