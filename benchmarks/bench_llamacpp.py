@@ -83,13 +83,19 @@ class Variants:
 
     def __init__(self, threads: int, gguf: Path | None = None):
         from cfg_textgen.backends.llama_cpp import LlamaCppBackend
-        from cfg_textgen.runtime import configure_process
+        from cfg_textgen.runtime import RuntimeSettings, configure_process
         from llamacpp_reference import LlamaRef, default_gguf
 
         configure_process("llama.cpp")  # torch's threads, as the CLI and the server decide them
         self.threads = threads
-        self.ref = LlamaRef(gguf, n_threads=threads)
-        self.ours = LlamaCppBackend(gguf or default_gguf(), n_threads=threads)
+        # every run reads the whole story, as the bare loops do: with the prompt cache a later run
+        # would read only its last token, which plain attention rounds differently from a read of
+        # the whole prompt (README, "Runtime settings"), and the token-for-token checks would part
+        self.ours = LlamaCppBackend(gguf or default_gguf(), RuntimeSettings(cache_prompt=False), n_threads=threads)
+        # the bare loops attend as ours does by default (flash attention off on a CPU, runtime.py:
+        # llama.cpp's own default would turn it on), so both run the same kernels: the same
+        # tokens, and the speed of the same computation
+        self.ref = LlamaRef(gguf, n_threads=threads, flash_attn_type=self.ours.runtime.flash_attn_type)
         self.story = self.ref.tokenize(STORY)[:STORY_TOKENS]
         if self.ours.tokenize(STORY)[:STORY_TOKENS] != self.story:
             raise CheckFailed("our backend tokenizes the story differently from llama.cpp")

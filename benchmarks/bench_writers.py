@@ -53,8 +53,9 @@ TURN2_EXTRA = 40
 
 
 class LlamaCppPythonServer:
-    """`python -m llama_cpp.server` on a free local port: its prompt cache on, and flash attention
-    on as llama.cpp's "auto" turns it on for ours (its own default is off)."""
+    """`python -m llama_cpp.server` on a free local port: its prompt cache on, flash attention at
+    its own default (off), what a user of it runs; cfg-textgen's `auto` is off on a CPU too, so on
+    these machines both read with the same attention kernels."""
 
     def __init__(self, model: Path, threads: int, n_ctx: int, timeout: float = 600):
         from server_process import free_port
@@ -66,7 +67,7 @@ class LlamaCppPythonServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(self.port),
              "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-             "--flash_attn", "true", "--cache", "true", "--verbose", "false"],
+             "--cache", "true", "--verbose", "false"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         _wait_up(self.url, self.proc, timeout, self.log_path)
 
@@ -206,9 +207,12 @@ def bare_step_seconds(model: Path, threads: int, sequences: int, steps: int = 12
     """Median seconds of a bare llama.cpp decode step of `sequences` sequences, one token each,
     after the streams' story (llama-cpp-python's low-level API, no engine): what batching can give
     on this machine at all."""
+    from cfg_textgen.runtime import RuntimeSettings
     from llamacpp_reference import LlamaRef
 
-    ref = LlamaRef(model, n_threads=threads, n_seq_max=sequences)
+    # attention as our server's default runs it (flash attention off on a CPU)
+    ref = LlamaRef(model, n_threads=threads, n_seq_max=sequences,
+                   flash_attn_type=RuntimeSettings().flash_attn_type)
     try:
         return median(ref.step_seconds(ref.tokenize(STORY), sequences, steps))
     finally:
