@@ -85,6 +85,12 @@ class TextDecoder(Protocol):
     def flush(self) -> str: ...
 
 
+# `--parallel auto`: the most live pairs a backend is sized for (llama.cpp takes fewer when its KV
+# cache would not fit a writer's machine: LlamaCppBackend.auto_pairs; transformers' caches grow with
+# each request and take this many)
+AUTO_PAIRS = 4
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A model behind the decode loop (transformers.TransformersBackend, llama_cpp.LlamaCppBackend).

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..backends.base import AUTO_PAIRS
 from ..context import fit_context, fit_with_memory
 from ..errors import CFGTextgenError
 from ..generation import random_seed
@@ -34,7 +35,7 @@ class Service:
                            else "SmolLM2-135M-Instruct")
         self.backend = _load_backend(model_spec, backend, parallel, log, runtime)
         if parallel is None:  # --parallel auto: what the llama.cpp context was sized for
-            parallel = getattr(self.backend, "pairs", AUTO_PARALLEL)
+            parallel = getattr(self.backend, "pairs", AUTO_PAIRS)
         self.scheduler = Scheduler(self.backend, max_parallel=parallel)
         self.max_queue = max_queue  # jobs waiting for a free slot; more are refused with a 503
         self._submitting = 0  # submits under way (tokenizing), counted against the queue bound
@@ -195,9 +196,6 @@ class Service:
 
     def close(self, finish: bool = True) -> None:
         self.scheduler.close(finish=finish)
-
-
-AUTO_PARALLEL = 4  # --parallel auto on transformers, whose caches grow with each request
 
 
 def _load_backend(spec, backend, parallel, log, runtime=None):
