@@ -63,6 +63,13 @@ after a pair is released (`llama_memory_seq_rm`), llama.cpp puts the other seque
 into the freed cells, out of position order, and their logits move by up to ~1.4 on the default
 model (greedy tokens part; tests/test_llamacpp_batching.py, the staggered case). With one stream
 per sequence a sequence's cells hold only its own tokens in order, whatever else joins or leaves.
+Nor would a unified cache let a pair take less memory where it matters: there `llama_memory_seq_cp`
+shares the donor's cells (a negative prompt's copy of the story would cost none), but a shifted
+cell moves for every sequence holding it (measured: after a copy, a context shift of one sequence
+moved the other's positions too and its next decode failed), so the story and a negative prompt
+that shares its cells could no longer shift when a long chat outgrows the window, and a writer's
+single pair needs two windows in the worst case (story and negative prompt each near the window)
+either way.
 Each pair takes two sequence slots (one at scale 1), each with the full window, so a pair that
 has a free slot always fits (the engine's context cut bounds story/opposing + new tokens by the
 window); `fits` says whether one can start now, and the Scheduler queues a job until it can.
@@ -97,7 +104,7 @@ import torch
 from ..errors import CFGTextgenError, ModelNotFoundError
 from ..runtime import CACHE_TYPES, QUANTIZED_BLOCK, RuntimeSettings, RuntimeSettingsError, kv_cell_bytes
 from . import require_llama_cpp
-from .base import Pair, PairIds, Shortcuts
+from .base import AUTO_PAIRS, Pair, PairIds, Shortcuts
 
 DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context is smaller
 # `pairs=None` (serve's `--parallel auto`): as many live pairs as this much KV cache holds, from 1 to
@@ -105,7 +112,6 @@ DEFAULT_WINDOW = 4096  # tokens per sequence unless the model's training context
 # window is 512 MiB in f16) gets one pair, the memory of KoboldCpp's cache plus the opposing
 # prompt's, and small models get several
 AUTO_KV_BYTES = 2**30
-AUTO_PAIRS = 4
 STEP_CHUNK = 32  # most tokens in one step decode: below the size where llama.cpp's kernels change
 # prompt tokens a copy of another slot's cells must spare reading: it copies the whole stream (a 7B
 # model's 4,096-cell f16 stream is 512 MiB, tens of ms), about what a few prompt tokens cost on a CPU;
@@ -204,10 +210,11 @@ class LlamaCppPair(Pair):
         self.cached_rows = [len(s.tokens) for s in slots]
         self.cached = self.cached_rows[0]
         # shared[row][earlier]: the tokens row's prompt shares with an earlier row's, short of
-        # either's last token (always read); the prompts never change, so counted once
+        # either's last token (always read); the prompts never change, so counted once (only the
+        # prompt cache uses it: `_waiting`)
         self.shared = [[min(common_prefix(prompts[row], prompts[earlier]),
                             len(prompts[row]) - 1, len(prompts[earlier]) - 1) for earlier in range(row)]
-                       for row in range(len(prompts))]
+                       for row in range(len(prompts))] if cache else []
 
     @property
     def seqs(self) -> list[int]:
