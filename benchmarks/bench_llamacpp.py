@@ -66,11 +66,12 @@ class Stamp:
         self.gaps: list[float] = []
 
     def __call__(self, ids, scores):
-        import torch
+        import numpy as np
 
         self.times.append(now())
-        top = torch.topk(scores[0], 2).values
-        self.gaps.append(float(top[0] - top[1]))
+        # the very bookkeeping the bare loops' on_step does (np.partition), so both sides pay the same
+        top = np.partition(scores[0].numpy(), -2)[-2:]
+        self.gaps.append(float(top[1] - top[0]))
         return scores
 
 

@@ -209,11 +209,16 @@ class Generation:
         if self.bans:
             self._snapshot(position)
         if logits.shape[0] > 1:  # the pair has an opposing row: CFG
-            scores = cfg_combine(logits[:1], logits[1:2], self.scale)
+            scores = cfg_combine(logits[:1], logits[1:2], self.scale)  # a new tensor: ours to change
+            fresh = True
         else:  # what CFGLogitsProcessor(scale=1) returns: the raw logits
-            scores = logits[:1]
+            scores = logits[:1]  # the backend's (llama.cpp's output buffer, also read by logprobs)
+            fresh = False
         if self.ban_eos and len(self._eos_index):
-            scores = scores.index_fill(-1, self._eos_index, float("-inf"))
+            if fresh:
+                scores.index_fill_(-1, self._eos_index, float("-inf"))
+            else:
+                scores = scores.index_fill(-1, self._eos_index, float("-inf"))
         if position in self._position_bans:  # first tokens of banned phrases found here before
             banned = torch.tensor(sorted(self._position_bans[position]), dtype=torch.long, device=scores.device)
             scores = scores.index_fill(-1, banned, float("-inf"))

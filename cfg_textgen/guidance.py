@@ -43,12 +43,16 @@ def cfg_combine(cond_logits: torch.Tensor, opposing_logits: torch.Tensor, scale:
     minimum length) stays at -inf.
     """
     raw = cond_logits.float()
-    c = F.log_softmax(raw, dim=-1)
-    u = F.log_softmax(opposing_logits.float(), dim=-1)
-    guided = raw + (scale - 1.0) * (c - u)
+    # in place on log_softmax's fresh output: the same operations in the same order as
+    # `raw + (scale - 1) * (c - u)` (the same floats), without a new tensor for every step of it;
+    # this runs on every token, and each pass over a ~50k vocabulary counts beside a decode step
+    guided = F.log_softmax(raw, dim=-1)
+    guided.sub_(F.log_softmax(opposing_logits.float(), dim=-1)).mul_(scale - 1.0).add_(raw)
     # a token that a processor before us removed from the story (-inf) stays removed at every scale
-    # (the formula would give NaN at scale 1 or below)
-    guided = torch.where(torch.isneginf(c), c, guided)
+    # (the formula would give NaN at scale 1 or below, or where both rows removed it): one cheap
+    # reduction finds out, the repair runs only when something was removed
+    if bool(raw.min() == float("-inf")):
+        guided = torch.where(torch.isneginf(raw), raw, guided)
     return guided.to(cond_logits.dtype)
 
 

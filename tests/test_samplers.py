@@ -601,6 +601,18 @@ def test_pick_token_greedy_is_argmax():
     assert pick_token(scores, do_sample=False).tolist() == [1, 0]
 
 
+def test_pick_token_greedy_agrees_with_torch_argmax_on_ties_nan_and_removed_tokens():
+    # the greedy pick reads numpy's argmax on a CPU: torch's rule decides (first maximum, NaN wins)
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (64, 30), generator=gen).float()  # many ties
+    scores[::5, 7] = float("nan")
+    scores[1::3, :10] = -INF
+    scores[2] = -INF  # all removed
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        got = pick_token(scores.to(dtype), do_sample=False)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.argmax(scores.to(dtype), dim=-1)), dtype
+
+
 def test_pick_token_samples_like_multinomial_with_generator():
     torch.manual_seed(0)
     scores = torch.randn(3, 50)

