@@ -654,3 +654,19 @@ def test_logit_bias_ban_of_every_token_keeps_the_best():
     scores = torch.tensor([[1.0, 2.0, 0.0]])
     out = SAMPLERS["logit_bias"](ban=[0, 1, 2])(None, scores)
     assert kept(out) == [1]
+
+
+def test_logit_bias_rows_where_the_bans_leave_too_few_keep_their_best_and_the_others_are_banned():
+    inf = float("inf")
+    scores = torch.tensor([[1.0, 2.0, 0.5, 3.0, 0.0, 0.25],      # 2 left after the bans (2, 5): enough
+                           [1.0, -inf, -inf, 3.0, 0.5, -inf],    # none left: the best 2 banned (3, 0) stay
+                           [-inf, 2.0, 0.5, -inf, -inf, -inf],   # 1 left: token 1 comes back beside 2
+                           [4.0, 1.0, 0.5, -inf, -inf, -inf]])   # 1 left: the best 2 are 0 and 2; 1 goes
+    ban = SAMPLERS["logit_bias"](bias={2: 1.0}, ban=[0, 1, 3, 4], min_tokens_to_keep=2)
+    expected = [[-inf, -inf, 1.5, -inf, -inf, 0.25],
+                [1.0, -inf, -inf, 3.0, -inf, -inf],
+                [-inf, 2.0, 1.5, -inf, -inf, -inf],
+                [4.0, -inf, 1.5, -inf, -inf, -inf]]
+    assert ban(None, scores).tolist() == expected
+    for row in range(4):  # alone, each row takes its own way (enough left, or the best kept)
+        assert ban(None, scores[row:row + 1]).tolist() == [expected[row]]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import NEG_INF, Sampler, register
-from .kernels import _guard, _keep_finite
+from .kernels import _guard
 
 
 @register
@@ -33,19 +35,40 @@ class LogitBias(Sampler):
         self._ids = torch.tensor(list(self.bias), dtype=torch.long)
         self._values = torch.tensor(list(self.bias.values()), dtype=torch.float64)
         self._ban = torch.tensor(sorted(set(self.ban)), dtype=torch.long)
+        self._columns = {}  # (vocab, device, dtype) -> the ids, values and bans that apply there
+
+    def _for(self, vocab: int, dev, dtype):
+        key = (vocab, dev, dtype)
+        if key not in self._columns:
+            inside = self._ids < vocab  # ids beyond this vocabulary are ignored
+            self._columns[key] = (self._ids[inside].to(dev), self._values[inside].to(device=dev, dtype=dtype),
+                                  self._ban[self._ban < vocab].to(dev))
+        return self._columns[key]
 
     def __call__(self, input_ids, scores):
+        # only the biased and banned columns change: the work is theirs (a few ids), not the
+        # vocabulary's, except one min/max of the scores when there are bans. It runs on every
+        # token of every request that sends a bias, beside a decode step.
         vocab, dev = scores.shape[-1], scores.device
+        ids, values, ban = self._for(vocab, dev, scores.dtype)
         out = scores.clone()
-        inside = self._ids < vocab
-        if inside.any():
-            ids = self._ids[inside].to(dev)
-            values = self._values[inside].to(device=dev, dtype=scores.dtype)
-            out[:, ids] = scores[:, ids] + values  # -inf + bias stays -inf
-            out = _keep_finite(out, scores)
-        ban = self._ban[self._ban < vocab].to(dev)
+        if len(ids):
+            before = scores[:, ids]
+            after = before + values  # -inf + bias stays -inf
+            # a bias reshapes, it never removes: a finite score stays a finite float
+            info = torch.finfo(scores.dtype)
+            out[:, ids] = torch.where(torch.isfinite(before), after.clamp(min=info.min, max=info.max), after)
         if len(ban):
-            remove = torch.zeros_like(out, dtype=torch.bool)
-            remove[:, ban] = True
-            out = out.masked_fill(_guard(out, remove, self.min_tokens_to_keep), NEG_INF)
+            lo, hi = (float(v) for v in torch.aminmax(out))  # NaN and +-inf carry into them
+            if math.isfinite(lo) and math.isfinite(hi):  # all in play (a pass, not isfinite's two)
+                in_play = torch.full((out.shape[0],), vocab, device=dev)
+            else:
+                in_play = torch.isfinite(out).sum(dim=-1)
+            left = in_play - torch.isfinite(out[:, ban]).sum(dim=-1)
+            if bool((left >= in_play.clamp(max=self.min_tokens_to_keep)).all()):
+                out[:, ban] = NEG_INF  # the bans leave enough: remove them
+            else:  # they would leave too few: the best banned tokens survive (_guard)
+                remove = torch.zeros_like(out, dtype=torch.bool)
+                remove[:, ban] = True
+                out = out.masked_fill(_guard(out, remove, self.min_tokens_to_keep), NEG_INF)
         return out
