@@ -5,7 +5,7 @@ pair's logits from the decode loop (lanes.py):
 
     scores = cfg_combine(logits[0], logits[1], scale)        # guidance.py: the one formula
     scores = chain(story_ids, scores)                        # chain.build_chain: the samplers
-    token  = pick_token(scores, do_sample, generator)        # samplers: argmax / multinomial
+    token  = pick_token(scores, do_sample, generator)        # samplers: argmax / a draw (backend.token_draw)
 
 and the loop appends `token` to the pair's rows. A pair without CFG (scale 1) has the story row
 only and the scores are the raw logits, which is what `CFGLogitsProcessor(scale=1)` returns; with
@@ -117,6 +117,7 @@ class Generation:
         if generator is None and seed is not None:
             generator = torch.Generator(device=backend.device).manual_seed(int(seed))
         self.generator = generator  # None: the global torch RNG, as `generate` uses
+        self.backend_draw = getattr(backend, "token_draw", "multinomial")  # samplers.base.pick_token
         self.eos = set(backend.eos_ids)
         self.ban_eos = bool(ban_eos)
         self.cache_prompt = bool(cache_prompt)  # False: the backend reads the whole prompt again
@@ -231,7 +232,7 @@ class Generation:
             if not torch.isfinite(scores).any():  # complete, and its end is banned: nothing may follow
                 self.stop_reason = "stop"
                 return self._finish()
-        tok = int(pick_token(scores, self.do_sample, self.generator))
+        tok = int(pick_token(scores, self.do_sample, self.generator, self.backend_draw))
         if self.logprobs is not None:  # the distribution the token was drawn from (logprobs.py)
             self.token_logprobs.append(token_logprob(scores, logits[:1], tok, self.logprobs))
         if self.grammar is not None and tok not in self.eos:

@@ -6,7 +6,7 @@ For every picked token we keep
     top            = the `n` largest entries of log_softmax(scores), removed tokens (-inf) left out
     story_logprob  = log_softmax(story_logits)[token]  the model's raw logits for the story alone
 
-`scores` are exactly what `samplers.pick_token` draws from (softmax + multinomial, or argmax when
+`scores` are exactly what `samplers.pick_token` draws from (a draw from softmax(scores), or argmax when
 greedy), so `logprob` and `top` are the distribution the token was actually drawn from: after
 guidance (`u + scale * (c - u)`) and after temperature, truncation and penalties. This is what
 KoboldCpp and llama.cpp's `post_sampling_probs` report, and what a writer means by "how likely was

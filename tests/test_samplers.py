@@ -622,6 +622,68 @@ def test_pick_token_samples_like_multinomial_with_generator():
     assert set(pick_token(logits(0, .5, 0, .5).repeat(50, 1), True).tolist()) <= {1, 3}
 
 
+def test_pick_token_inverse_cdf_draws_the_softmax_of_the_tokens_left():
+    # the reference: softmax by hand; 40,000 seeded draws land within 4.5 standard errors of it
+    inf = float("inf")
+    scores = torch.tensor([[0.0, 1.0, -inf, 2.0, -1.0, -inf, 0.5]])
+    z = [math.exp(v) for v in scores[0].tolist()]
+    want = [v / sum(z) for v in z]
+    gen = torch.Generator().manual_seed(1)
+    n = 40_000
+    counts = torch.bincount(torch.cat([pick_token(scores, True, gen, draw="inverse-cdf") for _ in range(n)]),
+                            minlength=7).tolist()
+    assert counts[2] == counts[5] == 0  # removed tokens are never drawn
+    for c, p in zip(counts, want):
+        assert abs(c / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-12, (counts, want)
+
+
+def test_pick_token_inverse_cdf_repeats_from_the_seed_and_keeps_to_a_truncated_vocabulary():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 49_152, generator=gen) * 3
+    scores[1, scores[1] < 7] = -INF  # a few hundred left, as after top-p or min-p
+    left = set(torch.nonzero(scores[1] > -INF).squeeze(1).tolist())
+    runs = [pick_token(scores, True, torch.Generator().manual_seed(s), draw="inverse-cdf").tolist() for s in (5, 5, 6)]
+    assert runs[0] == runs[1] != runs[2]
+    draws = [int(pick_token(scores[1:2], True, gen, draw="inverse-cdf")) for _ in range(300)]
+    assert set(draws) <= left and len(set(draws)) > 20
+    for half in (torch.float16, torch.bfloat16):  # other dtypes draw the same way
+        assert pick_token(scores[:1].to(half), True, torch.Generator().manual_seed(3), draw="inverse-cdf").dtype \
+            == torch.int64
+
+
+@pytest.mark.parametrize("bad", [[float("nan"), 1.0], [float("inf"), 1.0], [-INF, -INF]],
+                         ids=["nan", "inf", "nothing-left"])
+def test_pick_token_inverse_cdf_fails_where_multinomial_fails(bad):
+    for draw in ("multinomial", "inverse-cdf"):
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            pick_token(torch.tensor([bad]), True, draw=draw)
+    with pytest.raises(ValueError, match="draw"):
+        pick_token(torch.tensor([[1.0, 2.0]]), True, draw="gumbel")
+
+
+def test_the_llamacpp_backend_draws_by_inverse_cdf_and_transformers_as_generate(monkeypatch, tiny_tokenizer):
+    from cfg_textgen.backends.transformers import TransformersBackend
+    from cfg_textgen.engine import generate_stream
+    from cfg_textgen.samplers import base
+
+    assert TransformersBackend.token_draw == "multinomial"
+    llama = pytest.importorskip("cfg_textgen.backends.llama_cpp")
+    assert llama.LlamaCppBackend.token_draw == "inverse-cdf"
+    from conftest import make_tiny_model
+
+    calls = []
+    real = base._inverse_cdf
+    monkeypatch.setattr(base, "_inverse_cdf", lambda row, gen: calls.append(1) or real(row, gen))
+    backend = TransformersBackend(make_tiny_model("llama"), tiny_tokenizer)
+    runs = []
+    for draw in ("multinomial", "inverse-cdf", "inverse-cdf"):
+        backend.token_draw = draw  # the engine asks the backend how to draw
+        stream = generate_stream(backend, None, "The knight", scale=1.5, max_new_tokens=6, seed=4)
+        list(stream)
+        runs.append(stream.token_ids)
+    assert len(calls) == 12 and runs[1] == runs[2]
+
+
 def test_pick_token_matches_model_generate_after_manual_seed():
     from conftest import make_tiny_model
 

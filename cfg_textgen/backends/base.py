@@ -99,9 +99,11 @@ class Backend(Protocol):
     tokens, or None), `tokenize(text)` (the model's own special-token convention, as a story is
     encoded), `eos_ids`, `bos_id`, `special_ids`, `device`, `tokenizer` (an object with
     `encode`/`decode`/`__call__`, for samplers that need text), `decoder(context_ids)`,
-    `forwards` (decode calls so far)."""
+    `forwards` (decode calls so far), `token_draw` (how a sampled token is drawn: "multinomial" as
+    `model.generate` does, "inverse-cdf" as llama.cpp does; samplers.base.pick_token)."""
 
     name: str
+    token_draw: str
     n_ctx: int | None
     eos_ids: set
     bos_id: int | None

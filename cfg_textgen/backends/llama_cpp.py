@@ -321,6 +321,10 @@ class LlamaTokenizer:
 class LlamaCppBackend(Shortcuts):
     name = "llama.cpp"
     device = torch.device("cpu")
+    # a sampled token as llama.cpp's `dist` sampler draws it: one uniform variate along the
+    # candidates' cumulative probabilities (torch.multinomial draws one exponential variate per
+    # vocabulary entry, ~2 ms a token on a CPU; there is no model.generate run here to match)
+    token_draw = "inverse-cdf"
 
     def __init__(self, path: str | Path, runtime: RuntimeSettings | None = None, *, pairs: int | None = 1,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None,

@@ -109,6 +109,9 @@ class TransformersPair(Pair):
 
 class TransformersBackend(WholePrefill, Shortcuts):
     name = "transformers"
+    # torch.multinomial, as model.generate draws: the same seed picks the same tokens as a
+    # generate run with our processors (tests/test_engine.py checks it)
+    token_draw = "multinomial"
 
     def __init__(self, model, tokenizer, runtime=None):
         """`runtime` (runtime.RuntimeSettings): `n_gpu_layers` != 0 moves the model to CUDA (all of

@@ -104,12 +104,23 @@ class SamplerChain(ProcessorList):
             torch.set_num_threads(threads)
 
 
-def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None
-               ) -> torch.LongTensor:
+DRAWS = ("multinomial", "inverse-cdf")  # how `pick_token` samples: see there
+
+
+def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None,
+               draw: str = "multinomial") -> torch.LongTensor:
     """The final choice after the chain: (batch, vocab) scores -> (batch,) token ids.
 
-    Greedy is `argmax`; sampling is `torch.multinomial(softmax(scores), 1)`, the very call
-    `model.generate` makes, so a run seeded with `torch.manual_seed` picks the same tokens.
+    Greedy is `argmax`. Sampling draws from softmax(scores), in one of two ways (`draw`):
+    - "multinomial": `torch.multinomial(softmax(scores), 1)`, the very call `model.generate`
+      makes, so a run seeded with `torch.manual_seed` picks the same tokens. For one sample torch
+      draws an exponential variate for every token of the vocabulary (argmax of p / q, q ~ Exp(1)):
+      ~2 ms per token on a 49k vocabulary on a CPU, as much again for a 128k one.
+    - "inverse-cdf": one uniform variate per row, walked along the cumulative probabilities of the
+      tokens the chain left (a finite score), in float64: what llama.cpp's `dist` sampler and
+      KoboldCpp do. The same distribution at a tenth of the cost; the engine uses it on the
+      llama.cpp backend (`token_draw`), where no `model.generate` run is there to match.
+    Both repeat exactly from the same generator state.
     """
     if not do_sample:
         if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
@@ -117,5 +128,45 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
             # torch), is ~7x faster than torch's on a CPU: it runs on every greedy token
             return torch.from_numpy(np.argmax(scores.detach().numpy(), axis=-1))
         return torch.argmax(scores, dim=-1)
+    if draw == "inverse-cdf":
+        picked = [_inverse_cdf(row, generator) for row in scores]
+        if all(t is not None for t in picked):
+            return torch.tensor(picked, dtype=torch.long, device=scores.device)
+        # no finite score left, or one at +inf / NaN: torch.multinomial below says what is wrong
+    elif draw != "multinomial":
+        raise ValueError(f"`draw` has to be one of {DRAWS}, but is {draw!r}")
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def _inverse_cdf(row: torch.Tensor, generator: torch.Generator | None) -> int | None:
+    """A token drawn from softmax(row) with one uniform variate: the first candidate whose
+    cumulative probability passes u * total. None if no score is finite or one is +inf or NaN.
+
+    On a CPU the selections run in numpy and the exp and the running sum in torch: each is the
+    faster of the two there (measured: a mask, nonzero and gather 4x faster in numpy, exp and
+    cumsum 2-3x faster in torch)."""
+    cpu = row.device.type == "cpu"
+    total = float(row.sum())  # NaN if any score is NaN (or +inf beside -inf), +inf if one is +inf
+    if math.isnan(total) or total == math.inf:
+        return None
+    left = None  # every token is a candidate (the sum is finite: no score is -inf)
+    candidates = row.float()
+    if total == -math.inf:  # some were removed: the candidates are the tokens left
+        if cpu:
+            values = candidates.detach().numpy()
+            left = torch.from_numpy(np.flatnonzero(values > -np.inf))
+            candidates = torch.from_numpy(values[left.numpy()])
+        else:
+            left = torch.nonzero(candidates > NEG_INF).squeeze(1)
+            candidates = candidates[left]
+        if not len(left):
+            return None
+    weights = torch.exp(candidates - candidates.max())  # softmax's numerators: the best token's is 1
+    cdf = torch.cumsum(weights, dim=0, dtype=torch.float64)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=row.device)
+    # right: the first cdf strictly above u * total, so a token of probability 0 is never taken
+    j = int(torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True))
+    if j >= len(cdf):  # u * total rounded up to the total: the last token that can be drawn
+        j = int(torch.nonzero(weights > 0)[-1])
+    return j if left is None else int(left[j])
