@@ -8,6 +8,10 @@ decode   a ~145-token story, greedy, EOS banned, N = 128 new tokens, llama.cpp o
                          combine u + 1.5 (c - u) in numpy (the issue's 73 tok/s bar)
              ours_1      our engine (engine.Stream) on our llama.cpp backend at scale 1
              ours_cfg    the same at scale 1.5
+             sampled_multinomial, sampled_cdf
+                         ours_cfg with a writer's sampled preset (balanced-story), the token drawn
+                         as model.generate draws it (torch.multinomial) / as llama.cpp does (one
+                         uniform along the candidates' cumulative sum: the llama.cpp backend's way)
              hf_cfg      our engine on the transformers backend at scale 1.5 (float32 weights)
          The bare loops are tests/llamacpp_reference.py (low-level API only, none of our code).
          Checked token for token before any figure: ours_1 = bare_plain, ours_cfg = bare_cfg
@@ -75,6 +79,12 @@ class Stamp:
         return scores
 
 
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
 def rate(times) -> float:
     return 1.0 / median([b - a for a, b in zip(times, times[1:])])
 
@@ -136,6 +146,33 @@ class Variants:
             pass
         return list(stream.token_ids), stamp.times, stamp.gaps
 
+    def _sampled(self, n, draw):
+        """Our engine at 1.5 with a writer's sampled preset (balanced-story: repetition penalty,
+        temperature, top-p), the token drawn `draw` (samplers.base.pick_token); nothing to check
+        token for token, so a figure only."""
+        from cfg_textgen.engine import Stream
+        from cfg_textgen.presets import build_chain, load_preset
+
+        preset = load_preset("balanced-story")
+        gen = torch_generator(1)
+        stamp = Stamp()
+        before, self.ours.token_draw = self.ours.token_draw, draw
+        try:
+            stream = Stream(self.ours, None, self.story, scale=SCALE,
+                            chain=[*build_chain(preset, self.ours.tokenizer, gen), stamp],
+                            max_new_tokens=n, do_sample=True, generator=gen, ban_eos=True)
+            for _ in stream:
+                pass
+        finally:
+            self.ours.token_draw = before
+        return list(stream.token_ids), stamp.times, stamp.gaps
+
+    def sampled_multinomial(self, n):
+        return self._sampled(n, "multinomial")
+
+    def sampled_cdf(self, n):
+        return self._sampled(n, "inverse-cdf")
+
     def ours_1(self, n):
         return self._engine(self.ours, 1.0, n)
 
@@ -178,7 +215,8 @@ DECODE_TARGETS = {"cfg": 0.85, "scale_1": 0.90}
 
 
 def decode_section(sec: Section, v: Variants, quick: bool, reps: int | None,
-                   names=("bare_plain", "bare_cfg", "ours_1", "ours_cfg", "hf_cfg"), strict: bool = True,
+                   names=("bare_plain", "bare_cfg", "ours_1", "ours_cfg", "sampled_multinomial", "sampled_cdf",
+                          "hf_cfg"), strict: bool = True,
                    targets=DECODE_TARGETS) -> None:
     """Tokens/s of `names`, interleaved. `strict`: ours must give the bare loops' tokens (a
     difference aborts the run); otherwise where they part is reported (random-weight models)."""
@@ -230,6 +268,12 @@ def decode_section(sec: Section, v: Variants, quick: bool, reps: int | None,
     sec.row("ours scale 1 / bare plain loop", r_1, "x", f">= {t_1:g}", r_1 >= t_1, fmt="{:.3f}", note=load)
     sec.row("bare two-sequence CFG / bare plain", rel("bare_cfg", "bare_plain"), "x", fmt="{:.3f}")
     sec.row("ours CFG 1.5 / ours scale 1", rel("ours_cfg", "ours_1"), "x", fmt="{:.3f}")
+    if "sampled_cdf" in names:
+        sec.row("ours CFG 1.5 sampled (balanced-story), drawn as llama.cpp / as model.generate",
+                rel("sampled_cdf", "sampled_multinomial"), "x", fmt="{:.3f}",
+                note="inverse CDF over the candidates / torch.multinomial over the vocabulary")
+        sec.row("ours CFG 1.5 sampled (balanced-story) / ours CFG 1.5 greedy", rel("sampled_cdf", "ours_cfg"), "x",
+                fmt="{:.3f}", note="what a writer's samplers and draw cost beside the greedy pick")
     if "hf_cfg" in names:
         sec.row("ours CFG 1.5 (llama.cpp) / transformers engine CFG 1.5", rel("ours_cfg", "hf_cfg"), "x",
                 fmt="{:.2f}")

@@ -10,7 +10,8 @@ the per-sampler figures add up to the chain and show which one dominates.
 Per preset (each built-in preset and the community's Blook-Kayra.json <= 1 ms per token
 on the default vocabulary): every preset's chain on the same real logits and growing history,
 interleaved preset by preset and call by call, each through the chain object build_chain returns;
-the pick (softmax + multinomial over the vocabulary, the engine's part) is timed apart. With
+the pick is timed apart, both ways the engine draws (pick_token: torch.multinomial on the
+transformers backend, as model.generate; inverse CDF on the llama.cpp backend). With
 `--before REV` the same presets also run through the samplers of git revision REV, interleaved.
 
 Run alone: python3 benchmarks/bench_samplers.py [--quick] [--before REV]
@@ -212,6 +213,8 @@ def presets_section(sec, model, tokenizer, hist, L0, calls, before: str | None =
                     proc.generator = gens[(n, variants[1])]
     times = {key: [] for key in chains}
     pick = {n: [] for n in presets}
+    pick_cdf = {n: [] for n in presets}
+    cdf_gen = torch.Generator().manual_seed(0)
     log(f"samplers: {len(presets)} presets x {calls} calls ({', '.join(variants)})")
     for i in range(calls):
         history = hist[:, :L0 + i + 1]
@@ -224,19 +227,25 @@ def presets_section(sec, model, tokenizer, hist, L0, calls, before: str | None =
             t0 = now()
             pick_token(out, preset.do_sample, gens[(name, "chain")])
             pick[name].append(now() - t0)
+            t0 = now()
+            pick_token(out, preset.do_sample, cdf_gen, draw="inverse-cdf")
+            pick_cdf[name].append(now() - t0)
     per = {}
     for name, preset in presets.items():
         ms = 1e3 * median(times[(name, "chain")])
         per[name] = {"samplers": [s.name for s in preset.samplers], "chain_ms": ms,
-                     "pick_ms": 1e3 * median(pick[name])}
+                     "pick_ms": 1e3 * median(pick[name]), "pick_inverse_cdf_ms": 1e3 * median(pick_cdf[name])}
         note = "+".join(s.name for s in preset.samplers) or "empty"
         if before:
             per[name][f"chain_ms_at_{before}"] = was = 1e3 * median(times[(name, variants[1])])
             note += f"; at {before}: {was:.2f} ms"
         sec.row(f"preset {name}: chain per token", ms, "ms", "<= 1 ms", ms <= 1.0, note=note, fmt="{:.2f}")
     worst = max(d["pick_ms"] for d in per.values()) if per else float("nan")
-    sec.row("pick (softmax + multinomial over the vocabulary), per token", worst, "ms",
-            note="the engine's part, after the chain; worst preset", fmt="{:.2f}")
+    sec.row("pick, as model.generate (softmax + multinomial over the vocabulary), per token", worst, "ms",
+            note="the engine's part on the transformers backend, after the chain; worst preset", fmt="{:.2f}")
+    worst = max(d["pick_inverse_cdf_ms"] for d in per.values()) if per else float("nan")
+    sec.row("pick, as llama.cpp (one uniform along the candidates' cumulative sum), per token", worst, "ms",
+            note="the engine's part on the llama.cpp backend; worst preset", fmt="{:.2f}")
     sec.data["per_preset"] = per
     sec.data["per_preset_before"] = before
 

@@ -250,8 +250,9 @@ def decode_section(sec: Section, model: Path, threads: int, quick: bool, reps: i
 
     v = bench_llamacpp.Variants(threads, gguf=model)
     try:
-        bench_llamacpp.decode_section(sec, v, quick, reps, names=["bare_plain", "bare_cfg", "ours_1", "ours_cfg"],
-                                      strict=False, targets={"cfg": 1.0, "scale_1": 0.95})
+        names = ["bare_plain", "bare_cfg", "ours_1", "ours_cfg", "sampled_multinomial", "sampled_cdf"]
+        bench_llamacpp.decode_section(sec, v, quick, reps, names=names, strict=False,
+                                      targets={"cfg": 1.0, "scale_1": 0.95})
     finally:
         v.close()
 
