@@ -162,3 +162,31 @@ def test_llama_cpp_reuses_freed_cells_split_cache_is_exact():
     print(f"\nmax |logit diff| per step after another sequence is removed at step 5: split cache "
           f"{max(diffs):.3g}; unified cache {[round(d, 2) for d in unified]}")
     assert max(diffs) == 0.0, diffs
+
+
+def test_a_decode_in_any_sequence_order_gives_each_entry_its_own_logits(backend):
+    # _decode hands llama.cpp the batch in ascending sequence order (faster with one KV stream per
+    # sequence) and the outputs back in the caller's order: a pair whose story sits on the higher
+    # sequence must still get the story's logits in row 0. Reference: each sequence decoded alone.
+    L = backend.lib
+    story = backend.tokenize("The lighthouse keeper lit the lamp and")
+    other = backend.tokenize("A quiet morning in the valley")
+
+    def fresh(entries):  # sequences 0 and 1 empty, in llama.cpp and in the slots' records
+        for slot in backend._slots:
+            backend._trim(slot, 0)
+        L.llama_memory_seq_rm(backend.memory, 0, -1, -1)
+        L.llama_memory_seq_rm(backend.memory, 1, -1, -1)
+        return backend._decode(entries).clone()
+
+    alone = [fresh([(0, story, 0, True)])[0], fresh([(1, other, 0, True)])[0]]
+    for entries in ([(1, other, 0, True), (0, story, 0, True)], [(0, story, 0, True), (1, other, 0, True)]):
+        got = fresh(entries)
+        want = [alone[0] if seq == 0 else alone[1] for seq, *_ in entries]
+        for row, ref in zip(got, want):
+            assert float((row - ref).abs().max()) <= LOGIT_BOUND
+    # a prompt's entry without an output in between: the flagged ones still come back in order
+    got = fresh([(1, other, 0, True), (0, story[:-1], 0, False)])
+    assert got.shape[0] == 1 and float((got[0] - alone[1]).abs().max()) <= LOGIT_BOUND
+    L.llama_memory_seq_rm(backend.memory, 0, -1, -1)  # leave nothing behind for a later test
+    L.llama_memory_seq_rm(backend.memory, 1, -1, -1)
