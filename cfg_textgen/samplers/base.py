@@ -117,8 +117,8 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
       draws an exponential variate for every token of the vocabulary (argmax of p / q, q ~ Exp(1)):
       ~2 ms per token on a 49k vocabulary on a CPU, as much again for a 128k one.
     - "inverse-cdf": one uniform variate per row, walked along the cumulative probabilities of the
-      tokens the chain left (a finite score), in float64: what llama.cpp's `dist` sampler and
-      KoboldCpp do. The same distribution at a tenth of the cost; the engine uses it on the
+      tokens the chain left (a finite score; the running sum in float64, a token more than ~87
+      below the best counts as 0): what llama.cpp's `dist` sampler and KoboldCpp do. The same distribution at a tenth of the cost; the engine uses it on the
       llama.cpp backend (`token_draw`), where no `model.generate` run is there to match.
     Both repeat exactly from the same generator state.
     """
