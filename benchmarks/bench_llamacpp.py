@@ -79,12 +79,6 @@ class Stamp:
         return scores
 
 
-def torch_generator(seed: int):
-    import torch
-
-    return torch.Generator().manual_seed(seed)
-
-
 def rate(times) -> float:
     return 1.0 / median([b - a for a, b in zip(times, times[1:])])
 
@@ -150,11 +144,13 @@ class Variants:
         """Our engine at 1.5 with a writer's sampled preset (balanced-story: repetition penalty,
         temperature, top-p), the token drawn `draw` (samplers.base.pick_token); nothing to check
         token for token, so a figure only."""
+        import torch
+
         from cfg_textgen.engine import Stream
         from cfg_textgen.presets import build_chain, load_preset
 
         preset = load_preset("balanced-story")
-        gen = torch_generator(1)
+        gen = torch.Generator().manual_seed(1)
         stamp = Stamp()
         before, self.ours.token_draw = self.ours.token_draw, draw
         try:

@@ -951,12 +951,8 @@ class LlamaCppBackend(Shortcuts):
         if order is None:
             return view
         # the outputs came in sequence order: give them back in the caller's entry order
-        row_of, row = {}, 0
-        for i, (_, _, _, output) in zip(order, entries):
-            if output:
-                row_of[i] = row
-                row += 1
-        return view[[row_of[i] for i in sorted(row_of)]]
+        flagged = [i for i, entry in zip(order, entries) if entry[3]]  # caller's index of each output row
+        return view[sorted(range(len(flagged)), key=flagged.__getitem__)]
 
     def rewind(self, pair: LlamaCppPair, n: int) -> torch.Tensor:
         """Take the last `n` tokens back from every row of the pair; the logits at the new last
