@@ -99,7 +99,11 @@ def test_repetition_penalty_window_tokens_match_full_vocabulary(seed, penalty, r
     s = RepetitionPenalty(penalty, rng or (12 if slope else 0), slope, presence, frequency, whitelist)
     rng = s.range
     window = ids[:, -rng:] if rng else ids
-    assert _same(s(ids, scores), s._full(window, scores))
+    full = s._full(window, scores)
+    assert _same(s(ids, scores), full)  # on the CPU: the numpy path
+    assert _same(s._sparse(window, scores), full)  # the torch path (other devices, half precision)
+    as64 = scores.double()
+    assert _same(s(ids, as64), s._full(window, as64))
 
 
 @settings(max_examples=150, deadline=None)
@@ -141,3 +145,16 @@ def test_top_p_value_cut_equals_the_stable_order_cut(seed, vocab, p, keep, round
     drop_sorted[..., -keep:] = False
     expected = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), NEG_INF)
     assert _same(s._full(x), expected)
+
+
+def test_repetition_penalty_kept_window_penalties_follow_the_window_and_settings():
+    """One sampler over a growing history (window 5 .. 12, then 12 every token) and then with its
+    penalty changed: every call equals the full-vocabulary path on that call's window."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 40, (1, 20), generator=gen)
+    scores = torch.randn(1, 64, generator=gen) * 5
+    s = RepetitionPenalty(1.3, 12, 2.0, 0.05, 0.02)
+    for n in [5, 9, 12, 13, 20]:
+        assert _same(s(ids[:, :n], scores), s._full(ids[:, :n][:, -12:], scores))
+    s.penalty = 0.7
+    assert _same(s(ids, scores), s._full(ids[:, -12:], scores))
