@@ -158,3 +158,44 @@ def test_repetition_penalty_kept_window_penalties_follow_the_window_and_settings
         assert _same(s(ids[:, :n], scores), s._full(ids[:, :n][:, -12:], scores))
     s.penalty = 0.7
     assert _same(s(ids, scores), s._full(ids[:, -12:], scores))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([3, 64, 4096, 49152]), st.sampled_from([torch.float32, torch.float64]),
+       st.booleans(), st.sampled_from([0.0, 0.5, 0.99]), st.booleans())
+def test_numpy_kernels_equal_their_torch_formulation(seed, vocab, dtype, rounded, removed, nan):
+    """The CPU kernels read in numpy (k-th largest, cut below, the finite entries of each row)
+    against the torch expressions they stand for: torch.topk, masked_fill, nonzero; with ties,
+    removed tokens, signed zeros and NaN."""
+    from cfg_textgen.samplers.kernels import _below, _kth_largest
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, vocab, generator=gen) * 4
+    if rounded:
+        x = x.round()
+    x[torch.rand(2, vocab, generator=gen) < removed] = NEG_INF
+    x[0, :2] = torch.tensor([0.0, -0.0])
+    if nan:
+        x[1, torch.randint(vocab, (3,), generator=gen)] = float("nan")
+    x = x.to(dtype)
+    for k in {1, 2, min(40, vocab), vocab}:
+        kth = _kth_largest(x, k)
+        ref = torch.topk(x, k, dim=-1).values[..., -1:]
+        assert kth.dtype == dtype and torch.equal(kth.isnan(), ref.isnan())
+        assert torch.equal(kth.nan_to_num(), ref.nan_to_num())
+        cut = _below(x, ref)
+        expected = x.masked_fill(x < ref, NEG_INF)
+        assert cut.dtype == dtype and torch.equal(cut.isnan(), expected.isnan())
+        assert torch.equal(cut.nan_to_num(), expected.nan_to_num())
+        assert cut.data_ptr() != x.data_ptr()
+    rows = _finite_rows(x, share=1)
+    if nan or not torch.isfinite(x.amax(dim=-1)).all():
+        assert rows is None
+    else:
+        assert [r.tolist() for r in rows] == [torch.isfinite(row).nonzero().squeeze(1).tolist() for row in x]
+    few = _finite_rows(x)  # at most 1/8 of each row finite, else None
+    alive = (x > NEG_INF).sum(dim=-1)
+    if few is not None:
+        assert (alive <= vocab // 8).all()
+    elif not nan and torch.isfinite(x.amax(dim=-1)).all():
+        assert (alive > vocab // 8).any()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .base import NEG_INF, Sampler, register
-from .kernels import (_guard, _kth_largest, _remove, _rows_or_none, _sort, _sorted_values, _top_k_mask, _wide,
-                      log_probs_and_entropy, row_entropy)
+from .kernels import (_below, _guard, _kth_largest, _remove, _rows_or_none, _sort, _sorted_values,
+                      _top_k_mask, _wide, log_probs_and_entropy, row_entropy)
 
 
 # ---- truncation ------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ class TopK(Sampler):
         if self.k == 0:
             return scores.clone()
         kth = _kth_largest(scores, max(self.k, self.min_tokens_to_keep))
-        return scores.masked_fill(scores < kth, NEG_INF)
+        return _below(scores, kth)
 
 
 @register
@@ -85,7 +85,7 @@ class TopP(Sampler):
         first_kept = sorted_scores.gather(-1, j)
         last_dropped = sorted_scores.gather(-1, (j - 1).clamp(min=0))
         if not ((j > 0) & (last_dropped == first_kept)).any():
-            return scores.masked_fill(scores < first_kept, NEG_INF)
+            return _below(scores, first_kept)
         sorted_scores, order = _sort(scores, descending=False)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         return scores.masked_fill(drop, NEG_INF)
@@ -266,7 +266,7 @@ class TailFree(Sampler):
         n_keep = torch.where(total > 1e-6, n_keep, torch.full_like(n_keep, vocab))  # else float noise
         n_keep = n_keep.clamp(min=self.min_tokens_to_keep, max=vocab)
         cut = sorted_scores.gather(-1, n_keep - 1)
-        return scores.masked_fill(scores < cut, NEG_INF)
+        return _below(scores, cut)
 
 
 @register
