@@ -107,6 +107,14 @@ class SamplerChain(ProcessorList):
 DRAWS = ("multinomial", "inverse-cdf")  # how `pick_token` samples: see there
 
 
+def on_numpy(x: torch.Tensor) -> bool:
+    """Whether `x` is read as a numpy array by the samplers: a float32/float64 CPU tensor. On the CPU
+    one torch op on a vocabulary row costs ~0.05-0.25 ms on this project's 2-core machine, mostly
+    dispatch and branchy scalar loops; numpy's argmax, selection, comparison and `where` do the same
+    work in a third to a half (a sampler chain runs once per token, beside every decode step)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
 def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None,
                draw: str = "multinomial") -> torch.LongTensor:
     """The final choice after the chain: (batch, vocab) scores -> (batch,) token ids.
@@ -118,12 +126,13 @@ def pick_token(scores: torch.Tensor, do_sample: bool, generator: torch.Generator
       ~2 ms per token on a 49k vocabulary on a CPU, as much again for a 128k one.
     - "inverse-cdf": one uniform variate per row, walked along the cumulative probabilities of the
       tokens the chain left (a finite score; the running sum in float64, a token more than ~87
-      below the best counts as 0): what llama.cpp's `dist` sampler and KoboldCpp do. The same distribution at a tenth of the cost; the engine uses it on the
-      llama.cpp backend (`token_draw`), where no `model.generate` run is there to match.
+      below the best counts as 0): what llama.cpp's `dist` sampler and KoboldCpp do. The same
+      distribution at a tenth of the cost; the engine uses it on the llama.cpp backend
+      (`token_draw`), where no `model.generate` run is there to match.
     Both repeat exactly from the same generator state.
     """
     if not do_sample:
-        if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        if on_numpy(scores):
             # numpy's argmax, same answer (the first maximum; a NaN counts as the maximum, as in
             # torch), is ~7x faster than torch's on a CPU: it runs on every greedy token
             return torch.from_numpy(np.argmax(scores.detach().numpy(), axis=-1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import NEG_INF, Sampler, register
+from .base import NEG_INF, Sampler, on_numpy, register
 from .kernels import _guard, _keep_finite
 
 
@@ -82,8 +82,7 @@ class RepetitionPenalty(Sampler):
         if window == 0 or (self.penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0):
             return scores.clone()
         if ids.numel() and int(ids.min()) >= 0 and window < vocab:
-            if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) \
-                    and not scores.requires_grad:
+            if on_numpy(scores) and not scores.requires_grad:
                 return self._sparse_numpy(ids, scores)
             return self._sparse(ids, scores)
         return self._full(ids, scores)
