@@ -112,3 +112,70 @@ def test_server_request_log_counts_a_streams_new_tokens(server):
         assert r.status_code == 200
         r.read()
     server.wait_log(r"POST /v1/completions 200 prompt=\d+ new=4 cached=\d+ \d+\.\d\ds")
+
+
+def run_logged(app, scope_path="/x"):
+    """Runs `app` behind RequestLog as an ASGI server would; returns the events in order: the
+    response messages' kinds and the log lines."""
+    import asyncio
+
+    from cfg_textgen.server.requestlog import RequestLog
+
+    events, requested = [], [False]
+
+    async def receive():  # the body once, then nothing until the response ends (the client stays)
+        if requested[0]:
+            await asyncio.Event().wait()
+        requested[0] = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        events.append(("last body" if message["type"] == "http.response.body" and not message.get("more_body")
+                       else message["type"]))
+
+    scope = {"type": "http", "method": "POST", "path": scope_path, "headers": [], "query_string": b""}
+    middleware = RequestLog(app, log=lambda line: events.append(("log", line)))
+    try:
+        asyncio.run(middleware(scope, receive, send))
+    except RuntimeError:
+        pass
+    return events
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_request_log_line_is_written_before_the_last_bytes_of_the_answer(streamed):
+    # a client that has read its whole answer finds its line logged (tests and writers reading the
+    # log after a reply rely on it); the token counts are read then, when the job has ended
+    from starlette.responses import PlainTextResponse, StreamingResponse
+
+    class Job:
+        token_ids, cached_rows = [], [0]
+
+    async def app(scope, receive, send):
+        scope["state"]["jobs"] = [job := Job()]
+
+        async def chunks():
+            for t in range(3):
+                job.token_ids.append(t)
+                yield f"data: {t}\n\n"
+        if streamed:
+            await StreamingResponse(chunks(), media_type="text/event-stream")(scope, receive, send)
+        else:
+            job.token_ids.extend([0, 1, 2])
+            await PlainTextResponse("whole")(scope, receive, send)
+
+    events = run_logged(app)
+    assert events[-2][0] == "log" and events[-1] == "last body", events
+    assert re.fullmatch(r"POST /x 200 prompt=0 new=3 cached=0 \d+\.\d\ds", events[-2][1])
+    assert sum(e[0] == "log" for e in events) == 1
+
+
+def test_request_log_line_of_an_answer_that_broke_off_is_written_once_when_it_ends():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise RuntimeError("the client left")
+
+    events = run_logged(app)
+    assert [e for e in events if e[0] == "log"] == [("log", events[-1][1])]
+    assert re.fullmatch(r"POST /x 200 \d+\.\d\ds", events[-1][1])

@@ -74,8 +74,7 @@ def test_server_request_log_says_how_many_prompt_tokens_were_cached(server):
     complete(server, "A quiet harbour town. " * 8)
     again = complete(server, "A quiet harbour town. " * 8)
     complete(server, "A quiet harbour town. " * 8, cache_prompt=False)
-    # this prompt's lines only, the last three: an earlier test's line may be written after its
-    # client had its answer, so a count of the lines before these requests can miss it
+    # this prompt's lines only, the last three (the other tests' lines come between)
     lines = logged(server, 3, prompt=again["tokens_evaluated"])
     cached = [c for _, c in lines[-3:]]
     assert cached[1] == again["timings"]["cache_n"] == again["tokens_evaluated"] - 1

@@ -7,10 +7,11 @@ not (they are skipped, as text-generation-webui and KoboldCpp skip them):
 
 The handlers leave what they know in the request's state (Starlette's `request.state`, the
 scope's "state" dict): `skipped_samplers` before the response starts, `jobs` (their token counts
-are read when the response has ended, so a stream's count is its final one; `cached` is the prompt
-tokens that the prompt cache held and were not read again: the story's, then with CFG "+" the
-opposing prompt's)
-and `prompt_tokens` (the tokens the model saw, after every cut).
+are read as the response's last bytes go out, so a stream's count is its final one; `cached` is the
+prompt tokens that the prompt cache held and were not read again: the story's, then with CFG "+"
+the opposing prompt's) and `prompt_tokens` (the tokens the model saw, after every cut). The line is
+written before those last bytes, so a client holding its whole answer finds its line logged; a
+response that breaks off (the client left) is logged when it ends.
 """
 
 from __future__ import annotations
@@ -32,21 +33,26 @@ class RequestLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
-        started, status = time.perf_counter(), [0]
+        started, status, logged = time.perf_counter(), [0], [self.log is None]
+
+        def write_line():
+            if not logged[0]:
+                logged[0] = True
+                self.log(log_line(scope["method"], scope["path"], status[0], state, time.perf_counter() - started))
 
         async def send_with_header(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 if state.get("skipped_samplers"):
                     MutableHeaders(scope=message).append(SKIPPED_HEADER, ", ".join(state["skipped_samplers"]))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                write_line()  # before the last bytes: a client that has its answer finds the line written
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_header)
         finally:
-            if self.log is not None:
-                self.log(log_line(scope["method"], scope["path"], status[0], state,
-                                  time.perf_counter() - started))
+            write_line()  # no response, or it broke off
 
 
 def cached(jobs) -> str:
