@@ -94,6 +94,20 @@ def test_server_unknown_sampler_entries_are_skipped_and_named_in_a_header_and_th
     server.wait_log(r"GET /v1/models 200 \d+\.\d\ds\n")
 
 
+def test_server_skipped_sampler_names_with_control_characters_are_escaped_not_a_lost_answer(server):
+    # the names are the client's own strings; a raw control character is an illegal header value,
+    # and the server then closed the connection without an answer (found by sending odd values)
+    r = post(server, "/completion", {"prompt": PROMPT, "n_predict": 2, "samplers": "\x00"})
+    assert r.status_code == 200 and r.headers["x-skipped-samplers"] == "\\x00"
+    names = ["top_k", "caf\u00e9\r\nSet-Cookie: a=b", "x" * 100] + [f"s{i}" for i in range(20)]
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "sampler_priority": names})
+    assert r.status_code == 200 and "set-cookie" not in r.headers
+    shown = r.headers["x-skipped-samplers"].split(", ")
+    assert shown[0] == "caf\\xe9\\r\\nSet-Cookie: a=b" and shown[1] == "x" * 61 + "..."
+    assert shown[2:] == [f"s{i}" for i in range(14)] + ["(+6 more)"]
+    server.wait_log(r"POST /completion 200 .* skipped=\\x00\n")
+
+
 def test_server_request_log_counts_a_streams_tokens_and_quiet_turns_it_off(tiny_model_dir):
     srv = ServerProcess("--model", str(tiny_model_dir), "--quiet")
     try:

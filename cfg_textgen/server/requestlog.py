@@ -44,7 +44,7 @@ class RequestLog:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 if state.get("skipped_samplers"):
-                    MutableHeaders(scope=message).append(SKIPPED_HEADER, ", ".join(state["skipped_samplers"]))
+                    MutableHeaders(scope=message).append(SKIPPED_HEADER, ", ".join(shown(state["skipped_samplers"])))
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 write_line()  # before the last bytes: a client that has its answer finds the line written
             await send(message)
@@ -53,6 +53,16 @@ class RequestLog:
             await self.app(scope, receive, send_with_header)
         finally:
             write_line()  # no response, or it broke off
+
+
+def shown(names, longest: int = 64, most: int = 16) -> list[str]:
+    """The skipped names as a header and a log line can carry them: the request's own strings, so
+    control characters and non-ASCII are escaped (`\\x00`, `\\xe9`: a raw one is an illegal header
+    value and would cost the client its answer), each cut to `longest` characters and at most `most`
+    of them, then how many more."""
+    out = [n.encode("unicode_escape").decode("ascii") for n in names[:most]]
+    out = [n if len(n) <= longest else n[:longest - 3] + "..." for n in out]
+    return out + ([f"(+{len(names) - most} more)"] if len(names) > most else [])
 
 
 def cached(jobs) -> str:
@@ -71,5 +81,5 @@ def log_line(method: str, path: str, status: int, state: dict, seconds: float) -
                   f"cached={cached(jobs)}"]
     parts.append(f"{seconds:.2f}s")
     if state.get("skipped_samplers"):
-        parts.append("skipped=" + ",".join(state["skipped_samplers"]))
+        parts.append("skipped=" + ",".join(shown(state["skipped_samplers"])))
     return " ".join(parts)
