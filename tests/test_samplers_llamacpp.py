@@ -451,3 +451,31 @@ def test_adaptive_p_negative_target_is_off_as_in_llamacpp(real):
         assert torch.equal(out[0], torch.from_numpy(logits))
     finally:
         side.free()
+
+
+@pytest.mark.parametrize("temp", ["temperature", "dynamic_temperature"])
+def test_a_temperature_too_large_for_float32_is_a_uniform_choice_among_the_tokens_left(temp, real):
+    # 1e308 is inf as a float32: llama.cpp divides its candidates' logits by it and gets 0 for each
+    # (a uniform choice); in a full row the removed tokens' -inf / inf must not become nan (a
+    # KoboldCpp request with temperature 1e308 after top_k failed with a 500)
+    big = 1e308
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(40))
+    if temp == "temperature":
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(big))
+        ours = SAMPLERS["temperature"](temperature=big)
+    else:  # KoboldCpp's dynatemp_range: low = max(0, t - range), high = t + range
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp_ext(1.0, big, 1.0))
+        ours = SAMPLERS["dynamic_temperature"](low=0.0, high=1.0 + big, exponent=1.0)
+    top_k = SAMPLERS["top_k"](k=40)
+    try:
+        for history, logits in real:
+            ref = apply_llama(chain, logits)
+            scores = top_k(torch.tensor([history]), torch.from_numpy(logits.copy())[None])
+            out = ours(torch.tensor([history]), scores)[0].double()
+            assert not torch.isnan(out).any()
+            alive = torch.isfinite(out).nonzero().flatten()
+            assert_same(ref, (alive.numpy(), out[alive].numpy()), temp)
+            assert np.allclose(softmax(out[alive].numpy()), 1 / 40)
+    finally:
+        llama_cpp.llama_sampler_free(chain)
