@@ -5,6 +5,7 @@ test_samplers_reference.py, property tests over every sampler in test_samplers_p
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -272,6 +273,19 @@ def test_repetition_penalty_curve_is_built_over_the_range_not_the_window():
     scores = torch.ones(1, 4)
     out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=1.0, range=8)(ids, scores)
     torch.testing.assert_close(out, torch.tensor([[7 / 12, 7 / 13, 1 / 2, 1.0]]))
+
+
+def test_repetition_penalty_range_past_int64_is_the_curves_newest_end_without_a_warning():
+    # a client's rep_pen_range of 1e30 (KoboldAI's curve over it: x_j = j / (range - 1) * 2 - 1);
+    # the window's positions are all at its newest end, x -> 1, so every penalty is the full
+    # rep_pen: a positive score 1 becomes 1 / 2 (it raised OverflowError, and slicing the window
+    # by it printed a torch UserWarning on the server's stderr)
+    ids = torch.tensor([[0, 1, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for slope in (1.0, 0.5, 3.0):
+            out = SAMPLERS["repetition_penalty"](penalty=2.0, slope=slope, range=10**30)(ids, torch.ones(1, 4))
+            torch.testing.assert_close(out, torch.tensor([[1 / 2, 1 / 2, 1.0, 1.0]]))
 
 
 def test_repetition_penalty_curve_needs_a_range():

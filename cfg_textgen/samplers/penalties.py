@@ -70,13 +70,15 @@ class RepetitionPenalty(Sampler):
         if n == 1:
             x = torch.ones(1, dtype=torch.float64, device=device)
         else:
-            x = torch.arange(n - window, n, dtype=torch.float64, device=device) * 2 / (n - 1) - 1
+            # positions n - window .. n - 1 in float64 (the same values for any range up to 2**53;
+            # a client's range past int64 would not convert to a torch integer)
+            x = (torch.arange(window, dtype=torch.float64, device=device) + float(n - window)) * 2 / float(n - 1) - 1
         f = self.slope * x / ((1 - x.abs()) + x.abs() * self.slope)  # = s x / (1 + |x| (s - 1))
         w = (f + 1) / 2  # 1 + w (penalty - 1), written so that it stays > 0 for a tiny penalty
         return (1 - w) + w * self.penalty
 
     def __call__(self, input_ids, scores):
-        ids = input_ids[:, -self.range:] if self.range > 0 else input_ids
+        ids = input_ids[:, -min(self.range, input_ids.shape[1]):] if self.range > 0 else input_ids
         batch, vocab = scores.shape
         window = ids.shape[1]
         if window == 0 or (self.penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0):
@@ -263,7 +265,7 @@ class DRY(Sampler):
     def __call__(self, input_ids, scores):
         if self.multiplier == 0.0:
             return scores.clone()
-        ids = input_ids[:, -self.range:] if self.range > 0 else input_ids
+        ids = input_ids[:, -min(self.range, input_ids.shape[1]):] if self.range > 0 else input_ids
         out = scores.clone()
         for row, seq in enumerate(ids.tolist()):
             for token, m in self.match_lengths(seq).items():
