@@ -193,3 +193,14 @@ def test_request_log_line_of_an_answer_that_broke_off_is_written_once_when_it_en
     events = run_logged(app)
     assert [e for e in events if e[0] == "log"] == [("log", events[-1][1])]
     assert re.fullmatch(r"POST /x 200 \d+\.\d\ds", events[-1][1])
+
+
+def test_server_logs_each_cut_of_an_opposing_prompt_as_a_warning_line(server):
+    # the tiny model's window is 256 tokens; the warning comes from the generation code, and
+    # Python would print it once per source line with a file:line heading
+    body = {"prompt": PROMPT, "max_tokens": 2, "guidance_scale": 1.5, "negative_prompt": "a dull story. " * 200}
+    for _ in range(2):
+        post(server, "/v1/completions", body)
+    line = r"warning: the opposing prompt is \d+ tokens; only its last \d+ fit the context and were used\n"
+    server.wait_log(r"(?s)(%s.*){2}" % line)
+    assert "UserWarning" not in server.stderr()

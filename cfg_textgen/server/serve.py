@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 
 GRACE = 30.0  # seconds running generations get to finish after SIGTERM
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -77,11 +78,31 @@ def serve(host: str = "127.0.0.1", port: int = 5000, model: str | None = None, b
     log(f"serving the text-generation-webui API at http://{_show(host)}:{port}/v1 and the KoboldAI "
         f"API at http://{_show(host)}:{port}/api")
     try:
-        server.run()
+        with warnings.catch_warnings():
+            _log_our_warnings(log)
+            server.run()
     finally:
         service.close(finish=False)  # anything still running after the grace period ends now
     log("server stopped")
     return 0
+
+
+def _log_our_warnings(log) -> None:
+    """The package's own warnings about a request (an opposing prompt cut to the window) go to the
+    log as `warning: ...` lines, every time, not once per source line with Python's file:line
+    heading; other libraries' warnings keep Python's format. For the duration of a
+    `warnings.catch_warnings()` block."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package):
+            log(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=UserWarning, module=r"cfg_textgen(\.|$)")
 
 
 def kv_memory_line(backend, parallel: int) -> str | None:
