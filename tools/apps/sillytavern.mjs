@@ -73,6 +73,16 @@ try {
     await page.evaluate(() => document.activeElement?.blur());
     await page.locator('#api_button_textgenerationwebui').scrollIntoViewIfNeeded();
     await sleep(300);
+    // a status check SillyTavern started at load disables Connect until it ends (its Cancel button
+    // shows); wait for it, and cancel it if it hangs, as a user would
+    const enabled = () => page.waitForFunction(
+        () => !document.getElementById('api_button_textgenerationwebui')?.classList.contains('disabled'),
+        null, { timeout: 20000 }).then(() => true, () => false);
+    if (!(await enabled())) {
+        step('a status check from the page load is still running; Cancel');
+        await page.locator('#textgenerationwebui_api .api_loading').click();
+        await enabled();
+    }
     await page.locator('#api_button_textgenerationwebui').click();
     const status = page.locator('#textgenerationwebui_api .online_status_text');
     await page.waitForFunction(() => {
