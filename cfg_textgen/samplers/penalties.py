@@ -66,12 +66,13 @@ class RepetitionPenalty(Sampler):
             pens = torch.full((window,), self.penalty, dtype=torch.float64, device=device)
             pens[: window // 2] = reduced  # the older half (KoboldCpp's tokens_far)
             return pens
-        n = self.range  # the curve spans the whole range; the window is its newest end
+        # the curve spans the whole range; the window is its newest end. Positions n - window ..
+        # n - 1 in float64, exact up to 2**53; a longer range (a client's 1e30, past int64 and
+        # float64's integers) is that: its newest end is x = 1 within float64's precision
+        n = min(self.range, 2**53)
         if n == 1:
             x = torch.ones(1, dtype=torch.float64, device=device)
         else:
-            # positions n - window .. n - 1 in float64 (the same values for any range up to 2**53;
-            # a client's range past int64 would not convert to a torch integer)
             x = (torch.arange(window, dtype=torch.float64, device=device) + float(n - window)) * 2 / float(n - 1) - 1
         f = self.slope * x / ((1 - x.abs()) + x.abs() * self.slope)  # = s x / (1 + |x| (s - 1))
         w = (f + 1) / 2  # 1 + w (penalty - 1), written so that it stays > 0 for a tiny penalty
