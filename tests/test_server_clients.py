@@ -128,9 +128,9 @@ def test_server_request_log_counts_a_streams_new_tokens(server):
     server.wait_log(r"POST /v1/completions 200 prompt=\d+ new=4 cached=\d+ \d+\.\d\ds")
 
 
-def run_logged(app, scope_path="/x"):
+def run_logged(app, scope_path="/x", breaks_off=False):
     """Runs `app` behind RequestLog as an ASGI server would; returns the events in order: the
-    response messages' kinds and the log lines."""
+    response messages' kinds and the log lines (`breaks_off`: the app raises "the client left")."""
     import asyncio
 
     from cfg_textgen.server.requestlog import RequestLog
@@ -149,10 +149,11 @@ def run_logged(app, scope_path="/x"):
 
     scope = {"type": "http", "method": "POST", "path": scope_path, "headers": [], "query_string": b""}
     middleware = RequestLog(app, log=lambda line: events.append(("log", line)))
-    try:
+    if breaks_off:
+        with pytest.raises(RuntimeError, match="the client left"):
+            asyncio.run(middleware(scope, receive, send))
+    else:
         asyncio.run(middleware(scope, receive, send))
-    except RuntimeError:
-        pass
     return events
 
 
@@ -190,7 +191,7 @@ def test_request_log_line_of_an_answer_that_broke_off_is_written_once_when_it_en
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
         raise RuntimeError("the client left")
 
-    events = run_logged(app)
+    events = run_logged(app, breaks_off=True)
     assert [e for e in events if e[0] == "log"] == [("log", events[-1][1])]
     assert re.fullmatch(r"POST /x 200 \d+\.\d\ds", events[-1][1])
 

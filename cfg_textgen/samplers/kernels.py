@@ -62,6 +62,12 @@ def _below(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(scores < cut, NEG_INF)
 
 
+def _last_tokens(input_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The last `n` tokens of every row (n = 0: all of them); an `n` past the history (a client's
+    range of 1e30) is all of it, without torch's warning for an out-of-range slice."""
+    return input_ids[:, -min(n, input_ids.shape[1]):] if n > 0 else input_ids
+
+
 def _guard(scores: torch.Tensor, remove: torch.Tensor, min_keep: int) -> torch.Tensor:
     """Un-remove the `min_keep` best tokens in rows where removal would leave fewer than that."""
     finite = torch.isfinite(scores)

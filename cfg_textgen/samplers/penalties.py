@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .base import NEG_INF, Sampler, on_numpy, register
-from .kernels import _guard, _keep_finite
+from .kernels import _guard, _keep_finite, _last_tokens
 
 
 # ---- penalties -------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ class RepetitionPenalty(Sampler):
         return (1 - w) + w * self.penalty
 
     def __call__(self, input_ids, scores):
-        ids = input_ids[:, -min(self.range, input_ids.shape[1]):] if self.range > 0 else input_ids
+        ids = _last_tokens(input_ids, self.range)
         batch, vocab = scores.shape
         window = ids.shape[1]
         if window == 0 or (self.penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0):
@@ -266,7 +266,7 @@ class DRY(Sampler):
     def __call__(self, input_ids, scores):
         if self.multiplier == 0.0:
             return scores.clone()
-        ids = input_ids[:, -min(self.range, input_ids.shape[1]):] if self.range > 0 else input_ids
+        ids = _last_tokens(input_ids, self.range)
         out = scores.clone()
         for row, seq in enumerate(ids.tolist()):
             for token, m in self.match_lengths(seq).items():
